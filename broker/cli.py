@@ -1,0 +1,108 @@
+"""``poolbroker serve | stats | embedded-postgres``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import ConfigError, load
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import Broker
+
+    overrides = {
+        "dsn": args.dsn, "endpoint": args.endpoint, "max_connections": args.max_connections,
+        "pool_timeout": args.pool_timeout, "max_waiting": args.max_waiting,
+        "idle_transaction_timeout": args.idle_transaction_timeout,
+        "drain_timeout": args.drain_timeout, "log_level": args.log_level,
+        "insecure_tcp": True if args.insecure_tcp else None,
+    }
+    try:
+        settings = load(args.config, overrides)
+        logging.basicConfig(
+            level=settings.log_level.upper(), stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        Broker(settings).run()
+    except ConfigError as exc:
+        print(f"poolbroker: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import client
+
+    try:
+        numbers = client.Client(args.endpoint, timeout=args.timeout).stats()
+    except client.Error as exc:
+        print(f"poolbroker: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(numbers, indent=2, sort_keys=True))
+    else:
+        width = max(map(len, numbers))
+        for name in sorted(numbers):
+            print(f"{name:<{width}}  {numbers[name]}")
+    return 0
+
+
+def _embedded_postgres(args: argparse.Namespace) -> int:
+    from .embedded import Cluster, PostgresNotFound
+
+    try:
+        cluster = Cluster(args.datadir, args.socket_dir, args.port)
+        if args.action == "dsn":
+            print(cluster.dsn)
+            return 0
+        cluster.init()
+        if args.action == "serve":
+            cluster.exec_server()  # does not return
+    except PostgresNotFound as exc:
+        print(f"poolbroker: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="poolbroker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the broker")
+    serve.add_argument("--config", help="TOML file of settings (see etc/poolbroker.toml)")
+    serve.add_argument("--dsn", help="libpq connection string [POOLBROKER_DSN]")
+    serve.add_argument("--endpoint", help="ZeroMQ endpoint to bind [POOLBROKER_ENDPOINT]")
+    serve.add_argument("--max-connections", type=int,
+                       help="cap on server connections [POOLBROKER_MAX_CONNECTIONS] (10)")
+    serve.add_argument("--pool-timeout", type=float, help="seconds a request may queue (30)")
+    serve.add_argument("--max-waiting", type=int, help="queued requests before refusing (10000)")
+    serve.add_argument("--idle-transaction-timeout", type=float,
+                       help="seconds a transaction may idle before rollback (60)")
+    serve.add_argument("--drain-timeout", type=float, help="seconds SIGTERM waits (10)")
+    serve.add_argument("--insecure-tcp", action="store_true",
+                       help="allow a plain-text tcp endpoint")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING... (INFO)")
+    serve.set_defaults(func=_serve)
+
+    stats = commands.add_parser("stats", help="print the broker's counters")
+    stats.add_argument("--endpoint", help="broker endpoint [POOLBROKER_ENDPOINT]")
+    stats.add_argument("--timeout", type=float, default=5.0)
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(func=_stats)
+
+    embedded = commands.add_parser("embedded-postgres",
+                                   help="a local PostgreSQL cluster for 'make run'")
+    embedded.add_argument("action", choices=("init", "serve", "dsn"))
+    embedded.add_argument("--datadir", default="var/pgdata")
+    embedded.add_argument("--socket-dir", default="var/run")
+    embedded.add_argument("--port", type=int, default=5432)
+    embedded.set_defaults(func=_embedded_postgres)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

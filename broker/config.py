@@ -1,0 +1,105 @@
+"""Broker settings: command-line flag > environment > TOML file > default."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from typing import Any
+
+from client.protocol import DEFAULT_MAX_MESSAGE_BYTES, default_endpoint
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every setting, with its default.  ``etc/poolbroker.toml`` documents them."""
+
+    dsn: str = ""
+    """libpq connection string of the database (env POOLBROKER_DSN)."""
+    endpoint: str = dataclasses.field(default_factory=default_endpoint)
+    """ZeroMQ endpoint to bind (env POOLBROKER_ENDPOINT)."""
+    max_connections: int = 10
+    """Hard cap on server connections, opened lazily (env POOLBROKER_MAX_CONNECTIONS)."""
+    pool_timeout: float = 30.0
+    """Seconds a request may wait for a connection before PoolTimeout."""
+    max_waiting: int = 10_000
+    """Queued requests beyond which new ones fail at once with TooManyRequests."""
+    idle_transaction_timeout: float = 60.0
+    """Seconds a pinned transaction may sit idle before it is rolled back."""
+    drain_timeout: float = 10.0
+    """Seconds SIGTERM waits for in-flight statements before closing."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest request the broker accepts."""
+    application_name: str = "poolbroker"
+    """application_name of server connections."""
+    connect_timeout: float = 10.0
+    """Seconds to wait for one server connection to open."""
+    insecure_tcp: bool = False
+    """Allow a plain-text tcp endpoint (CURVE is not supported yet)."""
+    log_level: str = "INFO"
+
+
+_ENV = {
+    "dsn": "POOLBROKER_DSN",
+    "endpoint": "POOLBROKER_ENDPOINT",
+    "max_connections": "POOLBROKER_MAX_CONNECTIONS",
+}
+
+
+def _coerce(name: str, kind: Any, value: Any, origin: str) -> Any:
+    try:
+        if kind in (bool, "bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                result = value.lower() in ("1", "true", "yes")
+            else:
+                result = bool(value)
+            return result
+        if kind in (int, "int"):
+            result = int(value)
+        elif kind in (float, "float"):
+            result = float(value)
+        else:
+            result = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: {name} must be {kind}, got {value!r}") from None
+    if isinstance(result, (int, float)) and result < 0:
+        raise ConfigError(f"{origin}: {name} must not be negative, got {value!r}")
+    return result
+
+
+def load(config_file: str | None = None, overrides: dict[str, Any] | None = None,
+         environ: dict[str, str] | None = None) -> Settings:
+    """Merge the sources; ``overrides`` are command-line values (None = not given)."""
+    environ = os.environ if environ is None else environ
+    known = {f.name: f.type for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read {config_file}: {exc}") from None
+        data = data.get("poolbroker", data)
+        for name, value in data.items():
+            if name not in known:
+                raise ConfigError(f"{config_file}: unknown setting {name!r}")
+            values[name] = _coerce(name, known[name], value, config_file)
+    for name, var in _ENV.items():
+        if environ.get(var):
+            values[name] = _coerce(name, known[name], environ[var], var)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, known[name], value, f"--{name.replace('_', '-')}")
+    settings = Settings(**values)
+    if settings.max_connections < 1:
+        raise ConfigError("max_connections must be at least 1")
+    if not settings.dsn:
+        raise ConfigError("no database: give --dsn, POOLBROKER_DSN or dsn in the config file")
+    return settings

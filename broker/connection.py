@@ -1,0 +1,358 @@
+"""One server connection and the thread that runs statements on it.
+
+The broker's loop never blocks on the database: it hands a job to the
+connection's thread, which decodes the body, runs it with psycopg, packs
+the reply and pushes a completion event back to the loop.  Connecting
+happens on that thread too, off the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import zmq
+from psycopg import pq
+from psycopg.adapt import AdaptersMap
+from psycopg.types.json import JsonbDumper
+from psycopg.types.string import TextLoader
+
+from client import protocol
+from client.protocol import (
+    OP_BATCH, OP_BEGIN, OP_COMMIT, OP_EXECUTE, OP_EXECUTEMANY, OP_ROLLBACK,
+    STATUS_ERROR, STATUS_OK, error_payload,
+)
+
+from .config import Settings
+from .sqlscan import Kind, classify
+
+logger = logging.getLogger("poolbroker.connection")
+
+# Completion events pushed to the loop: [conn_id, event, routing_id, reply]
+EV_READY = b"R"  # connected, idle
+EV_CONNECT_FAILED = b"F"  # reply frame: the error message (utf-8)
+EV_DONE = b"D"  # job finished, connection healthy and idle
+EV_FAILED = b"E"  # job answered with an error, connection healthy and idle
+EV_BROKEN = b"B"  # job finished (or not), connection is gone
+EV_REQUEUE = b"Q"  # connection found dead before the job ran: run it elsewhere
+
+OP_RESET = -1  # internal: end whatever transaction is open, no reply
+
+_DBAPI_NAMES = (
+    "QueryCanceled", "IntegrityError", "ProgrammingError", "DataError",
+    "OperationalError", "InternalError", "NotSupportedError", "InterfaceError",
+    "DatabaseError",
+)
+
+# Types msgpack does not carry come back as PostgreSQL's text form.
+_TEXT_TYPES = (
+    "inet", "cidr", "macaddr", "macaddr8",
+    "int4range", "int8range", "numrange", "daterange", "tsrange", "tstzrange",
+    "int4multirange", "int8multirange", "nummultirange", "datemultirange",
+    "tsmultirange", "tstzmultirange",
+)
+
+_DIAG_FIELDS = (
+    "severity", "message_primary", "message_detail", "message_hint",
+    "statement_position", "context", "schema_name", "table_name",
+    "column_name", "datatype_name", "constraint_name",
+)
+
+
+class _WireJsonDumper(JsonbDumper):
+    """Binds ``client.Json`` parameters as jsonb."""
+
+    def dump(self, obj: Any) -> bytes:
+        return super().dump(obj.obj)
+
+
+def build_adapters() -> AdaptersMap:
+    """The adapters every server connection uses; built once at start-up."""
+    adapters = AdaptersMap(psycopg.adapters)
+    adapters.register_dumper(dict, JsonbDumper)
+    adapters.register_dumper(protocol.Json, _WireJsonDumper)
+    for name in _TEXT_TYPES:
+        adapters.register_loader(name, TextLoader)
+    return adapters
+
+
+@dataclass(slots=True)
+class Job:
+    op: int
+    routing_id: bytes
+    request_id: int
+    body: bytes
+    in_session: bool = False
+    session: bytes | None = None
+    deadline: float = 0.0
+    queued_at: float = 0.0
+    owner_pid: int = 0
+
+
+class RequestError(Exception):
+    """A request the broker refuses before running it."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def error_from_psycopg(exc: psycopg.Error) -> dict[str, Any]:
+    kind = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in _DBAPI_NAMES),
+                "DatabaseError")
+    diag = exc.diag
+    fields = {name: getattr(diag, name, None) for name in _DIAG_FIELDS}
+    message = fields.get("message_primary") or str(exc).strip() or type(exc).__name__
+    return error_payload(kind, message, exc.sqlstate, **fields)
+
+
+def _result_payload(cur: psycopg.Cursor) -> list:
+    if cur.description is None:
+        return [None, [], cur.rowcount]
+    return [[c.name for c in cur.description], cur.fetchall(), cur.rowcount]
+
+
+def _check_text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise RequestError("MessageError", f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _check_params(value: Any) -> Any:
+    if value is not None and not isinstance(value, (list, dict)):
+        raise RequestError(
+            "MessageError", f"params must be a list, a dict or None, got {type(value).__name__}")
+    return value
+
+
+class ServerConnection(threading.Thread):
+    """Owns one psycopg connection; runs the loop's jobs one at a time."""
+
+    def __init__(self, conn_id: int, settings: Settings, adapters: AdaptersMap,
+                 context: zmq.Context, completions: str) -> None:
+        super().__init__(name=f"poolbroker-conn-{conn_id}", daemon=True)
+        self.conn_id = conn_id
+        self._id_frame = conn_id.to_bytes(4, "big")
+        self._settings = settings
+        self._adapters = adapters
+        self._context = context
+        self._completions = completions
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._conn: psycopg.Connection | None = None
+        self._dirty = False  # session state changed inside a pinned session
+        self.current: Job | None = None
+
+    # Called from the loop's thread
+
+    def submit(self, job: Job) -> None:
+        self.current = job
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def cancel(self, job: Job) -> None:
+        """Cancel ``job`` on the server if it is still the one running."""
+        def cancel() -> None:
+            conn = self._conn
+            if conn is not None and self.current is job:
+                try:
+                    conn.cancel_safe(timeout=5.0)
+                except psycopg.Error as exc:
+                    logger.warning("cancel on connection %d failed: %s", self.conn_id, exc)
+        threading.Thread(target=cancel, name="poolbroker-cancel", daemon=True).start()
+
+    # The connection's thread
+
+    def run(self) -> None:
+        push = self._context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(self._completions)
+        try:
+            self._serve(push)
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+            push.close()
+
+    def _connect(self) -> psycopg.Connection:
+        s = self._settings
+        backstop_ms = int(s.idle_transaction_timeout * 2000) if s.idle_transaction_timeout else 0
+        conn = psycopg.connect(
+            s.dsn,
+            autocommit=True,
+            application_name=s.application_name,
+            connect_timeout=max(1, int(s.connect_timeout)),
+            options=f"-c idle_in_transaction_session_timeout={backstop_ms}",
+            context=self._adapters,
+        )
+        return conn
+
+    def _serve(self, push: zmq.Socket) -> None:
+        try:
+            self._conn = self._connect()
+        except psycopg.Error as exc:
+            push.send_multipart([self._id_frame, EV_CONNECT_FAILED, b"", str(exc).strip().encode()])
+            return
+        push.send_multipart([self._id_frame, EV_READY, b"", b""])
+        while (job := self._jobs.get()) is not None:
+            if not self._alive_before_use():
+                if job.in_session or job.op in (OP_COMMIT, OP_ROLLBACK, OP_RESET):
+                    reply = self._error_reply(job, error_payload(
+                        "OperationalError",
+                        "the server connection of this transaction was lost; "
+                        "the transaction was rolled back by the server", "08006"))
+                    push.send_multipart([self._id_frame, EV_BROKEN, job.routing_id, reply])
+                else:
+                    push.send_multipart([self._id_frame, EV_REQUEUE, job.routing_id, b""])
+                return
+            reply, failed = self._run(job)
+            broken = self._conn.closed
+            event = EV_BROKEN if broken else EV_FAILED if failed else EV_DONE
+            push.send_multipart([self._id_frame, event, job.routing_id, reply])
+            if broken:
+                return
+
+    def _alive_before_use(self) -> bool:
+        """An idle connection has nothing to read unless the server hung up."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return False
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        if not readable:
+            return True
+        try:
+            conn.pgconn.consume_input()
+        except psycopg.OperationalError:
+            pass
+        if conn.pgconn.status == pq.ConnStatus.BAD:
+            conn.close()
+            return False
+        return True
+
+    def _error_reply(self, job: Job, payload: dict[str, Any]) -> bytes:
+        return protocol.pack([job.request_id, STATUS_ERROR, payload])
+
+    def _run(self, job: Job) -> tuple[bytes, bool]:
+        """The reply to send (empty for internal jobs) and whether it is an error."""
+        try:
+            result = self._dispatch(job)
+            if job.op == OP_RESET:
+                return b"", False
+            return protocol.pack([job.request_id, STATUS_OK, result]), False
+        except psycopg.Error as exc:
+            payload = error_from_psycopg(exc)
+        except RequestError as exc:
+            payload = error_payload(exc.kind, str(exc))
+        except (ValueError, TypeError, OverflowError) as exc:
+            # Undecodable body, or a value psycopg cannot adapt or we cannot send.
+            kind = "DataError" if isinstance(exc, (TypeError, OverflowError)) else "MessageError"
+            payload = error_payload(kind, str(exc))
+        except Exception as exc:  # a bug must cost one request, not the connection thread
+            logger.exception("unexpected error running %s", protocol.OP_NAMES.get(job.op, job.op))
+            payload = error_payload("InternalError", f"broker error: {exc!r}")
+        finally:
+            self.current = None
+        if job.op == OP_RESET:
+            logger.warning("resetting connection %d failed: %s", self.conn_id, payload["message"])
+            self._conn.close()
+            return b"", True
+        return self._error_reply(job, payload), True
+
+    def _body(self, job: Job, arity: int) -> list:
+        body = protocol.unpack(job.body, self._settings.max_message_bytes)
+        if not isinstance(body, list) or len(body) != arity:
+            raise RequestError("MessageError",
+                               f"{protocol.OP_NAMES[job.op]} takes {arity} arguments")
+        return body
+
+    def _screen(self, sql: str, in_session: bool) -> None:
+        kind = classify(sql)
+        if kind == Kind.TRANSACTION_CONTROL:
+            raise RequestError(
+                "ProgrammingError",
+                "transaction control statements are managed by the broker: "
+                "use client.transaction() or client.batch()")
+        if kind == Kind.SESSION_STATE:
+            if not in_session:
+                raise RequestError(
+                    "SessionStateRefused",
+                    "this statement changes session state (SET, LISTEN, PREPARE, temp "
+                    "tables, session advisory locks...) which would leak to other clients "
+                    "of the shared connection; run it inside client.transaction() (the "
+                    "connection is reset afterwards) or use SET LOCAL / pg_advisory_xact_lock")
+            self._dirty = True
+
+    def _dispatch(self, job: Job) -> Any:
+        conn = self._conn
+        assert conn is not None
+        op = job.op
+        if op == OP_EXECUTE:
+            sql, params = self._body(job, 2)
+            self._screen(_check_text(sql, "sql"), job.in_session)
+            with conn.cursor() as cur:
+                cur.execute(sql, _check_params(params))
+                return _result_payload(cur)
+        if op == OP_EXECUTEMANY:
+            sql, seq = self._body(job, 2)
+            self._screen(_check_text(sql, "sql"), job.in_session)
+            if not isinstance(seq, list):
+                raise RequestError("MessageError", "executemany takes a list of parameter sets")
+            seq = [_check_params(p) for p in seq]
+            with conn.cursor() as cur:
+                if job.in_session:
+                    cur.executemany(sql, seq)
+                else:
+                    with conn.transaction():
+                        cur.executemany(sql, seq)
+                return [None, [], cur.rowcount]
+        if op == OP_BATCH:
+            return self._run_batch(job)
+        if op == OP_BEGIN:
+            conn.execute("BEGIN")
+            return job.session
+        if op in (OP_COMMIT, OP_ROLLBACK, OP_RESET):
+            return self._end_session("COMMIT" if op == OP_COMMIT else "ROLLBACK")
+        raise RequestError("MessageError", f"unknown operation {op!r}")
+
+    def _run_batch(self, job: Job) -> list:
+        (items,) = self._body(job, 1)
+        if not isinstance(items, list) or not items:
+            raise RequestError("MessageError", "batch takes a non-empty list of [sql, params]")
+        statements = []
+        for item in items:
+            if not isinstance(item, list) or len(item) != 2:
+                raise RequestError("MessageError", "each batch item is [sql, params]")
+            sql = _check_text(item[0], "sql")
+            self._screen(sql, in_session=True)
+            statements.append((sql, _check_params(item[1])))
+        conn = self._conn
+        assert conn is not None
+        results = []
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                for sql, params in statements:
+                    cur.execute(sql, params)
+                    results.append(_result_payload(cur))
+        finally:
+            self._reset_session_state()
+        return results
+
+    def _end_session(self, command: str) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                conn.execute(command)
+        finally:
+            self._reset_session_state()
+
+    def _reset_session_state(self) -> None:
+        if self._dirty and self._conn is not None and not self._conn.closed:
+            self._dirty = False
+            self._conn.execute("DISCARD ALL")

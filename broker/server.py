@@ -1,0 +1,552 @@
+"""The broker: one loop that owns every server connection.
+
+Clients talk to a ROUTER socket; each server connection has a thread
+that runs statements (``connection.py``) and pushes completions back to
+an inproc PULL socket.  This loop polls both, keeps the FIFO queue of
+requests waiting for a connection, pins connections to transactions,
+and enforces the cap, the deadlines and the leases.  It never blocks on
+the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from client import protocol
+from client.protocol import (
+    HEADER_FIELDS, OP_BATCH, OP_BEGIN, OP_COMMIT, OP_EXECUTE, OP_EXECUTEMANY,
+    OP_NAMES, OP_PING, OP_ROLLBACK, OP_STATS, STATUS_ERROR, STATUS_OK, error_payload,
+)
+
+from . import stats as S
+from .config import ConfigError, Settings
+from .connection import (
+    EV_BROKEN, EV_CONNECT_FAILED, EV_DONE, EV_FAILED, EV_READY, EV_REQUEUE, OP_RESET, Job,
+    ServerConnection, build_adapters,
+)
+
+logger = logging.getLogger("poolbroker")
+
+HOUSEKEEPING_INTERVAL = 0.05
+"""Seconds between checks of deadlines, leases and owner processes."""
+
+OWNER_CHECK_INTERVAL = 0.25
+"""Seconds between checks that the processes owning transactions are alive."""
+
+MAX_HEADER_BYTES = 4096
+EXPIRED_SESSIONS_KEPT = 10_000
+CONNECT_BACKOFF_MIN = 0.1
+CONNECT_BACKOFF_MAX = 5.0
+NO_DEADLINE = 24 * 3600.0
+
+_POOLED_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_BATCH, OP_BEGIN))
+_SESSION_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_COMMIT, OP_ROLLBACK))
+_ENDING_OPS = frozenset((OP_COMMIT, OP_ROLLBACK, OP_RESET))
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    """A transaction pinned to one server connection, owned by one client socket."""
+
+    token: bytes
+    routing_id: bytes
+    conn: ServerConnection
+    owner_pid: int
+    last_active: float
+    busy: bool = True
+    expired: str = ""  # why the broker is ending it, if it is
+
+
+def _peer_pid(frame: zmq.Frame) -> int:
+    """The sender's pid over ipc ("localhost:UID:GID:PID"), else 0."""
+    try:
+        address = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return 0
+    tail = address.rpartition(":")[2] if address else ""
+    return int(tail) if tail.isdigit() and address.count(":") >= 3 else 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")  # a zombie holds no socket
+
+
+def prepare_ipc_directory(endpoint: str) -> None:
+    """Create the socket's directory 0700 and refuse one others can write."""
+    path = endpoint[len("ipc://"):]
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{directory} belongs to uid {st.st_uid}, not to this user")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{directory} is accessible to other users (mode {st.st_mode & 0o777:o}); "
+            "the broker's socket must live in a 0700 directory")
+
+
+class Broker:
+    """Owns the pool; ``run()`` serves until SIGTERM/SIGINT or ``stop()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._context = zmq.Context()
+        self._router = self._context.socket(zmq.ROUTER)
+        self._completions = self._context.socket(zmq.PULL)
+        self._completions_endpoint = f"inproc://poolbroker-completions-{id(self)}"
+        self._adapters = build_adapters()
+        self._conns: dict[int, ServerConnection] = {}
+        self._idle: list[ServerConnection] = []
+        self._opening = 0
+        self._next_conn_id = 1
+        self._waiting: deque[Job] = deque()
+        self._running: dict[int, Job] = {}
+        self._cancelled: set[int] = set()
+        self._sessions: dict[bytes, Session] = {}
+        self._pinned: dict[int, Session] = {}
+        self._expired: OrderedDict[bytes, str] = OrderedDict()
+        self._connect_error = ""
+        self._connect_backoff = 0.0
+        self._connect_retry_at = 0.0
+        self._stopping = False
+        self._drain_deadline = 0.0
+        self._next_housekeeping = 0.0
+        self._next_owner_check = 0.0
+        self.stats: dict[str, int] = dict.fromkeys(S.COUNTERS, 0)
+
+    # Set-up and teardown
+
+    def bind(self) -> None:
+        s = self.settings
+        endpoint = s.endpoint
+        if endpoint.startswith("ipc://"):
+            prepare_ipc_directory(endpoint)
+        elif endpoint.startswith("tcp://") and not s.insecure_tcp:
+            raise ConfigError(
+                "tcp endpoints carry queries in plain text; CURVE is not supported yet: "
+                "use an ipc endpoint, or pass --insecure-tcp on a trusted network")
+        router = self._router
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)
+        router.setsockopt(zmq.SNDHWM, 100_000)
+        router.setsockopt(zmq.RCVHWM, 100_000)
+        router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        router.bind(endpoint)
+        self._completions.bind(self._completions_endpoint)
+        logger.info("listening on %s, max_connections=%d", endpoint, s.max_connections)
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (safe from a signal handler)."""
+        self._stopping = True
+
+    def _install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop())
+
+    def _close(self) -> None:
+        for conn in list(self._conns.values()):
+            conn.stop()
+        for conn in list(self._conns.values()):
+            conn.join(timeout=2.0)
+        self._router.close(linger=0)
+        self._completions.close(linger=0)
+        self._context.term()
+        logger.info("stopped")
+
+    # The loop
+
+    def run(self, *, install_signal_handlers: bool = True) -> None:
+        if install_signal_handlers:
+            self._install_signal_handlers()
+        self.bind()
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._completions, zmq.POLLIN)
+        router, completions = self._router, self._completions
+        timeout_ms = int(HOUSEKEEPING_INTERVAL * 1000)
+        try:
+            while True:
+                ready = dict(poller.poll(timeout_ms))
+                now = time.monotonic()
+                if completions in ready:
+                    while True:
+                        try:
+                            frames = completions.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_completion(frames, now)
+                if router in ready:
+                    for _ in range(256):  # then let completions in
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_request(frames, now)
+                if now >= self._next_housekeeping:
+                    self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+                    self._housekeeping(now)
+                    if self._stopping and self._drained(now):
+                        break
+        finally:
+            self._close()
+
+    # Requests
+
+    def _reply(self, routing_id: bytes, reply: bytes) -> None:
+        try:
+            self._router.send_multipart([routing_id, reply], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            # EHOSTUNREACH: the client is gone; EAGAIN: it stopped reading.
+            self.stats[S.REPLIES_UNDELIVERABLE] += 1
+
+    def _reply_error(self, routing_id: bytes, request_id: Any, kind: str, message: str,
+                     **extra: Any) -> None:
+        self.stats[S.REQUESTS_ERRORS] += 1
+        payload = error_payload(kind, message, **extra)
+        self._reply(routing_id, protocol.pack([request_id, STATUS_ERROR, payload]))
+
+    def _malformed(self, routing_id: bytes, request_id: Any, why: str) -> None:
+        self.stats[S.MESSAGES_MALFORMED] += 1
+        logger.warning("malformed request: %s", why)
+        self._reply_error(routing_id, request_id, "MessageError", why)
+
+    def _on_request(self, frames: list[zmq.Frame], now: float) -> None:
+        self.stats[S.REQUESTS_NUM] += 1
+        routing_id = frames[0].bytes
+        if len(frames) != 3:
+            self._malformed(routing_id, None, f"expected 2 frames (header, body), got {len(frames) - 1}")
+            return
+        header_bytes = frames[1].bytes
+        if len(header_bytes) > MAX_HEADER_BYTES:
+            self._malformed(routing_id, None, "header frame too large")
+            return
+        try:
+            header = protocol.unpack(header_bytes, MAX_HEADER_BYTES)
+        except Exception as exc:  # msgpack raises many types on garbage
+            self._malformed(routing_id, None, f"undecodable header: {exc}")
+            return
+        if not isinstance(header, list) or len(header) != HEADER_FIELDS:
+            self._malformed(routing_id, None, "header must be [request_id, op, timeout_ms, session]")
+            return
+        request_id, op, timeout_ms, session = header
+        if not isinstance(request_id, int) or not isinstance(op, int) or isinstance(op, bool):
+            self._malformed(routing_id, request_id if isinstance(request_id, int) else None,
+                            "request_id and op must be integers")
+            return
+        if op not in OP_NAMES:
+            self._malformed(routing_id, request_id, f"unknown operation {op}")
+            return
+        if timeout_ms is None:
+            deadline = now + NO_DEADLINE
+        elif isinstance(timeout_ms, int) and not isinstance(timeout_ms, bool) and timeout_ms > 0:
+            deadline = now + timeout_ms / 1000.0
+        else:
+            self._malformed(routing_id, request_id, "timeout_ms must be a positive integer or nil")
+            return
+        if session is not None and not isinstance(session, bytes):
+            self._malformed(routing_id, request_id, "session must be bytes or nil")
+            return
+
+        if op == OP_STATS:
+            self._reply(routing_id, protocol.pack([request_id, STATUS_OK, self.snapshot()]))
+            return
+        if op == OP_PING:
+            self._reply(routing_id, protocol.pack([request_id, STATUS_OK, None]))
+            return
+        if self._stopping:
+            self._reply_error(routing_id, request_id, "BrokerUnavailable",
+                              "the broker is shutting down; the request was not run")
+            return
+        job = Job(op, routing_id, request_id, frames[2].bytes, deadline=deadline)
+        if session is not None:
+            self._on_session_request(job, session, now)
+            return
+        if op not in _POOLED_OPS:
+            self._malformed(routing_id, request_id, f"{OP_NAMES[op]} needs a transaction")
+            return
+        if op == OP_BEGIN:
+            job.session = secrets.token_bytes(16)
+            job.owner_pid = _peer_pid(frames[1])
+        if len(self._waiting) >= self.settings.max_waiting and not self._idle:
+            self.stats[S.REQUESTS_REFUSED] += 1
+            self._reply_error(
+                routing_id, request_id, "TooManyRequests",
+                f"{len(self._waiting)} requests are already waiting for a connection "
+                f"(max_waiting={self.settings.max_waiting}); the request was not run")
+            return
+        job.queued_at = now
+        self._waiting.append(job)
+        self._dispatch(now)
+
+    def _on_session_request(self, job: Job, token: bytes, now: float) -> None:
+        session = self._sessions.get(token)
+        if session is None or session.routing_id != job.routing_id:
+            # Same answer for a forged token and a stale one: nothing to learn.
+            reason = self._expired.get(token) if session is None else None
+            self._reply_error(job.routing_id, job.request_id, "TransactionExpired",
+                              reason or "unknown transaction: it was rolled back or never existed")
+            return
+        if job.op not in _SESSION_OPS:
+            self._malformed(job.routing_id, job.request_id,
+                            f"{OP_NAMES[job.op]} is not allowed inside a transaction")
+            return
+        if session.busy:
+            self._reply_error(job.routing_id, job.request_id, "InterfaceError",
+                              "the transaction is already running a statement")
+            return
+        session.busy = True
+        session.last_active = now
+        job.in_session = True
+        job.session = token
+        if job.op in _ENDING_OPS:
+            del self._sessions[token]
+        self._start(session.conn, job)
+
+    def _dispatch(self, now: float) -> None:
+        waiting, idle = self._waiting, self._idle
+        while waiting and idle:
+            job = waiting.popleft()
+            if job.deadline <= now:
+                self._abandon(job, now)
+                continue
+            waited = now - job.queued_at
+            if waited > 0.001:
+                self.stats[S.REQUESTS_QUEUED] += 1
+                self.stats[S.REQUESTS_WAIT_MS] += int(waited * 1000)
+            conn = idle.pop()
+            if job.op == OP_BEGIN:
+                session = Session(job.session, job.routing_id, conn, job.owner_pid, now)
+                self._sessions[job.session] = session
+                self._pinned[conn.conn_id] = session
+            self._start(conn, job)
+        if waiting:
+            self._grow(now)
+
+    def _start(self, conn: ServerConnection, job: Job) -> None:
+        self._running[conn.conn_id] = job
+        conn.submit(job)
+
+    def _abandon(self, job: Job, now: float) -> None:
+        self.stats[S.REQUESTS_ABANDONED] += 1
+        self._reply_error(
+            job.routing_id, job.request_id, "PoolTimeout",
+            f"the request's deadline passed after {now - job.queued_at:.3f} s waiting for a "
+            "connection; the statement was not run")
+
+    # Connections
+
+    def _grow(self, now: float) -> None:
+        """Open connections for waiting requests, never beyond the cap."""
+        if now < self._connect_retry_at:
+            return
+        cap = self.settings.max_connections
+        while (len(self._conns) + self._opening < cap
+               and self._opening < len(self._waiting)):
+            conn_id = self._next_conn_id
+            self._next_conn_id += 1
+            conn = ServerConnection(conn_id, self.settings, self._adapters,
+                                    self._context, self._completions_endpoint)
+            self._opening += 1
+            self._conns[conn_id] = conn
+            conn.start()
+
+    def _release(self, conn: ServerConnection, now: float) -> None:
+        if self._stopping:
+            self._retire(conn)
+            conn.stop()
+            return
+        self._idle.append(conn)
+        self._dispatch(now)
+
+    def _retire(self, conn: ServerConnection) -> None:
+        self._conns.pop(conn.conn_id, None)
+        self._running.pop(conn.conn_id, None)
+        self._cancelled.discard(conn.conn_id)
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def _on_completion(self, frames: list[bytes], now: float) -> None:
+        id_frame, event, routing_id, reply = frames
+        conn_id = int.from_bytes(id_frame, "big")
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return
+        job = self._running.pop(conn_id, None)
+        self._cancelled.discard(conn_id)
+        if event == EV_FAILED:
+            self.stats[S.REQUESTS_ERRORS] += 1
+        if reply and routing_id:
+            self._reply(routing_id, reply)
+
+        if event == EV_READY:
+            self._opening -= 1
+            self.stats[S.CONNECTIONS_NUM] += 1
+            self._connect_backoff = 0.0
+            self._connect_error = ""
+            self._release(conn, now)
+        elif event == EV_CONNECT_FAILED:
+            self._opening -= 1
+            self._retire(conn)
+            self._on_connect_failed(reply.decode(errors="replace"), now)
+        elif event == EV_DONE or event == EV_FAILED:
+            session = self._pinned.get(conn_id)
+            if session is None:
+                self._release(conn, now)
+            elif job is not None and (job.op in _ENDING_OPS or
+                                      (job.op == OP_BEGIN and event == EV_FAILED)):
+                self._unpin(session)
+                self._release(conn, now)
+            elif session.expired:
+                self._start(conn, Job(OP_RESET, b"", 0, b""))
+            else:
+                session.busy = False
+                session.last_active = now
+        else:  # EV_BROKEN, EV_REQUEUE
+            self.stats[S.CONNECTIONS_LOST] += 1
+            self._retire(conn)
+            session = self._pinned.get(conn_id)
+            if session is not None:
+                self._unpin(session)
+                self._expire_token(session.token, "the transaction's server connection was lost")
+            if event == EV_REQUEUE and job is not None:
+                self._waiting.appendleft(job)
+            if self._waiting:
+                self._grow(now)
+
+    def _on_connect_failed(self, message: str, now: float) -> None:
+        self.stats[S.CONNECTIONS_ERRORS] += 1
+        self._connect_error = message
+        self._connect_backoff = min(CONNECT_BACKOFF_MAX,
+                                    max(CONNECT_BACKOFF_MIN, self._connect_backoff * 2))
+        self._connect_retry_at = now + self._connect_backoff
+        logger.error("cannot connect to the database (retry in %.1f s): %s",
+                     self._connect_backoff, message)
+        if not self._conns:
+            # Nobody will free a connection: fail the queue now, clearly.
+            while self._waiting:
+                job = self._waiting.popleft()
+                self._reply_error(job.routing_id, job.request_id, "OperationalError",
+                                  f"cannot connect to the database: {message}", sqlstate="08006")
+
+    # Sessions
+
+    def _unpin(self, session: Session) -> None:
+        self._pinned.pop(session.conn.conn_id, None)
+        self._sessions.pop(session.token, None)
+
+    def _expire_token(self, token: bytes, reason: str) -> None:
+        self._expired[token] = reason
+        while len(self._expired) > EXPIRED_SESSIONS_KEPT:
+            self._expired.popitem(last=False)
+
+    def _expire(self, session: Session, reason: str) -> None:
+        """Roll the transaction back on the broker's own initiative."""
+        self.stats[S.TRANSACTIONS_EXPIRED] += 1
+        logger.info("rolling back a transaction: %s", reason)
+        session.expired = reason
+        self._sessions.pop(session.token, None)
+        self._expire_token(session.token, reason)
+        conn = session.conn
+        if session.busy:
+            job = self._running.get(conn.conn_id)
+            if job is not None and job.op not in _ENDING_OPS:
+                conn.cancel(job)
+        else:
+            session.busy = True
+            self._start(conn, Job(OP_RESET, b"", 0, b""))
+
+    # Timers
+
+    def _housekeeping(self, now: float) -> None:
+        if self._waiting:
+            self._expire_waiting(now)
+        for conn_id, job in self._running.items():
+            if job.deadline <= now and conn_id not in self._cancelled and job.op != OP_RESET:
+                self._cancelled.add(conn_id)
+                self.stats[S.REQUESTS_CANCELLED] += 1
+                self._conns[conn_id].cancel(job)
+        idle_limit = self.settings.idle_transaction_timeout
+        check_owners = now >= self._next_owner_check
+        if check_owners:
+            self._next_owner_check = now + OWNER_CHECK_INTERVAL
+        for session in list(self._pinned.values()):
+            if session.expired:
+                continue
+            if self._stopping:
+                if not session.busy:
+                    self._expire(session, "the broker is shutting down")
+            elif check_owners and session.owner_pid and not _pid_alive(session.owner_pid):
+                self._expire(session, f"its owner process {session.owner_pid} exited")
+            elif idle_limit and not session.busy and now - session.last_active > idle_limit:
+                self._expire(session, (
+                    f"the transaction was idle for more than {idle_limit:g} s "
+                    "(idle_transaction_timeout) and was rolled back"))
+        if self._waiting and not self._idle:
+            self._grow(now)
+
+    def _expire_waiting(self, now: float) -> None:
+        pool_timeout = self.settings.pool_timeout
+        kept: deque[Job] = deque()
+        for job in self._waiting:
+            if job.deadline <= now:
+                self._abandon(job, now)
+            elif pool_timeout and now - job.queued_at > pool_timeout:
+                self.stats[S.REQUESTS_TIMEOUTS] += 1
+                self._reply_error(
+                    job.routing_id, job.request_id, "PoolTimeout",
+                    f"no server connection became free within {now - job.queued_at:.1f} s "
+                    f"(pool_timeout={pool_timeout:g} s, max_connections="
+                    f"{self.settings.max_connections}); the statement was not run")
+            else:
+                kept.append(job)
+        self._waiting = kept
+
+    def _drained(self, now: float) -> bool:
+        if not self._drain_deadline:
+            self._drain_deadline = now + self.settings.drain_timeout
+            logger.info("shutting down: draining %d running statements", len(self._running))
+            while self._waiting:
+                job = self._waiting.popleft()
+                self._reply_error(job.routing_id, job.request_id, "BrokerUnavailable",
+                                  "the broker is shutting down; the request was not run")
+            for conn in list(self._idle):
+                self._retire(conn)
+                conn.stop()
+        if now >= self._drain_deadline:
+            for conn_id, job in list(self._running.items()):
+                self._conns[conn_id].cancel(job)
+            return True
+        return not self._running and not self._opening
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters plus gauges, for ``poolbroker stats``."""
+        result: dict[str, Any] = dict(self.stats)
+        result[S.POOL_MAX] = self.settings.max_connections
+        result[S.POOL_SIZE] = len(self._conns)
+        result[S.POOL_AVAILABLE] = len(self._idle)
+        result[S.REQUESTS_WAITING] = len(self._waiting)
+        result[S.SESSIONS_ACTIVE] = len(self._pinned)
+        return result
+

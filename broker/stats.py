@@ -1,0 +1,31 @@
+"""Names of the broker's counters and gauges, as ``poolbroker stats`` shows them."""
+
+# Gauges, computed when asked.
+POOL_MAX = "pool_max"  # max_connections
+POOL_SIZE = "pool_size"  # server connections open or opening
+POOL_AVAILABLE = "pool_available"  # open and idle
+REQUESTS_WAITING = "requests_waiting"  # queued for a connection now
+SESSIONS_ACTIVE = "sessions_active"  # pinned transactions open now
+
+# Counters since start.
+REQUESTS_NUM = "requests_num"  # requests received
+REQUESTS_QUEUED = "requests_queued"  # requests that had to wait for a connection
+REQUESTS_WAIT_MS = "requests_wait_ms"  # total time spent waiting in the queue
+REQUESTS_ERRORS = "requests_errors"  # requests answered with an error
+REQUESTS_TIMEOUTS = "requests_timeouts"  # PoolTimeout: waited too long, not run
+REQUESTS_ABANDONED = "requests_abandoned"  # the client's deadline passed in the queue
+REQUESTS_REFUSED = "requests_refused"  # TooManyRequests
+REQUESTS_CANCELLED = "requests_cancelled"  # cancelled on the server at their deadline
+MESSAGES_MALFORMED = "messages_malformed"  # undecodable or ill-formed requests
+REPLIES_UNDELIVERABLE = "replies_undeliverable"  # the client was gone or not reading
+CONNECTIONS_NUM = "connections_num"  # server connections opened
+CONNECTIONS_ERRORS = "connections_errors"  # failed connection attempts
+CONNECTIONS_LOST = "connections_lost"  # connections found broken
+TRANSACTIONS_EXPIRED = "transactions_expired"  # rolled back: idle, owner dead, shutdown
+
+COUNTERS = (
+    REQUESTS_NUM, REQUESTS_QUEUED, REQUESTS_WAIT_MS, REQUESTS_ERRORS,
+    REQUESTS_TIMEOUTS, REQUESTS_ABANDONED, REQUESTS_REFUSED, REQUESTS_CANCELLED,
+    MESSAGES_MALFORMED, REPLIES_UNDELIVERABLE, CONNECTIONS_NUM,
+    CONNECTIONS_ERRORS, CONNECTIONS_LOST, TRANSACTIONS_EXPIRED,
+)

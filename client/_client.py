@@ -1,0 +1,258 @@
+"""The worker side: send statements to the broker, get psycopg-like results."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import zmq
+
+from . import errors
+from .protocol import (
+    OP_BATCH, OP_BEGIN, OP_COMMIT, OP_EXECUTE, OP_EXECUTEMANY, OP_PING,
+    OP_ROLLBACK, OP_STATS, STATUS_OK, default_endpoint, pack, unpack,
+)
+
+logger = logging.getLogger("poolbroker.client")
+
+DEFAULT_TIMEOUT = 60.0
+"""Seconds a request may take end to end (queueing included) by default."""
+
+REPLY_GRACE = 1.0
+"""The broker answers at the deadline itself (PoolTimeout, QueryCanceled);
+wait this much longer for that answer before declaring it unavailable."""
+
+Params = Sequence[Any] | dict[str, Any] | None
+
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+class Result:
+    """What a statement returned: ``rows`` (tuples), ``columns``, ``rowcount``."""
+
+    __slots__ = ("columns", "rows", "rowcount")
+
+    def __init__(self, columns: list[str], rows: list[tuple], rowcount: int) -> None:
+        self.columns = columns
+        self.rows = rows
+        self.rowcount = rowcount
+
+    @classmethod
+    def _from_wire(cls, payload: list) -> Result:
+        columns, rows, rowcount = payload
+        return cls(columns or [], [tuple(row) for row in rows], rowcount)
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"Result(columns={self.columns!r}, rowcount={self.rowcount}, rows={self.rows!r})"
+
+
+class _ThreadSocket:
+    """A DEALER socket owned by one thread of one process."""
+
+    __slots__ = ("pid", "socket")
+
+    def __init__(self, pid: int, socket: zmq.Socket) -> None:
+        self.pid = pid
+        self.socket = socket
+
+
+class Client:
+    """A connection to the broker, safe to use from any thread and across fork.
+
+    Each thread of each process gets its own socket, created on first use;
+    nothing created before a fork is used after it.
+    """
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._reset()
+        _clients.add(self)
+
+    def _reset(self) -> None:
+        # Objects inherited across fork are dropped, never closed: closing
+        # them would touch the parent's context from the child.
+        self._context: zmq.Context | None = None
+        self._context_pid = 0
+        self._local = threading.local()
+
+    def _context_here(self, pid: int) -> zmq.Context:
+        with self._lock:
+            if self._context is None or self._context_pid != pid:
+                _abandoned.append(self._context)
+                self._context = zmq.Context()
+                self._context_pid = pid
+            return self._context
+
+    def _socket(self) -> zmq.Socket:
+        pid = os.getpid()
+        owned = getattr(self._local, "owned", None)
+        if owned is not None and owned.pid == pid:
+            return owned.socket
+        socket = self._context_here(pid).socket(zmq.DEALER)
+        socket.setsockopt(zmq.IMMEDIATE, 1)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        socket.connect(self.endpoint)
+        self._local.owned = _ThreadSocket(pid, socket)
+        return socket
+
+    def _request(self, op: int, session: bytes | None, body: list, timeout: float | None) -> Any:
+        timeout = self.timeout if timeout is None else float(timeout)
+        if timeout <= 0:
+            raise errors.InterfaceError(f"timeout must be positive, got {timeout}")
+        try:
+            body_bytes = pack(body)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise errors.InterfaceError(f"cannot send parameters: {exc}") from exc
+        request_id = next(self._ids)
+        header = pack([request_id, op, int(timeout * 1000), session])
+        socket = self._socket()
+        deadline = time.monotonic() + timeout
+        self._send(socket, [header, body_bytes], deadline, timeout)
+        return self._wait_reply(socket, request_id, deadline + REPLY_GRACE, timeout)
+
+    def _send(self, socket: zmq.Socket, frames: list[bytes], deadline: float, timeout: float) -> None:
+        while True:
+            try:
+                socket.send_multipart(frames, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                # IMMEDIATE: no connected broker, so nothing was queued.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise errors.BrokerUnavailable(
+                        f"no broker reachable at {self.endpoint} within {timeout:g} s; "
+                        "the request was never sent",
+                        outcome_unknown=False,
+                    ) from None
+                socket.poll(max(1, int(remaining * 1000)), zmq.POLLOUT)
+
+    def _wait_reply(self, socket: zmq.Socket, request_id: int, deadline: float, timeout: float) -> Any:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not socket.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
+                raise errors.BrokerUnavailable(
+                    f"no reply from the broker at {self.endpoint} within {timeout:g} s; "
+                    "the statement may have run (outcome unknown)",
+                    outcome_unknown=True,
+                )
+            reply = unpack(socket.recv())
+            if reply[0] != request_id:
+                continue  # a late reply to a request we gave up on
+            if reply[1] == STATUS_OK:
+                return reply[2]
+            raise errors.from_payload(reply[2])
+
+    # Public API
+
+    def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Result:
+        """Run one statement in autocommit and return its result."""
+        return Result._from_wire(self._request(OP_EXECUTE, None, [sql, params], timeout))
+
+    def executemany(self, sql: str, seq_of_params: Iterable[Params], *,
+                    timeout: float | None = None) -> Result:
+        """Run one statement once per parameter set, atomically."""
+        payload = self._request(OP_EXECUTEMANY, None, [sql, list(seq_of_params)], timeout)
+        return Result._from_wire(payload)
+
+    def batch(self, statements: Iterable[str | tuple[str, Params]], *,
+              timeout: float | None = None) -> list[Result]:
+        """Run statements atomically in one round trip: all commit or none do.
+
+        Each item is a SQL string or a ``(sql, params)`` pair.  The batch
+        holds a server connection only while the database works on it.
+        """
+        items = [[s, None] if isinstance(s, str) else [s[0], s[1]] for s in statements]
+        payload = self._request(OP_BATCH, None, [items], timeout)
+        return [Result._from_wire(r) for r in payload]
+
+    def transaction(self, *, timeout: float | None = None) -> Transaction:
+        """A transaction pinned to one server connection, for this thread.
+
+        Commits when the ``with`` block exits cleanly, rolls back when it
+        raises.  The broker rolls it back if this process dies or leaves
+        it idle longer than ``idle_transaction_timeout``.
+        """
+        return Transaction(self, timeout)
+
+    def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The broker's counters and gauges (see ``broker.stats``)."""
+        return self._request(OP_STATS, None, [], timeout)
+
+    def ping(self, *, timeout: float | None = None) -> None:
+        """Raise BrokerUnavailable unless the broker answers."""
+        self._request(OP_PING, None, [], timeout)
+
+
+class Transaction:
+    """A pinned transaction; use as a context manager from one thread."""
+
+    def __init__(self, client: Client, timeout: float | None) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._session: bytes | None = None
+
+    def __enter__(self) -> Transaction:
+        self._session = self._client._request(OP_BEGIN, None, [], self._timeout)
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        session, self._session = self._session, None
+        if session is None:
+            return
+        if exc_type is None:
+            self._client._request(OP_COMMIT, session, [], self._timeout)
+            return
+        try:
+            self._client._request(OP_ROLLBACK, session, [], self._timeout)
+        except errors.Error as rollback_error:
+            # The original exception matters more; the broker rolls back
+            # an abandoned transaction by itself.
+            logger.debug("rollback after %r failed: %s", exc, rollback_error)
+
+    def _live_session(self) -> bytes:
+        if self._session is None:
+            raise errors.InterfaceError("the transaction is not open: use it inside 'with'")
+        return self._session
+
+    def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Result:
+        payload = self._client._request(OP_EXECUTE, self._live_session(), [sql, params],
+                                        timeout or self._timeout)
+        return Result._from_wire(payload)
+
+    def executemany(self, sql: str, seq_of_params: Iterable[Params], *,
+                    timeout: float | None = None) -> Result:
+        payload = self._client._request(OP_EXECUTEMANY, self._live_session(),
+                                        [sql, list(seq_of_params)], timeout or self._timeout)
+        return Result._from_wire(payload)
+
+
+# Contexts and sockets inherited across fork, kept alive so that the
+# garbage collector never closes them in the child.
+_abandoned: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        _abandoned.append(client._local)
+        client._lock = threading.Lock()
+        client._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,160 @@
+"""Exceptions raised by the client: PEP 249 classes plus the broker's own.
+
+PostgreSQL errors arrive with the class psycopg chose for their SQLSTATE
+(``IntegrityError`` for 23xxx, ``ProgrammingError`` for 42xxx...) and
+carry ``sqlstate`` and ``diag`` like psycopg's exceptions do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_DIAG_FIELDS = (
+    "severity",
+    "message_primary",
+    "message_detail",
+    "message_hint",
+    "statement_position",
+    "context",
+    "schema_name",
+    "table_name",
+    "column_name",
+    "datatype_name",
+    "constraint_name",
+)
+
+
+class Diagnostic:
+    """The error fields PostgreSQL reported, named as in ``psycopg.errors.Diagnostic``."""
+
+    __slots__ = _DIAG_FIELDS
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        for name in _DIAG_FIELDS:
+            setattr(self, name, fields.get(name))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{n}={getattr(self, n)!r}" for n in _DIAG_FIELDS if getattr(self, n)
+        )
+        return f"Diagnostic({shown})"
+
+
+class Warning(Exception):  # noqa: A001 - PEP 249 name
+    pass
+
+
+class Error(Exception):
+    """Base of every error the client raises."""
+
+    def __init__(self, message: str = "", *, sqlstate: str | None = None,
+                 diag: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.diag = Diagnostic(diag or {})
+
+    @property
+    def detail(self) -> str | None:
+        return self.diag.message_detail
+
+    @property
+    def hint(self) -> str | None:
+        return self.diag.message_hint
+
+    @property
+    def constraint_name(self) -> str | None:
+        return self.diag.constraint_name
+
+
+class InterfaceError(Error):
+    """The client was misused (bad arguments, a value it cannot send)."""
+
+
+class DatabaseError(Error):
+    pass
+
+
+class DataError(DatabaseError):
+    pass
+
+
+class OperationalError(DatabaseError):
+    pass
+
+
+class IntegrityError(DatabaseError):
+    pass
+
+
+class InternalError(DatabaseError):
+    pass
+
+
+class ProgrammingError(DatabaseError):
+    pass
+
+
+class NotSupportedError(DatabaseError):
+    pass
+
+
+class QueryCanceled(OperationalError):
+    """The statement was cancelled on the server (57014): timeout or cancel."""
+
+
+class PoolTimeout(OperationalError):
+    """No server connection became free within ``pool_timeout``; not run."""
+
+
+class TooManyRequests(OperationalError):
+    """The broker's queue already held ``max_waiting`` requests; not run."""
+
+
+class BrokerUnavailable(OperationalError):
+    """No reply from the broker within the request's timeout.
+
+    ``outcome_unknown`` is True when the request was handed to the
+    transport: the statement may or may not have run.  False means it
+    was never sent.
+    """
+
+    def __init__(self, message: str = "", *, outcome_unknown: bool = False) -> None:
+        super().__init__(message)
+        self.outcome_unknown = outcome_unknown
+
+
+class TransactionExpired(OperationalError):
+    """The broker rolled the transaction back (idle too long, or unknown)."""
+
+
+class SessionStateRefused(NotSupportedError):
+    """A statement that changes session state was sent outside a transaction.
+
+    On a shared connection it would leak to other clients; run it inside
+    ``client.transaction()`` (the connection is reset afterwards) or use
+    the transaction-scoped form (``SET LOCAL``, ``pg_advisory_xact_lock``).
+    """
+
+
+class MessageError(InterfaceError):
+    """The broker could not decode or accept the request."""
+
+
+_BY_NAME = {
+    cls.__name__: cls
+    for cls in (
+        Error, InterfaceError, DatabaseError, DataError, OperationalError,
+        IntegrityError, InternalError, ProgrammingError, NotSupportedError,
+        QueryCanceled, PoolTimeout, TooManyRequests, BrokerUnavailable,
+        TransactionExpired, SessionStateRefused, MessageError,
+    )
+}
+
+
+def from_payload(payload: dict[str, Any]) -> Error:
+    """Build the exception a STATUS_ERROR reply describes."""
+    cls = _BY_NAME.get(payload.get("kind", ""), DatabaseError)
+    message = payload.get("message") or "unknown error"
+    if cls is BrokerUnavailable:
+        return BrokerUnavailable(message, outcome_unknown=bool(payload.get("outcome_unknown")))
+    return cls(message, sqlstate=payload.get("sqlstate"), diag=payload)

@@ -1,0 +1,191 @@
+"""The wire format shared by the broker and its clients.
+
+A request is a DEALER message of two frames::
+
+    header = msgpack [request_id, op, timeout_ms, session]
+    body   = msgpack [args...]          (op specific, see OP_* below)
+
+The broker's loop decodes only the small header; the body is decoded by
+the thread that runs the statement.  A reply is one frame::
+
+    msgpack [request_id, status, payload]
+
+``status`` is STATUS_OK (payload is the op's result) or STATUS_ERROR
+(payload is an error dict, see ``error_payload``).
+
+Values that msgpack cannot carry natively travel as ext types so that a
+client sees exactly what psycopg returned on the broker side.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import uuid
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+# Operations.  Body layouts:
+OP_EXECUTE = 1  # [sql, params]            -> [columns, rows, rowcount]
+OP_EXECUTEMANY = 2  # [sql, seq_of_params] -> [columns, rows, rowcount]
+OP_BEGIN = 3  # []                          -> session token (bytes)
+OP_COMMIT = 4  # []                         -> None
+OP_ROLLBACK = 5  # []                       -> None
+OP_BATCH = 6  # [[[sql, params], ...]]      -> [[columns, rows, rowcount], ...]
+OP_STATS = 7  # []                          -> {name: number}
+OP_PING = 8  # []                           -> None
+
+OP_NAMES = {
+    OP_EXECUTE: "execute",
+    OP_EXECUTEMANY: "executemany",
+    OP_BEGIN: "begin",
+    OP_COMMIT: "commit",
+    OP_ROLLBACK: "rollback",
+    OP_BATCH: "batch",
+    OP_STATS: "stats",
+    OP_PING: "ping",
+}
+
+STATUS_OK = 0
+STATUS_ERROR = 1
+
+HEADER_FIELDS = 4
+
+# Ext type codes.
+EXT_DECIMAL = 1  # str(Decimal), NaN and signs included
+EXT_DATE = 2  # ISO format
+EXT_TIME = 3  # ISO format, offset included for timetz
+EXT_DATETIME = 4  # [ISO format with offset, zone key or None]
+EXT_TIMEDELTA = 5  # [days, seconds, microseconds]
+EXT_UUID = 6  # 16 bytes
+EXT_JSON = 7  # msgpack of the document: a parameter to bind as jsonb
+
+# The most a single message may unpack to; the broker also sets MAXMSGSIZE.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class Json:
+    """Wrap a dict or list so it binds as a jsonb parameter.
+
+    Plain dicts already bind as jsonb; plain lists bind as PostgreSQL
+    arrays, so wrap a list (or a scalar) when the column is json/jsonb.
+    """
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __repr__(self) -> str:
+        return f"Json({self.obj!r})"
+
+
+def _encode_ext(obj: Any) -> msgpack.ExtType:
+    # datetime is a subclass of date: test it first.
+    if isinstance(obj, _dt.datetime):
+        tz = obj.tzinfo
+        key = tz.key if isinstance(tz, ZoneInfo) else None
+        return msgpack.ExtType(EXT_DATETIME, _pack([obj.isoformat(), key]))
+    if isinstance(obj, decimal.Decimal):
+        return msgpack.ExtType(EXT_DECIMAL, str(obj).encode())
+    if isinstance(obj, _dt.date):
+        return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
+    if isinstance(obj, _dt.time):
+        return msgpack.ExtType(EXT_TIME, obj.isoformat().encode())
+    if isinstance(obj, _dt.timedelta):
+        return msgpack.ExtType(
+            EXT_TIMEDELTA, _pack([obj.days, obj.seconds, obj.microseconds])
+        )
+    if isinstance(obj, uuid.UUID):
+        return msgpack.ExtType(EXT_UUID, obj.bytes)
+    if isinstance(obj, Json):
+        return msgpack.ExtType(EXT_JSON, _pack(obj.obj))
+    if isinstance(obj, (tuple, set, frozenset)):
+        return list(obj)
+    raise TypeError(f"cannot send a value of type {type(obj).__name__}: {obj!r}")
+
+
+def _decode_datetime(data: bytes) -> _dt.datetime:
+    text, key = _unpack(data)
+    value = _dt.datetime.fromisoformat(text)
+    if key is not None:
+        value = value.astimezone(ZoneInfo(key))
+    return value
+
+
+def _decode_timedelta(data: bytes) -> _dt.timedelta:
+    days, seconds, micro = _unpack(data)
+    return _dt.timedelta(days=days, seconds=seconds, microseconds=micro)
+
+
+def _json_from_wire(data: bytes) -> Json:
+    return Json(_unpack(data))
+
+
+_EXT_DECODERS = {
+    EXT_DECIMAL: lambda data: decimal.Decimal(data.decode()),
+    EXT_DATE: lambda data: _dt.date.fromisoformat(data.decode()),
+    EXT_TIME: lambda data: _dt.time.fromisoformat(data.decode()),
+    EXT_DATETIME: _decode_datetime,
+    EXT_TIMEDELTA: _decode_timedelta,
+    EXT_UUID: lambda data: uuid.UUID(bytes=data),
+    EXT_JSON: _json_from_wire,
+}
+
+
+def _decode_ext(code: int, data: bytes) -> Any:
+    try:
+        decoder = _EXT_DECODERS[code]
+    except KeyError:
+        raise ValueError(f"unknown ext type {code}") from None
+    return decoder(data)
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_encode_ext, use_bin_type=True)
+
+
+def _unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
+    # unpackb bounds every declared length by len(data), so a hostile
+    # header cannot make it allocate more than the message itself.
+    if len(data) > max_bytes:
+        raise ValueError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    return msgpack.unpackb(data, ext_hook=_decode_ext, raw=False)
+
+
+def pack(obj: Any) -> bytes:
+    """Serialize a message, encoding non-native values as ext types."""
+    return _pack(obj)
+
+
+def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
+    """Deserialize a message; raises ValueError (or a subclass) if malformed."""
+    return _unpack(data, max_bytes)
+
+
+def error_payload(
+    kind: str, message: str, sqlstate: str | None = None, **diag: Any
+) -> dict[str, Any]:
+    """The payload of a STATUS_ERROR reply.
+
+    ``kind`` names the client exception class (``IntegrityError``,
+    ``PoolTimeout``...); ``diag`` carries psycopg's Diagnostic fields by
+    their psycopg names (``message_detail``, ``constraint_name``...).
+    """
+    payload = {"kind": kind, "message": message, "sqlstate": sqlstate}
+    payload.update({k: v for k, v in diag.items() if v is not None})
+    return payload
+
+
+def default_endpoint() -> str:
+    """``POOLBROKER_ENDPOINT``, else an ipc socket in a 0700 per-user directory."""
+    import os
+
+    endpoint = os.environ.get("POOLBROKER_ENDPOINT")
+    if endpoint:
+        return endpoint
+    return f"ipc:///tmp/poolbroker-{os.getuid()}/broker.sock"
