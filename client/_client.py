@@ -79,31 +79,20 @@ class Client:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
         self._reset()
         _clients.add(self)
 
     def _reset(self) -> None:
-        # Objects inherited across fork are dropped, never closed: closing
+        # Sockets inherited across fork are dropped, never closed: closing
         # them would touch the parent's context from the child.
-        self._context: zmq.Context | None = None
-        self._context_pid = 0
         self._local = threading.local()
-
-    def _context_here(self, pid: int) -> zmq.Context:
-        with self._lock:
-            if self._context is None or self._context_pid != pid:
-                _abandoned.append(self._context)
-                self._context = zmq.Context()
-                self._context_pid = pid
-            return self._context
 
     def _socket(self) -> zmq.Socket:
         pid = os.getpid()
         owned = getattr(self._local, "owned", None)
         if owned is not None and owned.pid == pid:
             return owned.socket
-        socket = self._context_here(pid).socket(zmq.DEALER)
+        socket = _process_context(pid).socket(zmq.DEALER)
         socket.setsockopt(zmq.IMMEDIATE, 1)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
@@ -160,6 +149,13 @@ class Client:
             raise errors.from_payload(reply[2])
 
     # Public API
+
+    def close(self) -> None:
+        """Close the calling thread's socket (others close when their thread ends)."""
+        owned = getattr(self._local, "owned", None)
+        if owned is not None and owned.pid == os.getpid():
+            owned.socket.close(linger=0)
+        self._local.owned = None
 
     def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Result:
         """Run one statement in autocommit and return its result."""
@@ -243,15 +239,33 @@ class Transaction:
         return Result._from_wire(payload)
 
 
+# One ZeroMQ context per process, shared by every Client and never
+# terminated: a context collected while a thread's socket is open would
+# block in term() inside whichever thread ran the garbage collector.
+_context: zmq.Context | None = None
+_context_pid = 0
+_context_lock = threading.Lock()
+
 # Contexts and sockets inherited across fork, kept alive so that the
 # garbage collector never closes them in the child.
 _abandoned: list[Any] = []
 
 
+def _process_context(pid: int) -> zmq.Context:
+    global _context, _context_pid
+    with _context_lock:
+        if _context is None or _context_pid != pid:
+            _abandoned.append(_context)
+            _context = zmq.Context()
+            _context_pid = pid
+        return _context
+
+
 def _after_fork_in_child() -> None:
+    global _context_lock
+    _context_lock = threading.Lock()
     for client in list(_clients):
         _abandoned.append(client._local)
-        client._lock = threading.Lock()
         client._reset()
 
 

@@ -1,0 +1,54 @@
+# make test : set everything up and run the test suite (real PostgreSQL).
+# make run  : set everything up and run the broker under supervisord,
+#             against $POOLBROKER_DSN or an embedded cluster under var/.
+
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(CURDIR)/$(VENV)/bin
+VAR     := $(CURDIR)/var
+PG_PORT ?= 5432
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup test run postgres-binaries clean
+
+setup: $(VENV)/.installed postgres-binaries
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# PostgreSQL server binaries: the tests and the embedded cluster need them.
+postgres-binaries:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then \
+	    exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	    echo "installing PostgreSQL server binaries (apt-get install postgresql)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	else \
+	    echo "PostgreSQL server binaries not found: install the 'postgresql' package" \
+	         "(sudo apt-get install postgresql) or set POOLBROKER_PG_BINDIR" >&2; \
+	    exit 1; \
+	fi
+
+test: setup
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+run: setup
+	mkdir -p $(VAR)/log $(VAR)/supervisord.d
+	rm -f $(VAR)/supervisord.d/postgres.conf
+	@if [ -z "$$POOLBROKER_DSN" ]; then \
+	    $(BIN)/poolbroker embedded-postgres init --datadir $(VAR)/pgdata \
+	        --socket-dir $(VAR)/run --port $(PG_PORT) && \
+	    printf '%s\n' '[program:postgres]' \
+	        'command=$(BIN)/poolbroker embedded-postgres serve --datadir $(VAR)/pgdata --socket-dir $(VAR)/run --port $(PG_PORT)' \
+	        'priority=100' 'autorestart=true' 'stopsignal=INT' 'stopwaitsecs=30' \
+	        'redirect_stderr=true' 'stdout_logfile=$(VAR)/log/postgres.log' \
+	        > $(VAR)/supervisord.d/postgres.conf; \
+	fi
+	POOLBROKER_DSN="$${POOLBROKER_DSN:-$$($(BIN)/poolbroker embedded-postgres dsn --socket-dir $(VAR)/run --port $(PG_PORT))}" \
+	    exec $(BIN)/supervisord -n -c etc/supervisord.conf
+
+clean:
+	rm -rf $(VENV) $(VAR) *.egg-info

@@ -1,0 +1,219 @@
+"""Fixtures: a real PostgreSQL cluster, real broker processes, real forks."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg
+import pytest
+
+import client
+from broker.embedded import Cluster
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def short_tempdir(prefix: str = "pb-") -> str:
+    """A 0700 directory short enough for an ipc path (107 bytes at most)."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+@pytest.fixture(scope="session")
+def pg() -> Cluster:
+    root = short_tempdir("pb-pg-")
+    os.chmod(root, 0o755)  # the server may run as another user
+    cluster = Cluster(f"{root}/data", f"{root}/run", port=5432)
+    cluster.init()
+    cluster.start()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dsn(pg: Cluster) -> str:
+    return pg.dsn
+
+
+@pytest.fixture
+def admin(dsn: str) -> psycopg.Connection:
+    """A direct connection for set-up and for checking what the broker did."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        yield conn
+
+
+class BrokerProcess:
+    """``poolbroker serve`` in a subprocess, with its own endpoint and application_name."""
+
+    def __init__(self, dsn: str, **settings: Any) -> None:
+        self.dir = short_tempdir()
+        self.endpoint = settings.pop("endpoint", f"ipc://{self.dir}/b.sock")
+        self.application_name = f"pbtest-{uuid.uuid4().hex[:8]}"
+        settings.setdefault("application_name", self.application_name)
+        settings.setdefault("log_level", "DEBUG")
+        self.config = Path(self.dir, "poolbroker.toml")
+        self.config.write_text("[poolbroker]\n" + "".join(
+            f"{k} = {_toml(v)}\n" for k, v in settings.items()))
+        self.log_path = Path(self.dir, "broker.log")
+        self.dsn = dsn
+        self.proc: subprocess.Popen | None = None
+        self.client = client.Client(self.endpoint, timeout=15)
+
+    def start(self, wait: bool = True) -> BrokerProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "broker.cli", "serve", "--config", str(self.config),
+                 "--dsn", self.dsn, "--endpoint", self.endpoint],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        probe = client.Client(self.endpoint, timeout=0.5)
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                probe.ping()
+                probe.close()
+                return
+            except client.BrokerUnavailable:
+                time.sleep(0.05)
+        raise RuntimeError(f"broker not ready after {timeout} s:\n{self.log()}")
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def stats(self) -> dict[str, Any]:
+        return self.client.stats()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def server_connections(self, conn: psycopg.Connection) -> int:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                            [self.application_name]).fetchone()[0]
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+@pytest.fixture
+def start_broker(dsn: str) -> Callable[..., BrokerProcess]:
+    started: list[BrokerProcess] = []
+
+    def start(**settings: Any) -> BrokerProcess:
+        broker = BrokerProcess(dsn, **settings)
+        started.append(broker)
+        return broker.start()
+
+    yield start
+    for broker in started:
+        broker.stop()
+        shutil.rmtree(broker.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def broker(start_broker: Callable[..., BrokerProcess]) -> BrokerProcess:
+    return start_broker(max_connections=4)
+
+
+class ConnectionSampler(threading.Thread):
+    """Samples pg_stat_activity from its own connection while a load runs."""
+
+    def __init__(self, dsn: str, application_name: str, interval: float = 0.002) -> None:
+        super().__init__(daemon=True)
+        self._dsn = dsn
+        self._application_name = application_name
+        self._interval = interval
+        self._done = threading.Event()
+        self.maximum = 0
+        self.samples = 0
+
+    def run(self) -> None:
+        with psycopg.connect(self._dsn, autocommit=True) as conn:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            while not self._done.is_set():
+                count = conn.execute(query, [self._application_name]).fetchone()[0]
+                self.maximum = max(self.maximum, count)
+                self.samples += 1
+                self._done.wait(self._interval)
+
+    def __enter__(self) -> ConnectionSampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        self.join()
+
+
+def _child(target: Callable, args: tuple, results: Any, index: int) -> None:
+    try:
+        results.put((index, True, target(*args)))
+    except BaseException:
+        results.put((index, False, traceback.format_exc()))
+
+
+def run_in_processes(target: Callable, arg_lists: list[tuple], timeout: float = 180) -> list:
+    """Fork one process per argument tuple; return their results in order.
+
+    Children are real forks of the test process: whatever client state the
+    parent holds is inherited, as it would be under gunicorn or Celery.
+    """
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(target, args, results, i))
+             for i, args in enumerate(arg_lists)]
+    for p in procs:
+        p.start()
+    collected: dict[int, Any] = {}
+    failures = []
+    deadline = time.monotonic() + timeout
+    while len(collected) + len(failures) < len(procs):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            index, ok, value = results.get(timeout=remaining)
+        except Exception:
+            break
+        if ok:
+            collected[index] = value
+        else:
+            failures.append(value)
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if failures:
+        pytest.fail(f"{len(failures)} child processes failed; first:\n{failures[0]}")
+    if len(collected) < len(procs):
+        pytest.fail(f"only {len(collected)} of {len(procs)} child processes reported in time")
+    return [collected[i] for i in range(len(procs))]
