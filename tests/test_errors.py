@@ -1,0 +1,130 @@
+"""PostgreSQL errors arrive precise and well classified; bad input is answered."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+import zmq
+
+import client
+from client import protocol
+
+
+@pytest.fixture
+def items(admin: psycopg.Connection) -> None:
+    admin.execute("DROP TABLE IF EXISTS items")
+    admin.execute("CREATE TABLE items (id int PRIMARY KEY, qty int CHECK (qty >= 0))")
+    admin.execute("INSERT INTO items VALUES (1, 1)")
+
+
+@pytest.mark.parametrize("sql,cls,sqlstate", [
+    ("INSERT INTO items VALUES (1, 1)", client.IntegrityError, "23505"),
+    ("UPDATE items SET qty = -1", client.IntegrityError, "23514"),
+    ("SELECT * FROM no_such_table", client.ProgrammingError, "42P01"),
+    ("SELEC 1", client.ProgrammingError, "42601"),
+    ("SELECT 1/0", client.DataError, "22012"),
+    ("SELECT 'x'::int", client.DataError, "22P02"),
+])
+def test_errors_keep_sqlstate_and_class(broker, items, sql, cls, sqlstate):
+    with pytest.raises(cls) as excinfo:
+        broker.client.execute(sql)
+    assert excinfo.value.sqlstate == sqlstate
+    assert isinstance(excinfo.value, client.DatabaseError)
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
+
+
+def test_diagnostics_reach_the_client(broker, items):
+    with pytest.raises(client.IntegrityError) as excinfo:
+        broker.client.execute("INSERT INTO items VALUES (1, 5)")
+    error = excinfo.value
+    assert str(error) == 'duplicate key value violates unique constraint "items_pkey"'
+    assert error.detail == "Key (id)=(1) already exists."
+    assert error.constraint_name == "items_pkey"
+    assert error.diag.table_name == "items"
+    with pytest.raises(client.ProgrammingError) as excinfo:
+        broker.client.execute("SELECT no_such_column FROM items")
+    assert excinfo.value.diag.statement_position == "8"
+
+
+def test_request_timeout_cancels_on_the_server(broker, admin):
+    started = time.monotonic()
+    with pytest.raises(client.QueryCanceled) as excinfo:
+        broker.client.execute("SELECT pg_sleep(30)", timeout=0.5)
+    assert excinfo.value.sqlstate == "57014"
+    assert time.monotonic() - started < 10
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
+    running = admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%%' "
+        "AND state = 'active'").fetchone()[0]
+    assert running == 0
+
+
+def test_statement_timeout_inside_a_transaction(broker):
+    with pytest.raises(client.QueryCanceled):
+        with broker.client.transaction() as tx:
+            tx.execute("SET LOCAL statement_timeout = '50ms'")
+            tx.execute("SELECT pg_sleep(5)")
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
+
+
+@pytest.fixture
+def raw(broker):
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(broker.endpoint)
+    yield socket
+    socket.close()
+
+
+def _reply(socket) -> list:
+    assert socket.poll(5000), "no reply"
+    return protocol.unpack(socket.recv())
+
+
+def _header(op=protocol.OP_EXECUTE, request_id=7, timeout_ms=5000, session=None) -> bytes:
+    return protocol.pack([request_id, op, timeout_ms, session])
+
+
+MALFORMED = [
+    ([b"one frame only"], "expected 2 frames"),
+    ([b"\xc1\xc1\xc1", b""], "undecodable header"),
+    ([protocol.pack({"not": "a list"}), b""], "header must be"),
+    ([protocol.pack([1, 2]), b""], "header must be"),
+    ([protocol.pack(["id", 1, 1000, None]), b""], "must be integers"),
+    ([_header(op=99), protocol.pack([])], "unknown operation"),
+    ([_header(timeout_ms=-5), protocol.pack([])], "timeout_ms"),
+    ([_header(session="text"), protocol.pack([])], "session must be bytes"),
+    ([_header(), b"\xc1"], ""),
+    ([_header(), protocol.pack(["SELECT 1"])], "takes 2 arguments"),
+    ([_header(), protocol.pack([42, None])], "sql must be a string"),
+    ([_header(), protocol.pack(["SELECT %s", 5])], "params must be"),
+    ([_header(), protocol.pack(["SELECT %s", []])], ""),
+    ([_header(op=protocol.OP_BATCH), protocol.pack([[]])], "non-empty list"),
+    ([_header(op=protocol.OP_COMMIT), protocol.pack([])], "needs a transaction"),
+    ([_header(), b"\xd4\x63\x00"], "unknown ext type"),
+    ([_header(), b"\x91" * 5000 + b"\xc0"], ""),
+]
+
+
+@pytest.mark.parametrize("frames,message", MALFORMED, ids=range(len(MALFORMED)))
+def test_malformed_requests_are_answered(broker, raw, frames, message):
+    raw.send_multipart(frames)
+    reply = _reply(raw)
+    assert reply[1] == protocol.STATUS_ERROR
+    assert message in reply[2]["message"]
+    assert reply[2]["kind"] in ("MessageError", "DataError", "ProgrammingError", "InterfaceError")
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
+
+
+def test_oversized_message_is_dropped_and_the_broker_serves_on(start_broker):
+    broker = start_broker(max_connections=2, max_message_bytes=1024 * 1024)
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(broker.endpoint)
+    socket.send_multipart([_header(), protocol.pack(["SELECT %s", ["x" * 2_000_000]])])
+    assert not socket.poll(500)  # the transport drops the peer; nothing to answer
+    socket.close()
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
+    assert broker.proc.poll() is None

@@ -1,0 +1,145 @@
+"""Pinned transactions: commit, rollback, owners that die or forget them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psycopg
+import pytest
+
+import client
+from client import protocol
+
+
+@pytest.fixture
+def accounts(admin: psycopg.Connection) -> None:
+    admin.execute("DROP TABLE IF EXISTS accounts")
+    admin.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL)")
+    admin.execute("INSERT INTO accounts VALUES (1, 100), (2, 100)")
+
+
+def _balances(admin: psycopg.Connection) -> dict[int, int]:
+    return dict(admin.execute("SELECT id, balance FROM accounts").fetchall())
+
+
+def test_commit_on_clean_exit_rollback_on_error(broker, admin, accounts):
+    c = broker.client
+    with c.transaction() as tx:
+        tx.execute("UPDATE accounts SET balance = balance - 10 WHERE id = 1")
+        tx.execute("UPDATE accounts SET balance = balance + 10 WHERE id = 2")
+    assert _balances(admin) == {1: 90, 2: 110}
+    with pytest.raises(ZeroDivisionError):
+        with c.transaction() as tx:
+            tx.execute("UPDATE accounts SET balance = 0 WHERE id = 1")
+            raise ZeroDivisionError
+    assert _balances(admin) == {1: 90, 2: 110}
+    with pytest.raises(client.IntegrityError):
+        with c.transaction() as tx:
+            tx.execute("UPDATE accounts SET balance = 0 WHERE id = 1")
+            tx.execute("INSERT INTO accounts VALUES (2, 0)")
+    assert _balances(admin) == {1: 90, 2: 110}
+    assert broker.stats()["sessions_active"] == 0
+
+
+def test_batch_is_atomic(broker, admin, accounts):
+    results = broker.client.batch([
+        ("UPDATE accounts SET balance = balance - %s WHERE id = 1", [5]),
+        ("UPDATE accounts SET balance = balance + %s WHERE id = 2", [5]),
+        "SELECT sum(balance) FROM accounts",
+    ])
+    assert [r.rowcount for r in results[:2]] == [1, 1]
+    assert results[2].rows == [(200,)]
+    with pytest.raises(client.IntegrityError):
+        broker.client.batch([
+            "UPDATE accounts SET balance = 0 WHERE id = 1",
+            "INSERT INTO accounts VALUES (1, 0)",
+        ])
+    assert _balances(admin) == {1: 95, 2: 105}
+
+
+def test_executemany_is_atomic(broker, admin, accounts):
+    result = broker.client.executemany("INSERT INTO accounts VALUES (%s, %s)", [(3, 1), (4, 1)])
+    assert result.rowcount == 2
+    with pytest.raises(client.IntegrityError):
+        broker.client.executemany("INSERT INTO accounts VALUES (%s, %s)", [(5, 1), (1, 1)])
+    assert sorted(_balances(admin)) == [1, 2, 3, 4]
+
+
+def _lock_row_then_wait(endpoint: str, ready_w: int) -> None:
+    c = client.Client(endpoint, timeout=30)
+    with c.transaction() as tx:
+        tx.execute("UPDATE accounts SET balance = -1 WHERE id = 1")
+        os.write(ready_w, b"x")
+        time.sleep(60)
+
+
+def test_killed_worker_releases_its_lock_within_2s(broker, admin, accounts):
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: holds a row lock in a pinned transaction
+        try:
+            _lock_row_then_wait(broker.endpoint, ready_w)
+        finally:
+            os._exit(0)
+    assert os.read(ready_r, 1) == b"x"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    started = time.monotonic()
+    # The request's own deadline is the 2 s promise: past it, the broker cancels.
+    result = broker.client.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1",
+                                   timeout=2.0)
+    waited = time.monotonic() - started
+    assert result.rowcount == 1
+    assert _balances(admin)[1] == 101  # the killed transaction was rolled back
+    stats = broker.stats()
+    assert stats["sessions_active"] == 0
+    assert stats["transactions_expired"] == 1
+    assert stats["pool_available"] == stats["pool_size"]
+    print(f"lock obtained {waited:.2f} s after SIGKILL")
+
+
+def test_idle_transaction_is_rolled_back(start_broker, admin, accounts):
+    broker = start_broker(max_connections=2, idle_transaction_timeout=0.3)
+    with pytest.raises(client.TransactionExpired) as excinfo:
+        with broker.client.transaction() as tx:
+            tx.execute("UPDATE accounts SET balance = 0 WHERE id = 1")
+            time.sleep(1.0)
+            tx.execute("UPDATE accounts SET balance = 0 WHERE id = 2")
+    assert "idle_transaction_timeout" in str(excinfo.value)
+    assert _balances(admin) == {1: 100, 2: 100}
+    assert broker.client.execute("UPDATE accounts SET balance = 7 WHERE id = 1").rowcount == 1
+
+
+def _raw_request(socket, op: int, session: bytes | None, body: list) -> list:
+    socket.send_multipart([protocol.pack([1, op, 5000, session]), protocol.pack(body)])
+    assert socket.poll(5000)
+    return protocol.unpack(socket.recv())
+
+
+def test_other_clients_cannot_use_a_transaction(broker, accounts):
+    import zmq
+
+    with broker.client.transaction() as tx:
+        tx.execute("SELECT 1")
+        stolen = tx._session
+        other = zmq.Context.instance().socket(zmq.DEALER)
+        other.connect(broker.endpoint)
+        try:
+            for token in (stolen, b"\x00" * 16, os.urandom(16)):
+                reply = _raw_request(other, protocol.OP_EXECUTE, token,
+                                     ["UPDATE accounts SET balance = 0", None])
+                assert reply[1] == protocol.STATUS_ERROR
+                assert reply[2]["kind"] == "TransactionExpired"
+        finally:
+            other.close(linger=0)
+        # A thread of the same process is another client too.
+        errors = []
+        thread = threading.Thread(target=lambda: errors.append(
+            pytest.raises(client.TransactionExpired, tx.execute, "SELECT 1")))
+        thread.start()
+        thread.join()
+        assert len(errors) == 1
+        assert tx.execute("SELECT 2").rows == [(2,)]

@@ -1,0 +1,104 @@
+"""What a client gets back equals what psycopg returns for the same query."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+
+import psycopg
+import pytest
+
+import client
+
+UTC_PLUS_5_30 = dt.timezone(dt.timedelta(hours=5, minutes=30))
+
+# (PostgreSQL type, a parameter of that type)
+ROUND_TRIPS = [
+    ("smallint", 32767),
+    ("integer", -2147483648),
+    ("bigint", 9223372036854775807),
+    ("real", 1.5),
+    ("double precision", 3.141592653589793),
+    ("numeric", Decimal("12345678901234567890.123456789")),
+    ("numeric", Decimal("-0.000001")),
+    ("text", "héllo wörld ✓"),
+    ("varchar", ""),
+    ("boolean", True),
+    ("boolean", False),
+    ("bytea", b"\x00\x01\xffbinary"),
+    ("date", dt.date(2024, 2, 29)),
+    ("time", dt.time(23, 59, 59, 999999)),
+    ("timetz", dt.time(12, 30, tzinfo=UTC_PLUS_5_30)),
+    ("timestamp", dt.datetime(2001, 2, 3, 4, 5, 6, 7)),
+    ("timestamptz", dt.datetime(2001, 2, 3, 4, 5, 6, tzinfo=UTC_PLUS_5_30)),
+    ("interval", dt.timedelta(days=-3, seconds=7, microseconds=11)),
+    ("uuid", uuid.UUID("12345678-1234-5678-1234-567812345678")),
+    ("jsonb", {"a": [1, 2.5, None, True], "b": {"c": "d"}}),
+    ("json", {"k": "v"}),
+    ("integer[]", [1, 2, 3]),
+    ("text[]", ["a", None, "c"]),
+    ("numeric[]", [Decimal("1.1"), Decimal("2")]),
+    ("date[]", [dt.date(2020, 1, 1)]),
+    ("integer", None),
+]
+
+
+def _same(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (dt.datetime, dt.time)):
+        return a == b and a.utcoffset() == b.utcoffset() and (
+            a.tzinfo == b.tzinfo or a.utcoffset() == b.utcoffset())
+    if isinstance(a, Decimal) and a.is_nan():
+        return b.is_nan()
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.fixture
+def direct(dsn):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.mark.parametrize("pgtype,value", ROUND_TRIPS, ids=lambda v: str(v)[:20])
+def test_round_trip_matches_psycopg(broker, direct, pgtype, value):
+    sql = f"SELECT %s::{pgtype} AS v, pg_typeof(%s::{pgtype})::text AS t"
+    param = psycopg.types.json.Jsonb(value) if pgtype in ("json", "jsonb") else value
+    expected = direct.execute(sql, [param, param]).fetchone()
+    got = broker.client.execute(sql, [value, value])
+    assert got.columns == ["v", "t"]
+    assert _same(got.rows[0], expected), (got.rows[0], expected)
+
+
+def test_numeric_nan_and_infinity(broker, direct):
+    sql = "SELECT 'NaN'::numeric, 'Infinity'::float8, '-Infinity'::numeric, %s::numeric"
+    expected = direct.execute(sql, [Decimal("NaN")]).fetchone()
+    got = broker.client.execute(sql, [Decimal("NaN")]).rows[0]
+    assert _same(got, expected)
+
+
+def test_timestamptz_keeps_the_session_zone(broker, direct):
+    sql = "SELECT '2020-06-01 12:00:00+02'::timestamptz"
+    (expected,) = direct.execute(sql).fetchone()
+    (got,) = broker.client.execute(sql).rows[0]
+    assert got == expected and got.tzinfo == expected.tzinfo
+
+
+def test_json_lists_bind_with_the_wrapper(broker):
+    got = broker.client.execute("SELECT %s::jsonb", [client.Json([1, {"a": 2}])]).rows
+    assert got == [([1, {"a": 2}],)]
+
+
+def test_other_types_come_back_as_text(broker, direct):
+    sql = "SELECT '10.1.2.3/8'::inet, '[1,5)'::int4range, '(1,2)'::point"
+    got = broker.client.execute(sql).rows[0]
+    assert got == ("10.1.2.3/8", "[1,5)", "(1,2)")
+
+
+def test_unsendable_parameter_is_a_clear_error(broker):
+    with pytest.raises(client.InterfaceError, match="cannot send"):
+        broker.client.execute("SELECT %s", [object()])
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
