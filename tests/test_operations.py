@@ -1,0 +1,219 @@
+"""The broker as operators run it: supervisord, gunicorn, the CLI."""
+
+from __future__ import annotations
+
+import configparser
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import client
+from conftest import REPO, ConnectionSampler, short_tempdir
+
+BIN = Path(sys.executable).parent
+CAP = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Supervised:
+    """supervisord -n on a config generated from etc/supervisord.conf."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dir = short_tempdir()
+        self.endpoint = f"ipc://{self.dir}/b.sock"
+        self.application_name = f"pbtest-sup-{os.path.basename(self.dir)}"
+        parser = configparser.RawConfigParser()
+        parser.read(REPO / "etc" / "supervisord.conf")
+        d = self.dir
+        parser["supervisord"].update(logfile=f"{d}/supervisord.log", pidfile=f"{d}/sd.pid",
+                                     childlogdir=d)
+        parser["unix_http_server"]["file"] = f"{d}/sd.sock"
+        parser["supervisorctl"]["serverurl"] = f"unix://{d}/sd.sock"
+        parser["include"]["files"] = f"{d}/*.include"
+        toml = Path(d, "poolbroker.toml")
+        toml.write_text((REPO / "etc" / "poolbroker.toml").read_text() +
+                        f'\napplication_name = "{self.application_name}"\n'
+                        f"max_connections = {CAP}\n")
+        program = parser["program:poolbroker"]
+        assert program["stopsignal"] == "TERM"
+        assert int(program["stopwaitsecs"]) > 10  # longer than the default drain_timeout
+        program["command"] = (f"{sys.executable} -m broker.cli serve --config {toml} "
+                              f"--endpoint {self.endpoint}")
+        program["stdout_logfile"] = f"{d}/broker.log"
+        program["directory"] = str(REPO)
+        self.config = Path(d, "supervisord.conf")
+        with open(self.config, "w") as f:
+            parser.write(f)
+        env = {**os.environ, "POOLBROKER_DSN": dsn}
+        self.proc = subprocess.Popen([str(BIN / "supervisord"), "-n", "-c", str(self.config)],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.client = client.Client(self.endpoint, timeout=10)
+
+    def ctl(self, *args: str) -> str:
+        return subprocess.run([str(BIN / "supervisorctl"), "-c", str(self.config), *args],
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+
+    def broker_pid(self) -> int:
+        out = self.ctl("pid", "poolbroker")
+        return int(out) if out.isdigit() else 0
+
+    def wait_broker(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.client.ping(timeout=0.5)
+                return
+            except client.BrokerUnavailable:
+                time.sleep(0.1)
+        raise AssertionError(f"broker not up:\n{self.log()}")
+
+    def log(self) -> str:
+        path = Path(self.dir, "broker.log")
+        return path.read_text() if path.exists() else ""
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def supervised(dsn):
+    sup = Supervised(dsn)
+    sup.wait_broker()
+    yield sup
+    sup.close()
+
+
+class Gunicorn:
+    def __init__(self, endpoint: str, worker_class: str, workers: int, threads: int) -> None:
+        self.port = _free_port()
+        env = {**os.environ, "POOLBROKER_ENDPOINT": endpoint,
+               "GUNICORN_BIND": f"127.0.0.1:{self.port}", "GUNICORN_WORKERS": str(workers),
+               "GUNICORN_THREADS": str(threads), "GUNICORN_WORKER_CLASS": worker_class,
+               "GUNICORN_PRELOAD": "1"}
+        self.proc = subprocess.Popen(
+            [str(BIN / "gunicorn"), "-c", str(REPO / "etc" / "gunicorn.conf.py"),
+             "--chdir", str(REPO / "tests"), "--log-level", "warning", "wsgi_app:app"],
+            env=env, cwd=REPO)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if self.get(1) == "2":
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("gunicorn did not answer")
+
+    def get(self, n: int, conn: http.client.HTTPConnection | None = None) -> str:
+        own = conn is None
+        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("GET", f"/?n={n}")
+            response = conn.getresponse()
+            body = response.read().decode()
+            assert response.status == 200, body
+            return body
+        finally:
+            if own:
+                conn.close()
+
+    def load(self, concurrency: int, per_connection: int) -> list[str]:
+        failures: list[str] = []
+
+        def run(offset: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            try:
+                for i in range(per_connection):
+                    n = offset * 1000 + i
+                    body = self.get(n, conn)
+                    if body != str(n + 1):
+                        failures.append(f"n={n}: {body!r}")
+            except Exception as exc:  # any failure counts against the run
+                failures.append(repr(exc))
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return failures
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.mark.parametrize("worker_class,workers,threads,concurrency,per_connection", [
+    ("gthread", 4, 4, 64, 32),
+    ("sync", 4, 1, 8, 25),
+])
+def test_gunicorn_behind_supervisord(supervised, dsn, worker_class, workers, threads,
+                                     concurrency, per_connection, capsys):
+    app = Gunicorn(supervised.endpoint, worker_class, workers, threads)
+    try:
+        with ConnectionSampler(dsn, supervised.application_name) as sampler:
+            failures = app.load(concurrency, per_connection)
+    finally:
+        app.close()
+    total = concurrency * per_connection
+    with capsys.disabled():
+        print(f"\n[gunicorn {worker_class}] {total} requests from {concurrency} connections, "
+              f"{len(failures)} failed; max server connections {sampler.maximum} (cap {CAP})")
+    assert failures == []
+    assert 0 < sampler.maximum <= CAP
+
+
+def test_supervisord_restarts_a_crashed_broker(supervised):
+    first = supervised.broker_pid()
+    assert first
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and supervised.broker_pid() in (0, first):
+        time.sleep(0.1)
+    assert supervised.broker_pid() not in (0, first)
+    supervised.wait_broker()
+    # The same client recovers on its next call, without being recreated.
+    assert supervised.client.execute("SELECT 1").rows == [(1,)]
+
+
+def test_supervisorctl_stop_drains_and_exits_cleanly(supervised):
+    supervised.client.execute("SELECT 1")
+    out = supervised.ctl("stop", "poolbroker")
+    assert "stopped" in out
+    status = supervised.ctl("status", "poolbroker")
+    assert "STOPPED" in status
+    assert "stopped" in supervised.log()
+    with pytest.raises(client.BrokerUnavailable):
+        supervised.client.execute("SELECT 1", timeout=0.3)
+
+
+def test_stats_command(broker):
+    broker.client.execute("SELECT 1")
+    out = subprocess.run([str(BIN / "poolbroker"), "stats", "--endpoint", broker.endpoint],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "requests_num" in out.stdout and "pool_max" in out.stdout
+    assert "password" not in out.stdout
