@@ -25,7 +25,7 @@ from psycopg.types.string import TextLoader
 from client import protocol
 from client.protocol import (
     OP_BATCH, OP_BEGIN, OP_COMMIT, OP_EXECUTE, OP_EXECUTEMANY, OP_ROLLBACK,
-    STATUS_ERROR, STATUS_OK, error_payload,
+    DIAG_FIELDS, STATUS_ERROR, STATUS_OK, error_payload,
 )
 
 from .config import Settings
@@ -55,12 +55,6 @@ _TEXT_TYPES = (
     "int4range", "int8range", "numrange", "daterange", "tsrange", "tstzrange",
     "int4multirange", "int8multirange", "nummultirange", "datemultirange",
     "tsmultirange", "tstzmultirange",
-)
-
-_DIAG_FIELDS = (
-    "severity", "message_primary", "message_detail", "message_hint",
-    "statement_position", "context", "schema_name", "table_name",
-    "column_name", "datatype_name", "constraint_name",
 )
 
 
@@ -106,7 +100,7 @@ def error_from_psycopg(exc: psycopg.Error) -> dict[str, Any]:
     kind = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in _DBAPI_NAMES),
                 "DatabaseError")
     diag = exc.diag
-    fields = {name: getattr(diag, name, None) for name in _DIAG_FIELDS}
+    fields = {name: getattr(diag, name, None) for name in DIAG_FIELDS}
     message = fields.get("message_primary") or str(exc).strip() or type(exc).__name__
     return error_payload(kind, message, exc.sqlstate, **fields)
 

@@ -9,19 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-_DIAG_FIELDS = (
-    "severity",
-    "message_primary",
-    "message_detail",
-    "message_hint",
-    "statement_position",
-    "context",
-    "schema_name",
-    "table_name",
-    "column_name",
-    "datatype_name",
-    "constraint_name",
-)
+from .protocol import DIAG_FIELDS as _DIAG_FIELDS
+
 
 
 class Diagnostic:

@@ -64,6 +64,13 @@ EXT_TIMEDELTA = 5  # [days, seconds, microseconds]
 EXT_UUID = 6  # 16 bytes
 EXT_JSON = 7  # msgpack of the document: a parameter to bind as jsonb
 
+# psycopg's Diagnostic fields carried in error payloads, by their psycopg names.
+DIAG_FIELDS = (
+    "severity", "message_primary", "message_detail", "message_hint",
+    "statement_position", "context", "schema_name", "table_name",
+    "column_name", "datatype_name", "constraint_name",
+)
+
 # The most a single message may unpack to; the broker also sets MAXMSGSIZE.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
