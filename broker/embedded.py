@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,7 +19,7 @@ SERVER_USER = "postgres"
 
 # Settings for a disposable cluster: durability is not the point here.
 DEFAULT_SERVER_SETTINGS = {
-    "listen_addresses": "''",
+    "listen_addresses": "",
     "max_connections": "200",
     "fsync": "off",
     "synchronous_commit": "off",
@@ -98,8 +99,13 @@ class Cluster:
                   "-E", "UTF8", "--no-sync")
 
     def _options(self) -> list[str]:
-        options = [f"-c{name}={value}" for name, value in self.settings.items()]
-        return options + [f"-cunix_socket_directories={self.socket_dir}", f"-cport={self.port}"]
+        settings = {**self.settings, "unix_socket_directories": str(self.socket_dir),
+                    "port": str(self.port)}
+        return [f"-c{name}={value}" for name, value in settings.items()]
+
+    def _shell_options(self) -> str:
+        """The same, as one string for ``pg_ctl -o`` (which a shell parses)."""
+        return " ".join(shlex.quote(option) for option in self._options())
 
     def server_argv(self) -> list[str]:
         """The foreground server command (for supervisord)."""
@@ -116,13 +122,11 @@ class Cluster:
 
     def start(self) -> None:
         self._own(self.socket_dir)
-        options = " ".join(self._options())
-        self._run("pg_ctl", "-D", str(self.datadir), "-o", options, "-w", "-t", "60",
+        self._run("pg_ctl", "-D", str(self.datadir), "-o", self._shell_options(), "-w", "-t", "60",
                   "-l", str(self.datadir / "server.log"), "start")
 
     def restart(self, mode: str = "fast") -> None:
-        options = " ".join(self._options())
-        self._run("pg_ctl", "-D", str(self.datadir), "-o", options, "-m", mode, "-w",
+        self._run("pg_ctl", "-D", str(self.datadir), "-o", self._shell_options(), "-m", mode, "-w",
                   "-l", str(self.datadir / "server.log"), "restart")
 
     def stop(self, mode: str = "immediate") -> None:
