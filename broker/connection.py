@@ -213,18 +213,19 @@ class ServerConnection(threading.Thread):
                 return
 
     def _alive_before_use(self) -> bool:
-        """An idle connection has nothing to read unless the server hung up."""
+        """An idle connection has nothing to read unless the server hung up.
+
+        Anything readable (a FATAL from pg_terminate_backend or a shutdown,
+        EOF) retires it; the rare harmless message, such as a parameter
+        change after a reload, costs one reconnect.
+        """
         conn = self._conn
         if conn is None or conn.closed:
             return False
         readable, _, _ = select.select([conn.fileno()], [], [], 0)
-        if not readable:
-            return True
-        try:
-            conn.pgconn.consume_input()
-        except psycopg.OperationalError:
-            pass
-        if conn.pgconn.status == pq.ConnStatus.BAD:
+        if readable:
+            logger.info("connection %d had unexpected input while idle: replacing it",
+                        self.conn_id)
             conn.close()
             return False
         return True

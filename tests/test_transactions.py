@@ -143,3 +143,20 @@ def test_other_clients_cannot_use_a_transaction(broker, accounts):
         thread.join()
         assert len(errors) == 1
         assert tx.execute("SELECT 2").rows == [(2,)]
+
+
+def test_terminated_idle_connections_are_replaced(start_broker, admin):
+    broker = start_broker(max_connections=2)
+    c = broker.client
+    with c.transaction() as tx:  # two connections open: one pinned, one free
+        tx.execute("SELECT 1")
+        c.execute("SELECT 1")
+    killed = admin.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = %s", [broker.application_name]).fetchone()[0]
+    assert killed == 2
+    time.sleep(0.2)
+    # Never sent to a dead connection: found dead on hand-out, run on a new one.
+    for n in range(4):
+        assert c.execute("SELECT %s::int", [n]).rows == [(n,)]
+    assert broker.stats()["connections_lost"] >= 1
