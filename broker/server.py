@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ HOUSEKEEPING_INTERVAL = 0.05
 
 OWNER_CHECK_INTERVAL = 0.25
 """Seconds between checks that the processes owning transactions are alive."""
+
+GIL_SWITCH_INTERVAL = 0.0001
+"""The loop and the connection threads hand work to each other constantly;
+with Python's default 5 ms interval a woken thread waits for the GIL.
+Measured: 8 clients, cap 4, SELECT 1: 3,725 -> 5,349 q/s."""
 
 MAX_HEADER_BYTES = 4096
 EXPIRED_SESSIONS_KEPT = 10_000
@@ -180,6 +186,7 @@ class Broker:
     def run(self, *, install_signal_handlers: bool = True) -> None:
         if install_signal_handlers:
             self._install_signal_handlers()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.bind()
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
