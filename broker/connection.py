@@ -43,6 +43,9 @@ EV_REQUEUE = b"Q"  # connection found dead before the job ran: run it elsewhere
 
 OP_RESET = -1  # internal: end whatever transaction is open, no reply
 
+ENDING_OPS = frozenset((OP_COMMIT, OP_ROLLBACK, OP_RESET))
+"""Operations after which a pinned connection goes back to the pool."""
+
 _DBAPI_NAMES = (
     "QueryCanceled", "IntegrityError", "ProgrammingError", "DataError",
     "OperationalError", "InternalError", "NotSupportedError", "InterfaceError",
@@ -177,7 +180,7 @@ class ServerConnection(threading.Thread):
     def _connect(self) -> psycopg.Connection:
         s = self._settings
         backstop_ms = int(s.idle_transaction_timeout * 2000) if s.idle_transaction_timeout else 0
-        conn = psycopg.connect(
+        return psycopg.connect(
             s.dsn,
             autocommit=True,
             application_name=s.application_name,
@@ -185,7 +188,6 @@ class ServerConnection(threading.Thread):
             options=f"-c idle_in_transaction_session_timeout={backstop_ms}",
             context=self._adapters,
         )
-        return conn
 
     def _serve(self, push: zmq.Socket) -> None:
         try:
@@ -196,7 +198,7 @@ class ServerConnection(threading.Thread):
         push.send_multipart([self._id_frame, EV_READY, b"", b""])
         while (job := self._jobs.get()) is not None:
             if not self._alive_before_use():
-                if job.in_session or job.op in (OP_COMMIT, OP_ROLLBACK, OP_RESET):
+                if job.in_session or job.op == OP_RESET:
                     reply = self._error_reply(job, error_payload(
                         "OperationalError",
                         "the server connection of this transaction was lost; "
@@ -311,7 +313,7 @@ class ServerConnection(threading.Thread):
         if op == OP_BEGIN:
             conn.execute("BEGIN")
             return job.session
-        if op in (OP_COMMIT, OP_ROLLBACK, OP_RESET):
+        if op in ENDING_OPS:
             return self._end_session("COMMIT" if op == OP_COMMIT else "ROLLBACK")
         raise RequestError("MessageError", f"unknown operation {op!r}")
 

@@ -31,7 +31,8 @@ from client.protocol import (
 from . import stats as S
 from .config import ConfigError, Settings
 from .connection import (
-    EV_BROKEN, EV_CONNECT_FAILED, EV_DONE, EV_FAILED, EV_READY, EV_REQUEUE, OP_RESET, Job,
+    ENDING_OPS, EV_BROKEN, EV_CONNECT_FAILED, EV_DONE, EV_FAILED, EV_READY, EV_REQUEUE,
+    OP_RESET, Job,
     ServerConnection, build_adapters,
 )
 
@@ -56,7 +57,6 @@ NO_DEADLINE = 24 * 3600.0
 
 _POOLED_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_BATCH, OP_BEGIN))
 _SESSION_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_COMMIT, OP_ROLLBACK))
-_ENDING_OPS = frozenset((OP_COMMIT, OP_ROLLBACK, OP_RESET))
 
 
 @dataclass(slots=True, eq=False)
@@ -131,7 +131,6 @@ class Broker:
         self._sessions: dict[bytes, Session] = {}
         self._pinned: dict[int, Session] = {}
         self._expired: OrderedDict[bytes, str] = OrderedDict()
-        self._connect_error = ""
         self._connect_backoff = 0.0
         self._connect_retry_at = 0.0
         self._stopping = False
@@ -327,7 +326,7 @@ class Broker:
         session.last_active = now
         job.in_session = True
         job.session = token
-        if job.op in _ENDING_OPS:
+        if job.op in ENDING_OPS:
             del self._sessions[token]
         self._start(session.conn, job)
 
@@ -354,6 +353,10 @@ class Broker:
     def _start(self, conn: ServerConnection, job: Job) -> None:
         self._running[conn.conn_id] = job
         conn.submit(job)
+
+    def _start_reset(self, conn: ServerConnection) -> None:
+        """Roll back whatever the connection's transaction left open; no reply."""
+        self._start(conn, Job(OP_RESET, b"", 0, b""))
 
     def _abandon(self, job: Job, now: float) -> None:
         self.stats[S.REQUESTS_ABANDONED] += 1
@@ -411,7 +414,6 @@ class Broker:
             self._opening -= 1
             self.stats[S.CONNECTIONS_NUM] += 1
             self._connect_backoff = 0.0
-            self._connect_error = ""
             self._release(conn, now)
         elif event == EV_CONNECT_FAILED:
             self._opening -= 1
@@ -421,12 +423,12 @@ class Broker:
             session = self._pinned.get(conn_id)
             if session is None:
                 self._release(conn, now)
-            elif job is not None and (job.op in _ENDING_OPS or
+            elif job is not None and (job.op in ENDING_OPS or
                                       (job.op == OP_BEGIN and event == EV_FAILED)):
                 self._unpin(session)
                 self._release(conn, now)
             elif session.expired:
-                self._start(conn, Job(OP_RESET, b"", 0, b""))
+                self._start_reset(conn)
             else:
                 session.busy = False
                 session.last_active = now
@@ -444,7 +446,6 @@ class Broker:
 
     def _on_connect_failed(self, message: str, now: float) -> None:
         self.stats[S.CONNECTIONS_ERRORS] += 1
-        self._connect_error = message
         self._connect_backoff = min(CONNECT_BACKOFF_MAX,
                                     max(CONNECT_BACKOFF_MIN, self._connect_backoff * 2))
         self._connect_retry_at = now + self._connect_backoff
@@ -478,11 +479,11 @@ class Broker:
         conn = session.conn
         if session.busy:
             job = self._running.get(conn.conn_id)
-            if job is not None and job.op not in _ENDING_OPS:
+            if job is not None and job.op not in ENDING_OPS:
                 conn.cancel(job)
         else:
             session.busy = True
-            self._start(conn, Job(OP_RESET, b"", 0, b""))
+            self._start_reset(conn)
 
     # Timers
 

@@ -157,15 +157,23 @@ class Client:
             owned.socket.close(linger=0)
         self._local.owned = None
 
+    def _execute(self, session: bytes | None, sql: str, params: Params,
+                 timeout: float | None) -> Result:
+        return Result._from_wire(self._request(OP_EXECUTE, session, [sql, params], timeout))
+
+    def _executemany(self, session: bytes | None, sql: str, seq_of_params: Iterable[Params],
+                     timeout: float | None) -> Result:
+        payload = self._request(OP_EXECUTEMANY, session, [sql, list(seq_of_params)], timeout)
+        return Result._from_wire(payload)
+
     def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Result:
         """Run one statement in autocommit and return its result."""
-        return Result._from_wire(self._request(OP_EXECUTE, None, [sql, params], timeout))
+        return self._execute(None, sql, params, timeout)
 
     def executemany(self, sql: str, seq_of_params: Iterable[Params], *,
                     timeout: float | None = None) -> Result:
         """Run one statement once per parameter set, atomically."""
-        payload = self._request(OP_EXECUTEMANY, None, [sql, list(seq_of_params)], timeout)
-        return Result._from_wire(payload)
+        return self._executemany(None, sql, seq_of_params, timeout)
 
     def batch(self, statements: Iterable[str | tuple[str, Params]], *,
               timeout: float | None = None) -> list[Result]:
@@ -228,15 +236,13 @@ class Transaction:
         return self._session
 
     def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Result:
-        payload = self._client._request(OP_EXECUTE, self._live_session(), [sql, params],
-                                        timeout or self._timeout)
-        return Result._from_wire(payload)
+        return self._client._execute(self._live_session(), sql, params,
+                                     timeout or self._timeout)
 
     def executemany(self, sql: str, seq_of_params: Iterable[Params], *,
                     timeout: float | None = None) -> Result:
-        payload = self._client._request(OP_EXECUTEMANY, self._live_session(),
-                                        [sql, list(seq_of_params)], timeout or self._timeout)
-        return Result._from_wire(payload)
+        return self._client._executemany(self._live_session(), sql, seq_of_params,
+                                         timeout or self._timeout)
 
 
 # One ZeroMQ context per process, shared by every Client and never
@@ -255,7 +261,8 @@ def _process_context(pid: int) -> zmq.Context:
     global _context, _context_pid
     with _context_lock:
         if _context is None or _context_pid != pid:
-            _abandoned.append(_context)
+            if _context is not None:
+                _abandoned.append(_context)
             _context = zmq.Context()
             _context_pid = pid
         return _context

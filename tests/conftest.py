@@ -24,6 +24,17 @@ from broker.embedded import Cluster
 REPO = Path(__file__).resolve().parent.parent
 
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> int:
+    """TERM, wait up to ``timeout``, then KILL; the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
 def short_tempdir(prefix: str = "pb-") -> str:
     """A 0700 directory short enough for an ipc path (107 bytes at most)."""
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
@@ -95,14 +106,7 @@ class BrokerProcess:
         raise RuntimeError(f"broker not ready after {timeout} s:\n{self.log()}")
 
     def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_process(self.proc, timeout=20) if self.proc else None
 
     def stats(self) -> dict[str, Any]:
         return self.client.stats()

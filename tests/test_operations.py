@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import client
-from conftest import REPO, ConnectionSampler, short_tempdir
+from conftest import REPO, ConnectionSampler, short_tempdir, stop_process
 
 BIN = Path(sys.executable).parent
 CAP = 4
@@ -86,11 +86,7 @@ class Supervised:
         return path.read_text() if path.exists() else ""
 
     def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, timeout=40)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -159,11 +155,7 @@ class Gunicorn:
         return failures
 
     def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, timeout=30)
 
 
 @pytest.mark.parametrize("worker_class,workers,threads,concurrency,per_connection", [
