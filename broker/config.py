@@ -35,6 +35,12 @@ class Settings:
     """Seconds SIGTERM waits for in-flight statements before closing."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest request the broker accepts."""
+    max_result_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest reply (rows, packed) the broker builds; larger results fail."""
+    max_client_requests: int = 100
+    """Requests one client socket may have queued or running at once."""
+    query_timeout: float = 0.0
+    """Seconds a statement may run before it is cancelled on the server (0: no limit)."""
     application_name: str = "poolbroker"
     """application_name of server connections."""
     connect_timeout: float = 10.0

@@ -89,6 +89,8 @@ class Job:
     deadline: float = 0.0
     queued_at: float = 0.0
     owner_pid: int = 0
+    cancel_at: float = 0.0  # when the loop cancels it on the server
+    cancel_reason: str = ""  # why, when it is not the client's own timeout
 
 
 class RequestError(Exception):
@@ -142,12 +144,14 @@ class ServerConnection(threading.Thread):
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._conn: psycopg.Connection | None = None
         self._dirty = False  # session state changed inside a pinned session
-        self.current: Job | None = None
+        # Held while a statement starts or ends and while a cancel is sent,
+        # so a cancel meant for one statement can never hit the next one.
+        self._statement_lock = threading.Lock()
+        self._statement: Job | None = None
 
     # Called from the loop's thread
 
     def submit(self, job: Job) -> None:
-        self.current = job
         self._jobs.put(job)
 
     def stop(self) -> None:
@@ -156,9 +160,13 @@ class ServerConnection(threading.Thread):
     def cancel(self, job: Job) -> None:
         """Cancel ``job`` on the server if it is still the one running."""
         def cancel() -> None:
-            conn = self._conn
-            if conn is not None and self.current is job:
+            with self._statement_lock:
+                conn = self._conn
+                if conn is None or self._statement is not job:
+                    return
                 try:
+                    # Returns once the server has signalled the backend; a
+                    # backend already idle ignores the signal.
                     conn.cancel_safe(timeout=5.0)
                 except psycopg.Error as exc:
                     logger.warning("cancel on connection %d failed: %s", self.conn_id, exc)
@@ -238,10 +246,20 @@ class ServerConnection(threading.Thread):
     def _run(self, job: Job) -> tuple[bytes, bool]:
         """The reply to send (empty for internal jobs) and whether it is an error."""
         try:
-            result = self._dispatch(job)
+            with self._statement_lock:
+                self._statement = job
+            try:
+                result = self._dispatch(job)
+            finally:
+                with self._statement_lock:
+                    self._statement = None
             if job.op == OP_RESET:
                 return b"", False
             return protocol.pack([job.request_id, STATUS_OK, result]), False
+        except psycopg.errors.QueryCanceled as exc:
+            payload = error_from_psycopg(exc)
+            if job.cancel_reason:
+                payload["message"] = job.cancel_reason
         except psycopg.Error as exc:
             payload = error_from_psycopg(exc)
         except RequestError as exc:
@@ -253,8 +271,6 @@ class ServerConnection(threading.Thread):
         except Exception as exc:  # a bug must cost one request, not the connection thread
             logger.exception("unexpected error running %s", protocol.OP_NAMES.get(job.op, job.op))
             payload = error_payload("InternalError", f"broker error: {exc!r}")
-        finally:
-            self.current = None
         if job.op == OP_RESET:
             logger.warning("resetting connection %d failed: %s", self.conn_id, payload["message"])
             self._conn.close()

@@ -125,6 +125,13 @@ class Cluster:
         self._run("pg_ctl", "-D", str(self.datadir), "-o", self._shell_options(), "-w", "-t", "60",
                   "-l", str(self.datadir / "server.log"), "start")
 
+    def running(self) -> bool:
+        return self._run("pg_ctl", "-D", str(self.datadir), "status", check=False).returncode == 0
+
+    def start_if_stopped(self) -> None:
+        if not self.running():
+            self.start()
+
     def restart(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.datadir), "-o", self._shell_options(), "-m", mode, "-w",
                   "-l", str(self.datadir / "server.log"), "restart")

@@ -54,6 +54,9 @@ EXPIRED_SESSIONS_KEPT = 10_000
 CONNECT_BACKOFF_MIN = 0.1
 CONNECT_BACKOFF_MAX = 5.0
 NO_DEADLINE = 24 * 3600.0
+REPLY_QUEUE_LIMIT = 1000
+"""Replies queued for one client that is not reading; beyond it they are
+dropped (counted as undeliverable), so a stuck client cannot grow the broker."""
 
 _POOLED_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_BATCH, OP_BEGIN))
 _SESSION_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_COMMIT, OP_ROLLBACK))
@@ -127,6 +130,7 @@ class Broker:
         self._next_conn_id = 1
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}
+        self._in_flight: dict[bytes, int] = {}  # routing id -> requests waiting or running
         self._cancelled: set[int] = set()
         self._sessions: dict[bytes, Session] = {}
         self._pinned: dict[int, Session] = {}
@@ -154,7 +158,7 @@ class Broker:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)
-        router.setsockopt(zmq.SNDHWM, 100_000)
+        router.setsockopt(zmq.SNDHWM, REPLY_QUEUE_LIMIT)
         router.setsockopt(zmq.RCVHWM, 100_000)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
@@ -285,6 +289,15 @@ class Broker:
             self._reply_error(routing_id, request_id, "BrokerUnavailable",
                               "the broker is shutting down; the request was not run")
             return
+        in_flight = self._in_flight.get(routing_id, 0)
+        if in_flight >= self.settings.max_client_requests:
+            self.stats[S.REQUESTS_REFUSED] += 1
+            self._reply_error(
+                routing_id, request_id, "TooManyRequests",
+                f"this client already has {in_flight} requests waiting or running "
+                f"(max_client_requests={self.settings.max_client_requests}); "
+                "the request was not run")
+            return
         job = Job(op, routing_id, request_id, frames[2].bytes, deadline=deadline)
         if session is not None:
             self._on_session_request(job, session, now)
@@ -303,6 +316,7 @@ class Broker:
                 f"(max_waiting={self.settings.max_waiting}); the request was not run")
             return
         job.queued_at = now
+        self._admit(job)
         self._waiting.append(job)
         self._dispatch(now)
 
@@ -328,7 +342,8 @@ class Broker:
         job.session = token
         if job.op in ENDING_OPS:
             del self._sessions[token]
-        self._start(session.conn, job)
+        self._admit(job)
+        self._start(session.conn, job, now)
 
     def _dispatch(self, now: float) -> None:
         waiting, idle = self._waiting, self._idle
@@ -346,22 +361,46 @@ class Broker:
                 session = Session(job.session, job.routing_id, conn, job.owner_pid, now)
                 self._sessions[job.session] = session
                 self._pinned[conn.conn_id] = session
-            self._start(conn, job)
+            self._start(conn, job, now)
         if waiting:
             self._grow(now)
 
-    def _start(self, conn: ServerConnection, job: Job) -> None:
+    def _admit(self, job: Job) -> None:
+        routing_id = job.routing_id
+        self._in_flight[routing_id] = self._in_flight.get(routing_id, 0) + 1
+
+    def _finish(self, job: Job) -> None:
+        """The job was answered (or will be by its connection): it no longer counts."""
+        routing_id = job.routing_id
+        left = self._in_flight.get(routing_id, 0) - 1
+        if left > 0:
+            self._in_flight[routing_id] = left
+        else:
+            self._in_flight.pop(routing_id, None)
+
+    def _fail_waiting(self, job: Job, kind: str, message: str, **extra: Any) -> None:
+        self._finish(job)
+        self._reply_error(job.routing_id, job.request_id, kind, message, **extra)
+
+    def _start(self, conn: ServerConnection, job: Job, now: float) -> None:
+        query_timeout = self.settings.query_timeout
+        if query_timeout and now + query_timeout < job.deadline:
+            job.cancel_at = now + query_timeout
+            job.cancel_reason = (f"the statement ran longer than query_timeout "
+                                 f"({query_timeout:g} s) and was cancelled on the server")
+        else:
+            job.cancel_at = job.deadline
         self._running[conn.conn_id] = job
         conn.submit(job)
 
     def _start_reset(self, conn: ServerConnection) -> None:
         """Roll back whatever the connection's transaction left open; no reply."""
-        self._start(conn, Job(OP_RESET, b"", 0, b""))
+        self._start(conn, Job(OP_RESET, b"", 0, b"", deadline=float("inf")), 0.0)
 
     def _abandon(self, job: Job, now: float) -> None:
         self.stats[S.REQUESTS_ABANDONED] += 1
-        self._reply_error(
-            job.routing_id, job.request_id, "PoolTimeout",
+        self._fail_waiting(
+            job, "PoolTimeout",
             f"the request's deadline passed after {now - job.queued_at:.3f} s waiting for a "
             "connection; the statement was not run")
 
@@ -405,6 +444,8 @@ class Broker:
             return
         job = self._running.pop(conn_id, None)
         self._cancelled.discard(conn_id)
+        if job is not None and job.routing_id and event != EV_REQUEUE:
+            self._finish(job)
         if event == EV_FAILED:
             self.stats[S.REQUESTS_ERRORS] += 1
         if reply and routing_id:
@@ -454,9 +495,9 @@ class Broker:
         if not self._conns:
             # Nobody will free a connection: fail the queue now, clearly.
             while self._waiting:
-                job = self._waiting.popleft()
-                self._reply_error(job.routing_id, job.request_id, "OperationalError",
-                                  f"cannot connect to the database: {message}", sqlstate="08006")
+                self._fail_waiting(self._waiting.popleft(), "OperationalError",
+                                   f"cannot connect to the database: {message}",
+                                   sqlstate="08006")
 
     # Sessions
 
@@ -491,7 +532,7 @@ class Broker:
         if self._waiting:
             self._expire_waiting(now)
         for conn_id, job in self._running.items():
-            if job.deadline <= now and conn_id not in self._cancelled and job.op != OP_RESET:
+            if job.cancel_at <= now and conn_id not in self._cancelled:
                 self._cancelled.add(conn_id)
                 self.stats[S.REQUESTS_CANCELLED] += 1
                 self._conns[conn_id].cancel(job)
@@ -522,8 +563,8 @@ class Broker:
                 self._abandon(job, now)
             elif pool_timeout and now - job.queued_at > pool_timeout:
                 self.stats[S.REQUESTS_TIMEOUTS] += 1
-                self._reply_error(
-                    job.routing_id, job.request_id, "PoolTimeout",
+                self._fail_waiting(
+                    job, "PoolTimeout",
                     f"no server connection became free within {now - job.queued_at:.1f} s "
                     f"(pool_timeout={pool_timeout:g} s, max_connections="
                     f"{self.settings.max_connections}); the statement was not run")
@@ -536,9 +577,8 @@ class Broker:
             self._drain_deadline = now + self.settings.drain_timeout
             logger.info("shutting down: draining %d running statements", len(self._running))
             while self._waiting:
-                job = self._waiting.popleft()
-                self._reply_error(job.routing_id, job.request_id, "BrokerUnavailable",
-                                  "the broker is shutting down; the request was not run")
+                self._fail_waiting(self._waiting.popleft(), "BrokerUnavailable",
+                                   "the broker is shutting down; the request was not run")
             for conn in list(self._idle):
                 self._retire(conn)
                 conn.stop()
@@ -556,5 +596,6 @@ class Broker:
         result[S.POOL_AVAILABLE] = len(self._idle)
         result[S.REQUESTS_WAITING] = len(self._waiting)
         result[S.SESSIONS_ACTIVE] = len(self._pinned)
+        result[S.CLIENTS_ACTIVE] = len(self._in_flight)
         return result
 

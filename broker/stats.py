@@ -6,6 +6,7 @@ POOL_SIZE = "pool_size"  # server connections open or opening
 POOL_AVAILABLE = "pool_available"  # open and idle
 REQUESTS_WAITING = "requests_waiting"  # queued for a connection now
 SESSIONS_ACTIVE = "sessions_active"  # pinned transactions open now
+CLIENTS_ACTIVE = "clients_active"  # client sockets with requests waiting or running
 
 # Counters since start.
 REQUESTS_NUM = "requests_num"  # requests received

@@ -59,13 +59,34 @@ class Result:
 
 
 class _ThreadSocket:
-    """A DEALER socket owned by one thread of one process."""
+    """A DEALER socket owned by one thread of one process.
 
-    __slots__ = ("pid", "socket")
+    ``monitor`` reports the socket's disconnections, so that a request in
+    flight when the broker dies fails at once instead of at its deadline.
+    """
+
+    __slots__ = ("monitor", "pid", "poller", "socket")
 
     def __init__(self, pid: int, socket: zmq.Socket) -> None:
         self.pid = pid
         self.socket = socket
+        self.monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(socket, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+
+    def forget_disconnections(self) -> None:
+        """Drop disconnections that happened before this request was sent."""
+        while True:
+            try:
+                self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
+        self.socket.close(linger=0)
 
 
 class Client:
@@ -87,19 +108,20 @@ class Client:
         # them would touch the parent's context from the child.
         self._local = threading.local()
 
-    def _socket(self) -> zmq.Socket:
+    def _socket(self) -> _ThreadSocket:
         pid = os.getpid()
         owned = getattr(self._local, "owned", None)
         if owned is not None and owned.pid == pid:
-            return owned.socket
+            return owned
         socket = _process_context(pid).socket(zmq.DEALER)
         socket.setsockopt(zmq.IMMEDIATE, 1)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        owned = _ThreadSocket(pid, socket)
         socket.connect(self.endpoint)
-        self._local.owned = _ThreadSocket(pid, socket)
-        return socket
+        self._local.owned = owned
+        return owned
 
     def _request(self, op: int, session: bytes | None, body: list, timeout: float | None) -> Any:
         timeout = self.timeout if timeout is None else float(timeout)
@@ -111,10 +133,11 @@ class Client:
             raise errors.InterfaceError(f"cannot send parameters: {exc}") from exc
         request_id = next(self._ids)
         header = pack([request_id, op, int(timeout * 1000), session])
-        socket = self._socket()
+        owned = self._socket()
         deadline = time.monotonic() + timeout
-        self._send(socket, [header, body_bytes], deadline, timeout)
-        return self._wait_reply(socket, request_id, deadline + REPLY_GRACE, timeout)
+        owned.forget_disconnections()
+        self._send(owned.socket, [header, body_bytes], deadline, timeout)
+        return self._wait_reply(owned, request_id, deadline + REPLY_GRACE, timeout)
 
     def _send(self, socket: zmq.Socket, frames: list[bytes], deadline: float, timeout: float) -> None:
         while True:
@@ -132,10 +155,20 @@ class Client:
                     ) from None
                 socket.poll(max(1, int(remaining * 1000)), zmq.POLLOUT)
 
-    def _wait_reply(self, socket: zmq.Socket, request_id: int, deadline: float, timeout: float) -> Any:
+    def _wait_reply(self, owned: _ThreadSocket, request_id: int, deadline: float,
+                    timeout: float) -> Any:
+        socket = owned.socket
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not socket.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
+            ready = dict(owned.poller.poll(max(1, int(remaining * 1000)))) if remaining > 0 else {}
+            if socket not in ready:
+                if owned.monitor in ready:
+                    raise errors.BrokerUnavailable(
+                        f"the connection to the broker at {self.endpoint} was lost while "
+                        "the request was in flight; the statement may have run "
+                        "(outcome unknown)",
+                        outcome_unknown=True,
+                    )
                 raise errors.BrokerUnavailable(
                     f"no reply from the broker at {self.endpoint} within {timeout:g} s; "
                     "the statement may have run (outcome unknown)",
@@ -154,7 +187,7 @@ class Client:
         """Close the calling thread's socket (others close when their thread ends)."""
         owned = getattr(self._local, "owned", None)
         if owned is not None and owned.pid == os.getpid():
-            owned.socket.close(linger=0)
+            owned.close()
         self._local.owned = None
 
     def _execute(self, session: bytes | None, sql: str, params: Params,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -13,7 +14,7 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
@@ -40,16 +41,25 @@ def short_tempdir(prefix: str = "pb-") -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
-@pytest.fixture(scope="session")
-def pg() -> Cluster:
-    root = short_tempdir("pb-pg-")
+@contextlib.contextmanager
+def throwaway_cluster(prefix: str, port: int) -> Iterator[Cluster]:
+    """A PostgreSQL cluster from initdb in a temporary directory, removed after."""
+    root = short_tempdir(prefix)
     os.chmod(root, 0o755)  # the server may run as another user
-    cluster = Cluster(f"{root}/data", f"{root}/run", port=5432)
+    cluster = Cluster(f"{root}/data", f"{root}/run", port=port)
     cluster.init()
     cluster.start()
-    yield cluster
-    cluster.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Cluster:
+    with throwaway_cluster("pb-pg-", 5432) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")
@@ -160,13 +170,18 @@ class ConnectionSampler(threading.Thread):
         self.samples = 0
 
     def run(self) -> None:
-        with psycopg.connect(self._dsn, autocommit=True) as conn:
-            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-            while not self._done.is_set():
-                count = conn.execute(query, [self._application_name]).fetchone()[0]
-                self.maximum = max(self.maximum, count)
-                self.samples += 1
-                self._done.wait(self._interval)
+        # Reconnects: some tests restart the database under the sampler.
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        while not self._done.is_set():
+            try:
+                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=2) as conn:
+                    while not self._done.is_set():
+                        count = conn.execute(query, [self._application_name]).fetchone()[0]
+                        self.maximum = max(self.maximum, count)
+                        self.samples += 1
+                        self._done.wait(self._interval)
+            except psycopg.OperationalError:
+                self._done.wait(0.05)
 
     def __enter__(self) -> ConnectionSampler:
         self.start()

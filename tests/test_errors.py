@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import threading
 import time
 
 import psycopg
@@ -59,6 +61,59 @@ def test_request_timeout_cancels_on_the_server(broker, admin):
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%%' "
         "AND state = 'active'").fetchone()[0]
     assert running == 0
+
+
+def test_query_timeout_cancels_on_the_server(start_broker, admin):
+    broker = start_broker(max_connections=1, query_timeout=0.3)
+    c = broker.client
+    with pytest.raises(client.QueryCanceled) as excinfo:
+        c.execute("SELECT pg_sleep(30)", timeout=20)
+    assert excinfo.value.sqlstate == "57014"
+    assert "query_timeout" in str(excinfo.value)
+    with pytest.raises(client.QueryCanceled):
+        with c.transaction() as tx:
+            tx.execute("SELECT pg_sleep(30)", timeout=20)
+    # The only connection is free again, and nothing is left running.
+    assert c.execute("SELECT 1").rows == [(1,)]
+    running = admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+        "AND state = 'active'", [broker.application_name]).fetchone()[0]
+    assert running == 0
+    assert broker.stats()["requests_cancelled"] == 2
+
+
+def test_a_cancel_never_hits_the_next_statement(start_broker):
+    """Statements timing out around their deadline share one connection with
+    quick ones; a cancel sent late must not cancel whatever runs next."""
+    broker = start_broker(max_connections=1)
+    c = broker.client
+    stop = threading.Event()
+    quick_failures: list[Exception] = []
+
+    def quick() -> None:
+        while not stop.is_set():
+            try:
+                c.execute("SELECT 1", timeout=10)
+            except client.Error as exc:
+                quick_failures.append(exc)
+
+    thread = threading.Thread(target=quick)
+    thread.start()
+    rng = random.Random(7)
+    cancelled = 0
+    try:
+        for _ in range(40):
+            try:
+                c.execute("SELECT pg_sleep(%s)", [rng.uniform(0.0, 0.1)], timeout=0.05)
+            except client.QueryCanceled:
+                cancelled += 1
+            except client.PoolTimeout:
+                pass
+    finally:
+        stop.set()
+        thread.join()
+    assert quick_failures == []
+    assert cancelled > 0
 
 
 def test_statement_timeout_inside_a_transaction(broker):

@@ -9,9 +9,11 @@ import time
 
 import psycopg
 import pytest
+import zmq
 from psycopg_pool import ConnectionPool
 
 import client
+from client import protocol
 from conftest import ConnectionSampler, run_in_processes
 
 CAP = 4
@@ -233,3 +235,27 @@ def test_broker_down_raises_broker_unavailable():
     assert time.monotonic() - started < 5
     assert excinfo.value.outcome_unknown is False
     assert "never sent" in str(excinfo.value)
+
+
+def test_per_client_request_limit(start_broker):
+    broker = start_broker(max_connections=2, max_client_requests=5)
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(broker.endpoint)
+    try:
+        body = protocol.pack(["SELECT pg_sleep(0.3)", None])
+        for request_id in range(20):
+            socket.send_multipart([protocol.pack([request_id, protocol.OP_EXECUTE, 20_000, None]),
+                                   body])
+        # Another client is not held back by this one's limit.
+        assert broker.client.execute("SELECT 1").rows == [(1,)]
+        kinds = []
+        for _ in range(20):
+            assert socket.poll(20_000)
+            _, status, payload = protocol.unpack(socket.recv())
+            kinds.append("ok" if status == protocol.STATUS_OK else payload["kind"])
+    finally:
+        socket.close()
+    assert kinds.count("ok") == 5
+    assert kinds.count("TooManyRequests") == 15
+    assert broker.stats()["clients_active"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import http.client
+import multiprocessing
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,17 +180,59 @@ def test_gunicorn_behind_supervisord(supervised, dsn, worker_class, workers, thr
     assert 0 < sampler.maximum <= CAP
 
 
-def test_supervisord_restarts_a_crashed_broker(supervised):
+def _worker_after_restart(endpoint: str, go: Any, results: Any) -> None:
+    worker = client.Client(endpoint, timeout=10)
+    worker.execute("SELECT 1")  # connected before the crash
+    go.wait(60)
+    results.put(worker.execute("SELECT 2").rows)
+
+
+def test_broker_killed_under_supervisord(supervised, admin):
+    admin.execute("DROP TABLE IF EXISTS crash_writes")
+    admin.execute("CREATE TABLE crash_writes (id int PRIMARY KEY)")
+    c = supervised.client
+    ctx = multiprocessing.get_context("fork")
+    go, results = ctx.Event(), ctx.Queue()
+    worker = ctx.Process(target=_worker_after_restart, args=(supervised.endpoint, go, results))
+    worker.start()
+    in_flight: list[BaseException] = []
+
+    def long_statement() -> None:
+        try:
+            c.execute("SELECT pg_sleep(20)", timeout=30)
+        except client.Error as exc:
+            in_flight.append(exc)
+
     first = supervised.broker_pid()
-    assert first
-    os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and supervised.broker_pid() in (0, first):
-        time.sleep(0.1)
-    assert supervised.broker_pid() not in (0, first)
-    supervised.wait_broker()
-    # The same client recovers on its next call, without being recreated.
-    assert supervised.client.execute("SELECT 1").rows == [(1,)]
+    with pytest.raises(client.TransactionExpired):
+        with c.transaction() as tx:
+            tx.execute("INSERT INTO crash_writes VALUES (1)")
+            thread = threading.Thread(target=long_statement)
+            thread.start()
+            while not admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                    "AND query = 'SELECT pg_sleep(20)'",
+                    [supervised.application_name]).fetchone()[0]:
+                time.sleep(0.02)
+            os.kill(first, signal.SIGKILL)
+            thread.join(timeout=10)
+            # The statement in flight fails now, not at its deadline, and
+            # says it may have run.
+            assert len(in_flight) == 1
+            assert isinstance(in_flight[0], client.BrokerUnavailable)
+            assert in_flight[0].outcome_unknown
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and supervised.broker_pid() in (0, first):
+                time.sleep(0.1)
+            supervised.wait_broker()
+            # The transaction is never continued on another connection.
+            tx.execute("INSERT INTO crash_writes VALUES (2)")
+    assert admin.execute("SELECT count(*) FROM crash_writes").fetchone()[0] == 0
+    # Workers recover on their next call, without being restarted.
+    assert c.execute("SELECT 1").rows == [(1,)]
+    go.set()
+    assert results.get(timeout=20) == [(2,)]
+    worker.join(10)
 
 
 def test_supervisorctl_stop_drains_and_exits_cleanly(supervised):
@@ -198,8 +242,9 @@ def test_supervisorctl_stop_drains_and_exits_cleanly(supervised):
     status = supervised.ctl("status", "poolbroker")
     assert "STOPPED" in status
     assert "stopped" in supervised.log()
-    with pytest.raises(client.BrokerUnavailable):
+    with pytest.raises(client.BrokerUnavailable) as info:
         supervised.client.execute("SELECT 1", timeout=0.3)
+    assert not info.value.outcome_unknown  # nothing was sent
 
 
 def test_stats_command(broker):
