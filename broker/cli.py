@@ -8,6 +8,7 @@ import logging
 import sys
 
 from .config import ConfigError, load
+from .redact import Redactor
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -25,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         logging.basicConfig(
             level=settings.log_level.upper(), stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        Redactor(settings.dsn).install()
         Broker(settings).run()
     except ConfigError as exc:
         print(f"poolbroker: {exc}", file=sys.stderr)

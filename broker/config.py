@@ -8,7 +8,11 @@ import tomllib
 from dataclasses import dataclass, fields
 from typing import Any
 
+from psycopg.conninfo import conninfo_to_dict
+
 from client.protocol import DEFAULT_MAX_MESSAGE_BYTES, default_endpoint
+
+from .redact import Redactor
 
 
 class ConfigError(ValueError):
@@ -108,4 +112,9 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
         raise ConfigError("max_connections must be at least 1")
     if not settings.dsn:
         raise ConfigError("no database: give --dsn, POOLBROKER_DSN or dsn in the config file")
+    try:
+        conninfo_to_dict(settings.dsn)
+    except Exception as exc:
+        message = Redactor(settings.dsn)(str(exc).strip())
+        raise ConfigError(f"dsn is not a valid libpq connection string: {message}") from None
     return settings

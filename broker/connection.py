@@ -29,6 +29,7 @@ from client.protocol import (
 )
 
 from .config import Settings
+from .redact import Redactor
 from .sqlscan import Kind, classify
 
 logger = logging.getLogger("poolbroker.connection")
@@ -133,12 +134,13 @@ class ServerConnection(threading.Thread):
     """Owns one psycopg connection; runs the loop's jobs one at a time."""
 
     def __init__(self, conn_id: int, settings: Settings, adapters: AdaptersMap,
-                 context: zmq.Context, completions: str) -> None:
+                 redact: Redactor, context: zmq.Context, completions: str) -> None:
         super().__init__(name=f"poolbroker-conn-{conn_id}", daemon=True)
         self.conn_id = conn_id
         self._id_frame = conn_id.to_bytes(4, "big")
         self._settings = settings
         self._adapters = adapters
+        self._redact = redact
         self._context = context
         self._completions = completions
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -201,7 +203,8 @@ class ServerConnection(threading.Thread):
         try:
             self._conn = self._connect()
         except psycopg.Error as exc:
-            push.send_multipart([self._id_frame, EV_CONNECT_FAILED, b"", str(exc).strip().encode()])
+            message = self._redact(str(exc).strip())
+            push.send_multipart([self._id_frame, EV_CONNECT_FAILED, b"", message.encode()])
             return
         push.send_multipart([self._id_frame, EV_READY, b"", b""])
         while (job := self._jobs.get()) is not None:
@@ -271,6 +274,7 @@ class ServerConnection(threading.Thread):
         except Exception as exc:  # a bug must cost one request, not the connection thread
             logger.exception("unexpected error running %s", protocol.OP_NAMES.get(job.op, job.op))
             payload = error_payload("InternalError", f"broker error: {exc!r}")
+        payload["message"] = self._redact(payload["message"])
         if job.op == OP_RESET:
             logger.warning("resetting connection %d failed: %s", self.conn_id, payload["message"])
             self._conn.close()

@@ -30,6 +30,7 @@ from client.protocol import (
 
 from . import stats as S
 from .config import ConfigError, Settings
+from .redact import Redactor
 from .connection import (
     ENDING_OPS, EV_BROKEN, EV_CONNECT_FAILED, EV_DONE, EV_FAILED, EV_READY, EV_REQUEUE,
     OP_RESET, Job,
@@ -124,6 +125,7 @@ class Broker:
         self._completions = self._context.socket(zmq.PULL)
         self._completions_endpoint = f"inproc://poolbroker-completions-{id(self)}"
         self._adapters = build_adapters()
+        self._redact = Redactor(settings.dsn)
         self._conns: dict[int, ServerConnection] = {}
         self._idle: list[ServerConnection] = []
         self._opening = 0
@@ -415,7 +417,7 @@ class Broker:
                and self._opening < len(self._waiting)):
             conn_id = self._next_conn_id
             self._next_conn_id += 1
-            conn = ServerConnection(conn_id, self.settings, self._adapters,
+            conn = ServerConnection(conn_id, self.settings, self._adapters, self._redact,
                                     self._context, self._completions_endpoint)
             self._opening += 1
             self._conns[conn_id] = conn

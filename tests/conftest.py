@@ -142,7 +142,7 @@ def start_broker(dsn: str) -> Callable[..., BrokerProcess]:
     started: list[BrokerProcess] = []
 
     def start(**settings: Any) -> BrokerProcess:
-        broker = BrokerProcess(dsn, **settings)
+        broker = BrokerProcess(settings.pop("dsn", dsn), **settings)
         started.append(broker)
         return broker.start()
 
