@@ -15,20 +15,20 @@ from conftest import REPO, short_tempdir
 
 def test_precedence_flag_env_file_default(tmp_path):
     config = tmp_path / "pb.toml"
-    config.write_text('[poolbroker]\ndsn = "file"\nmax_connections = 3\npool_timeout = 7\n'
+    config.write_text('[poolbroker]\ndsn = "dbname=file"\nmax_connections = 3\npool_timeout = 7\n'
                       'idle_transaction_timeout = 9\n')
-    env = {"POOLBROKER_DSN": "env", "POOLBROKER_MAX_CONNECTIONS": "5"}
+    env = {"POOLBROKER_DSN": "dbname=env", "POOLBROKER_MAX_CONNECTIONS": "5"}
     settings = load(str(config), {"max_connections": 8, "dsn": None}, environ=env)
     assert settings.max_connections == 8  # flag beats env
-    assert settings.dsn == "env"  # env beats file
+    assert settings.dsn == "dbname=env"  # env beats file
     assert settings.pool_timeout == 7.0  # file beats default
-    assert settings.max_waiting == Settings(dsn="x").max_waiting  # default
+    assert settings.max_waiting == Settings(dsn="dbname=x").max_waiting  # default
     assert settings.application_name == "poolbroker"
 
 
 def test_shipped_config_parses_and_matches_the_defaults():
-    settings = load(str(REPO / "etc" / "poolbroker.toml"), {"dsn": "x"}, environ={})
-    assert settings == Settings(dsn="x")
+    settings = load(str(REPO / "etc" / "poolbroker.toml"), {"dsn": "dbname=x"}, environ={})
+    assert settings == Settings(dsn="dbname=x")
 
 
 @pytest.mark.parametrize("text,message", [
@@ -42,7 +42,7 @@ def test_bad_settings_are_refused(tmp_path, text, message):
     config = tmp_path / "pb.toml"
     config.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        load(str(config), {"dsn": "x"}, environ={})
+        load(str(config), {"dsn": "dbname=x"}, environ={})
 
 
 def test_missing_dsn_is_refused():
