@@ -13,6 +13,7 @@ import queue
 import select
 import threading
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import psycopg
@@ -30,7 +31,7 @@ from client.protocol import (
 
 from .config import Settings
 from .redact import Redactor
-from .sqlscan import Kind, classify
+from .sqlscan import Kind, classify, streamable
 
 logger = logging.getLogger("poolbroker.connection")
 
@@ -43,6 +44,12 @@ EV_BROKEN = b"B"  # job finished (or not), connection is gone
 EV_REQUEUE = b"Q"  # connection found dead before the job ran: run it elsewhere
 
 OP_RESET = -1  # internal: end whatever transaction is open, no reply
+
+STREAM_CHUNK_ROWS = 1000
+"""Rows read from the server at a time, so a result over max_result_bytes
+is stopped after at most one chunk more than the limit."""
+
+RESULT_TOO_LARGE = "54000"  # program_limit_exceeded
 
 ENDING_OPS = frozenset((OP_COMMIT, OP_ROLLBACK, OP_RESET))
 """Operations after which a pinned connection goes back to the pool."""
@@ -95,11 +102,16 @@ class Job:
 
 
 class RequestError(Exception):
-    """A request the broker refuses before running it."""
+    """A request the broker refuses, or stops, on its own account."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, sqlstate: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.sqlstate = sqlstate
+
+
+class _PackedReply(bytes):
+    """A reply built while the rows were read; sent as it is."""
 
 
 def error_from_psycopg(exc: psycopg.Error) -> dict[str, Any]:
@@ -258,7 +270,12 @@ class ServerConnection(threading.Thread):
                     self._statement = None
             if job.op == OP_RESET:
                 return b"", False
-            return protocol.pack([job.request_id, STATUS_OK, result]), False
+            if isinstance(result, _PackedReply):
+                return result, False
+            reply = protocol.pack([job.request_id, STATUS_OK, result])
+            if len(reply) > self._settings.max_result_bytes:
+                raise self._too_large(len(reply))
+            return reply, False
         except psycopg.errors.QueryCanceled as exc:
             payload = error_from_psycopg(exc)
             if job.cancel_reason:
@@ -266,7 +283,7 @@ class ServerConnection(threading.Thread):
         except psycopg.Error as exc:
             payload = error_from_psycopg(exc)
         except RequestError as exc:
-            payload = error_payload(exc.kind, str(exc))
+            payload = error_payload(exc.kind, str(exc), exc.sqlstate)
         except (ValueError, TypeError, OverflowError) as exc:
             # Undecodable body, or a value psycopg cannot adapt or we cannot send.
             kind = "DataError" if isinstance(exc, (TypeError, OverflowError)) else "MessageError"
@@ -312,8 +329,11 @@ class ServerConnection(threading.Thread):
         if op == OP_EXECUTE:
             sql, params = self._body(job, 2)
             self._screen(_check_text(sql, "sql"), job.in_session)
+            params = _check_params(params)
             with conn.cursor() as cur:
-                cur.execute(sql, _check_params(params))
+                if streamable(sql):
+                    return self._read_in_chunks(cur, job, sql, params)
+                cur.execute(sql, params)
                 return _result_payload(cur)
         if op == OP_EXECUTEMANY:
             sql, seq = self._body(job, 2)
@@ -336,6 +356,46 @@ class ServerConnection(threading.Thread):
         if op in ENDING_OPS:
             return self._end_session("COMMIT" if op == OP_COMMIT else "ROLLBACK")
         raise RequestError("MessageError", f"unknown operation {op!r}")
+
+    def _too_large(self, size: int) -> RequestError:
+        return RequestError(
+            "ResultTooLarge",
+            f"the result exceeds max_result_bytes ({self._settings.max_result_bytes} bytes; "
+            f"{size} read before stopping); the statement was cancelled: fetch it in "
+            "pieces with client.stream()", RESULT_TOO_LARGE)
+
+    def _read_in_chunks(self, cur: psycopg.Cursor, job: Job, sql: str,
+                        params: Any) -> _PackedReply:
+        """Run a row-returning statement, packing rows as they arrive and
+        stopping (the server cancels) once they exceed max_result_bytes."""
+        limit = self._settings.max_result_bytes
+        packed: list[bytes] = []
+        size = count = 0
+        columns: list[str] | None = None
+        rows = cur.stream(sql, params, size=STREAM_CHUNK_ROWS)
+        try:
+            while chunk := list(islice(rows, STREAM_CHUNK_ROWS)):
+                if columns is None:
+                    columns = [c.name for c in cur.description]
+                packed.append(protocol.pack_rows(chunk))
+                size += len(packed[-1])
+                count += len(chunk)
+                if size > limit:
+                    raise self._too_large(size)
+        finally:
+            rows.close()  # psycopg cancels a statement still sending rows
+        if columns is None:
+            columns = self._columns_of_empty_result(cur, sql, params)
+        return _PackedReply(protocol.pack_result_reply(
+            job.request_id, columns, packed, count, count))
+
+    @staticmethod
+    def _columns_of_empty_result(cur: psycopg.Cursor, sql: str, params: Any) -> list[str]:
+        # psycopg's stream() drops the description of an empty result.  The
+        # statement is one plain query (sqlscan.streamable); under LIMIT 0
+        # the server plans it without producing a row or calling anything.
+        cur.execute(f"SELECT * FROM (\n{sql}\n) AS poolbroker_empty LIMIT 0", params)
+        return [c.name for c in cur.description]
 
     def _run_batch(self, job: Job) -> list:
         (items,) = self._body(job, 1)

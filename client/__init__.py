@@ -12,23 +12,25 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from ._client import DEFAULT_TIMEOUT, Client, Params, Result, Transaction
+from ._client import (
+    DEFAULT_CHUNK_ROWS, DEFAULT_TIMEOUT, Client, Params, Result, RowStream, Transaction,
+)
 from .errors import (
     BrokerUnavailable, DatabaseError, DataError, Diagnostic, Error, IntegrityError,
     InterfaceError, InternalError, MessageError, NotSupportedError, OperationalError,
-    PoolTimeout, ProgrammingError, QueryCanceled, SessionStateRefused, TooManyRequests,
-    TransactionExpired, Warning,
+    PoolTimeout, ProgrammingError, QueryCanceled, ResultTooLarge, SessionStateRefused,
+    TooManyRequests, TransactionExpired, Warning,
 )
 from .protocol import Json
 
 __all__ = [
-    "Client", "Result", "Transaction", "Json", "DEFAULT_TIMEOUT",
+    "Client", "Result", "Transaction", "RowStream", "Json", "DEFAULT_TIMEOUT",
     "configure", "execute", "executemany", "batch", "transaction", "stats",
     "Error", "Warning", "InterfaceError", "DatabaseError", "DataError",
     "OperationalError", "IntegrityError", "InternalError", "ProgrammingError",
     "NotSupportedError", "QueryCanceled", "PoolTimeout", "TooManyRequests",
     "BrokerUnavailable", "TransactionExpired", "SessionStateRefused",
-    "MessageError", "Diagnostic",
+    "MessageError", "ResultTooLarge", "Diagnostic", "stream",
 ]
 
 _default: Client | None = None
@@ -72,6 +74,11 @@ def batch(statements: Iterable[Any], *, timeout: float | None = None) -> list[Re
 
 def transaction(*, timeout: float | None = None) -> Transaction:
     return _client().transaction(timeout=timeout)
+
+
+def stream(sql: str, params: Params = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+           timeout: float | None = None) -> RowStream:
+    return _client().stream(sql, params, chunk_rows=chunk_rows, timeout=timeout)
 
 
 def stats(*, timeout: float | None = None) -> dict[str, Any]:

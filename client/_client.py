@@ -24,6 +24,9 @@ logger = logging.getLogger("poolbroker.client")
 DEFAULT_TIMEOUT = 60.0
 """Seconds a request may take end to end (queueing included) by default."""
 
+DEFAULT_CHUNK_ROWS = 10_000
+"""Rows per round trip of ``Client.stream()``."""
+
 REPLY_GRACE = 1.0
 """The broker answers at the deadline itself (PoolTimeout, QueryCanceled);
 wait this much longer for that answer before declaring it unavailable."""
@@ -228,6 +231,18 @@ class Client:
         """
         return Transaction(self, timeout)
 
+    def stream(self, sql: str, params: Params = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+               timeout: float | None = None) -> RowStream:
+        """Iterate over the rows of a big result, ``chunk_rows`` at a time.
+
+        The query runs behind a server-side cursor in a transaction pinned
+        for the stream's life, so neither the broker nor this process holds
+        more than one chunk.  Use it as a context manager (or exhaust it) so
+        that the transaction ends promptly; between chunks it is subject to
+        ``idle_transaction_timeout`` like any transaction.
+        """
+        return RowStream(self, sql, params, chunk_rows, timeout)
+
     def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The broker's counters and gauges (see ``broker.stats``)."""
         return self._request(OP_STATS, None, [], timeout)
@@ -276,6 +291,70 @@ class Transaction:
                     timeout: float | None = None) -> Result:
         return self._client._executemany(self._live_session(), sql, seq_of_params,
                                          timeout or self._timeout)
+
+
+class RowStream:
+    """The rows of one query, fetched in chunks from a server-side cursor.
+
+    ``columns`` is set once the first chunk has arrived.
+    """
+
+    _CURSOR = "poolbroker_stream"
+
+    def __init__(self, client: Client, sql: str, params: Params, chunk_rows: int,
+                 timeout: float | None) -> None:
+        if not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise errors.InterfaceError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        self._client = client
+        self._sql = sql
+        self._params = params
+        self._chunk_rows = chunk_rows
+        self._timeout = timeout
+        self._transaction: Transaction | None = None
+        self.columns: list[str] = []
+
+    def __enter__(self) -> RowStream:
+        self._open()
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        self._close(exc_type, exc, tb)
+
+    def _open(self) -> Transaction:
+        transaction = self._client.transaction(timeout=self._timeout).__enter__()
+        self._transaction = transaction
+        try:
+            transaction.execute(f"DECLARE {self._CURSOR} NO SCROLL CURSOR FOR {self._sql}",
+                                self._params)
+        except BaseException as exc:
+            self._close(type(exc), exc, exc.__traceback__)
+            raise
+        return transaction
+
+    def _close(self, exc_type: type | None = None, exc: BaseException | None = None,
+               tb: Any = None) -> None:
+        transaction, self._transaction = self._transaction, None
+        if transaction is not None:
+            transaction.__exit__(exc_type, exc, tb)
+
+    def close(self) -> None:
+        """End the stream's transaction now (rows not yet read are dropped)."""
+        self._close()
+
+    def __iter__(self) -> Iterator[tuple]:
+        transaction = self._transaction or self._open()
+        fetch = f"FETCH FORWARD {self._chunk_rows} FROM {self._CURSOR}"
+        try:
+            while True:
+                chunk = transaction.execute(fetch)
+                self.columns = chunk.columns
+                yield from chunk.rows
+                if len(chunk.rows) < self._chunk_rows:
+                    break
+        except BaseException as exc:
+            self._close(type(exc), exc, exc.__traceback__)
+            raise
+        self._close()
 
 
 # One ZeroMQ context per process, shared by every Client and never

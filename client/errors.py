@@ -125,6 +125,14 @@ class SessionStateRefused(NotSupportedError):
     """
 
 
+class ResultTooLarge(OperationalError):
+    """The result exceeded the broker's ``max_result_bytes`` (SQLSTATE 54000).
+
+    The broker stopped reading it and cancelled the statement; fetch big
+    results in pieces with ``client.stream()``.
+    """
+
+
 class MessageError(InterfaceError):
     """The broker could not decode or accept the request."""
 
@@ -135,7 +143,7 @@ _BY_NAME = {
         Error, InterfaceError, DatabaseError, DataError, OperationalError,
         IntegrityError, InternalError, ProgrammingError, NotSupportedError,
         QueryCanceled, PoolTimeout, TooManyRequests, BrokerUnavailable,
-        TransactionExpired, SessionStateRefused, MessageError,
+        TransactionExpired, SessionStateRefused, MessageError, ResultTooLarge,
     )
 }
 

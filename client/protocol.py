@@ -169,6 +169,29 @@ def pack(obj: Any) -> bytes:
     return _pack(obj)
 
 
+def pack_rows(rows: list) -> bytes:
+    """Rows as consecutive msgpack arrays, to splice into ``pack_result_reply``."""
+    packer = msgpack.Packer(default=_encode_ext, use_bin_type=True, autoreset=False)
+    for row in rows:
+        packer.pack(row)
+    return packer.bytes()
+
+
+def pack_result_reply(request_id: int, columns: list[str], packed_rows: list[bytes],
+                      row_count: int, rowcount: int) -> bytes:
+    """``pack([request_id, STATUS_OK, [columns, rows, rowcount]])`` from rows
+    packed beforehand (so that their size was known while they were read)."""
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    packer.pack_array_header(3)
+    packer.pack(request_id)
+    packer.pack(STATUS_OK)
+    packer.pack_array_header(3)
+    packer.pack(columns)
+    packer.pack_array_header(row_count)
+    head = packer.bytes()
+    return b"".join((head, *packed_rows, _pack(rowcount)))
+
+
 def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
     """Deserialize a message; raises ValueError (or a subclass) if malformed."""
     return _unpack(data, max_bytes)
