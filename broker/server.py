@@ -55,6 +55,8 @@ EXPIRED_SESSIONS_KEPT = 10_000
 CONNECT_BACKOFF_MIN = 0.1
 CONNECT_BACKOFF_MAX = 5.0
 NO_DEADLINE = 24 * 3600.0
+REPLY_FLUSH_MS = 1000
+"""On exit, how long queued replies may take to reach their clients."""
 REPLY_QUEUE_LIMIT = 1000
 """Replies queued for one client that is not reading; beyond it they are
 dropped (counted as undeliverable), so a stuck client cannot grow the broker."""
@@ -181,7 +183,9 @@ class Broker:
             conn.stop()
         for conn in list(self._conns.values()):
             conn.join(timeout=2.0)
-        self._router.close(linger=0)
+        # Give the last replies (answers to drained statements) a moment to
+        # leave; a client that stopped reading cannot hold the exit longer.
+        self._router.close(linger=REPLY_FLUSH_MS)
         self._completions.close(linger=0)
         self._context.term()
         logger.info("stopped")
