@@ -1,4 +1,5 @@
 # make test : set everything up and run the test suite (real PostgreSQL).
+# make soak : the long soak (1,000,000 requests, clients killed at random).
 # make run  : set everything up and run the broker under supervisord,
 #             against $POOLBROKER_DSN or an embedded cluster under var/.
 
@@ -9,7 +10,7 @@ VAR     := $(CURDIR)/var
 PG_PORT ?= 5432
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup test run postgres-binaries clean
+.PHONY: setup test soak run postgres-binaries clean
 
 setup: $(VENV)/.installed postgres-binaries
 
@@ -34,6 +35,10 @@ postgres-binaries:
 
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# 1,000,000 requests from 32 client processes killed at random (SOAK_ARGS=--help).
+soak: setup
+	cd tests && $(BIN)/python soak.py $(SOAK_ARGS)
 
 run: setup
 	mkdir -p $(VAR)/log $(VAR)/supervisord.d

@@ -103,6 +103,7 @@ class Client:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
         self._ids = itertools.count(1)
+        self._stale_replies = 0  # the soak test checks none arrive unasked
         self._reset()
         _clients.add(self)
 
@@ -179,7 +180,8 @@ class Client:
                 )
             reply = unpack(socket.recv())
             if reply[0] != request_id:
-                continue  # a late reply to a request we gave up on
+                self._stale_replies += 1  # a late reply to a request we gave up on
+                continue
             if reply[1] == STATUS_OK:
                 return reply[2]
             raise errors.from_payload(reply[2])

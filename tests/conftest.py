@@ -81,6 +81,7 @@ class BrokerProcess:
         self.dir = short_tempdir()
         self.endpoint = settings.pop("endpoint", f"ipc://{self.dir}/b.sock")
         self.application_name = f"pbtest-{uuid.uuid4().hex[:8]}"
+        self.max_connections = settings.get("max_connections", 10)
         settings.setdefault("application_name", self.application_name)
         settings.setdefault("log_level", "DEBUG")
         self.config = Path(self.dir, "poolbroker.toml")
