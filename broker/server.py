@@ -55,6 +55,7 @@ EXPIRED_SESSIONS_KEPT = 10_000
 CONNECT_BACKOFF_MIN = 0.1
 CONNECT_BACKOFF_MAX = 5.0
 NO_DEADLINE = 24 * 3600.0
+MALFORMED_LOG_INTERVAL = 1.0
 REPLY_FLUSH_MS = 1000
 """On exit, how long queued replies may take to reach their clients."""
 REPLY_QUEUE_LIMIT = 1000
@@ -145,6 +146,8 @@ class Broker:
         self._drain_deadline = 0.0
         self._next_housekeeping = 0.0
         self._next_owner_check = 0.0
+        self._malformed_log_at = 0.0
+        self._malformed_unlogged = 0
         self.stats: dict[str, int] = dict.fromkeys(S.COUNTERS, 0)
 
     # Set-up and teardown
@@ -245,7 +248,15 @@ class Broker:
 
     def _malformed(self, routing_id: bytes, request_id: Any, why: str) -> None:
         self.stats[S.MESSAGES_MALFORMED] += 1
-        logger.warning("malformed request: %s", why)
+        now = time.monotonic()
+        if now >= self._malformed_log_at:
+            # At most one line a second: a hostile client must not flood the log.
+            self._malformed_log_at = now + MALFORMED_LOG_INTERVAL
+            suppressed, self._malformed_unlogged = self._malformed_unlogged, 0
+            logger.warning("malformed request: %s%s", why,
+                           f" ({suppressed} more since the last report)" if suppressed else "")
+        else:
+            self._malformed_unlogged += 1
         self._reply_error(routing_id, request_id, "MessageError", why)
 
     def _on_request(self, frames: list[zmq.Frame], now: float) -> None:

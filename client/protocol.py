@@ -149,7 +149,10 @@ def _decode_ext(code: int, data: bytes) -> Any:
         decoder = _EXT_DECODERS[code]
     except KeyError:
         raise ValueError(f"unknown ext type {code}") from None
-    return decoder(data)
+    try:
+        return decoder(data)
+    except Exception as exc:  # decimal, zoneinfo and the rest raise their own types
+        raise ValueError(f"invalid payload for ext type {code}: {exc!r}") from None
 
 
 def _pack(obj: Any) -> bytes:

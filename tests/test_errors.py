@@ -6,6 +6,7 @@ import random
 import threading
 import time
 
+import msgpack
 import psycopg
 import pytest
 import zmq
@@ -142,6 +143,10 @@ def _header(op=protocol.OP_EXECUTE, request_id=7, timeout_ms=5000, session=None)
     return protocol.pack([request_id, op, timeout_ms, session])
 
 
+def _ext_body(code: int, data: bytes) -> bytes:
+    return msgpack.packb(["SELECT %s", [msgpack.ExtType(code, data)]])
+
+
 MALFORMED = [
     ([b"one frame only"], "expected 2 frames"),
     ([b"\xc1\xc1\xc1", b""], "undecodable header"),
@@ -160,6 +165,14 @@ MALFORMED = [
     ([_header(op=protocol.OP_COMMIT), protocol.pack([])], "needs a transaction"),
     ([_header(), b"\xd4\x63\x00"], "unknown ext type"),
     ([_header(), b"\x91" * 5000 + b"\xc0"], ""),
+    # Found by the fuzz test: ext payloads whose decoders raise other than ValueError.
+    ([_header(), _ext_body(protocol.EXT_DECIMAL, b"not a number")], "ext type 1"),
+    ([_header(), _ext_body(protocol.EXT_DATETIME, protocol.pack(["2020-01-01T00:00", "No/Zone"]))],
+     "ext type 4"),
+    ([_header(), _ext_body(protocol.EXT_DATETIME, b"\xc1")], "ext type 4"),
+    ([_header(), _ext_body(protocol.EXT_TIMEDELTA, protocol.pack([1, 2]))], "ext type 5"),
+    ([_header(), _ext_body(protocol.EXT_TIMEDELTA, protocol.pack([2**63 - 1, 0, 0]))], "ext type 5"),
+    ([_header(), _ext_body(protocol.EXT_UUID, b"short")], "ext type 6"),
 ]
 
 
