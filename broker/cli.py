@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .config import ConfigError, load
@@ -68,6 +69,15 @@ def _embedded_postgres(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    import zmq.auth
+
+    os.makedirs(args.directory, mode=0o700, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(args.directory, args.name)
+    print(f"public certificate: {public}\nsecret certificate: {secret} (keep it private)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poolbroker", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--timeout", type=float, default=5.0)
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_stats)
+
+    keygen = commands.add_parser(
+        "keygen", help="make a CURVE certificate pair (for tcp endpoints)")
+    keygen.add_argument("directory")
+    keygen.add_argument("name", help="e.g. broker, or the client's host name")
+    keygen.set_defaults(func=_keygen)
 
     embedded = commands.add_parser("embedded-postgres",
                                    help="a local PostgreSQL cluster for 'make run'")

@@ -49,8 +49,12 @@ class Settings:
     """application_name of server connections."""
     connect_timeout: float = 10.0
     """Seconds to wait for one server connection to open."""
+    curve_secret_key_file: str = ""
+    """The broker's CURVE certificate (``poolbroker keygen``), required for tcp."""
+    curve_allowed_clients: str = ""
+    """Directory of the public certificates of the clients allowed in over tcp."""
     insecure_tcp: bool = False
-    """Allow a plain-text tcp endpoint (CURVE is not supported yet)."""
+    """Allow a plain-text tcp endpoint without CURVE, on a network you trust."""
     log_level: str = "INFO"
 
 
@@ -110,6 +114,8 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
     settings = Settings(**values)
     if settings.max_connections < 1:
         raise ConfigError("max_connections must be at least 1")
+    if bool(settings.curve_secret_key_file) != bool(settings.curve_allowed_clients):
+        raise ConfigError("CURVE needs both curve_secret_key_file and curve_allowed_clients")
     if not settings.dsn:
         raise ConfigError("no database: give --dsn, POOLBROKER_DSN or dsn in the config file")
     try:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from client import protocol
 from client.protocol import (
@@ -140,6 +142,7 @@ class Broker:
         self._sessions: dict[bytes, Session] = {}
         self._pinned: dict[int, Session] = {}
         self._expired: OrderedDict[bytes, str] = OrderedDict()
+        self._authenticator: ThreadAuthenticator | None = None
         self._connect_backoff = 0.0
         self._connect_retry_at = 0.0
         self._stopping = False
@@ -157,10 +160,13 @@ class Broker:
         endpoint = s.endpoint
         if endpoint.startswith("ipc://"):
             prepare_ipc_directory(endpoint)
+        if s.curve_secret_key_file:
+            self._enable_curve()
         elif endpoint.startswith("tcp://") and not s.insecure_tcp:
             raise ConfigError(
-                "tcp endpoints carry queries in plain text; CURVE is not supported yet: "
-                "use an ipc endpoint, or pass --insecure-tcp on a trusted network")
+                "a tcp endpoint needs CURVE: set curve_secret_key_file and "
+                "curve_allowed_clients (make keys with 'poolbroker keygen'), or pass "
+                "--insecure-tcp on a network you trust")
         router = self._router
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.LINGER, 0)
@@ -172,6 +178,26 @@ class Broker:
         router.bind(endpoint)
         self._completions.bind(self._completions_endpoint)
         logger.info("listening on %s, max_connections=%d", endpoint, s.max_connections)
+
+    def _enable_curve(self) -> None:
+        """Encrypt the transport and admit only clients on the allow-list."""
+        s = self.settings
+        try:
+            public, secret = zmq.auth.load_certificate(s.curve_secret_key_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read curve_secret_key_file: {exc}") from None
+        if not secret:
+            raise ConfigError(f"{s.curve_secret_key_file} holds no secret key")
+        if not os.path.isdir(s.curve_allowed_clients):
+            raise ConfigError(f"curve_allowed_clients {s.curve_allowed_clients!r} "
+                              "is not a directory")
+        self._authenticator = ThreadAuthenticator(self._context)
+        self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=s.curve_allowed_clients)
+        self._router.curve_secretkey = secret
+        self._router.curve_publickey = public
+        self._router.curve_server = True
+        logger.info("CURVE on: clients allowed from %s", s.curve_allowed_clients)
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe from a signal handler)."""
@@ -190,6 +216,8 @@ class Broker:
         # leave; a client that stopped reading cannot hold the exit longer.
         self._router.close(linger=REPLY_FLUSH_MS)
         self._completions.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
         self._context.term()
         logger.info("stopped")
 

@@ -99,9 +99,18 @@ class Client:
     nothing created before a fork is used after it.
     """
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None,
+                 curve_server_key: str | None = None,
+                 curve_client_cert: str | None = None) -> None:
+        """``curve_server_key`` is the broker's public certificate file and
+        ``curve_client_cert`` this client's secret certificate file (env
+        POOLBROKER_CURVE_SERVER_KEY / POOLBROKER_CURVE_CLIENT_CERT); both
+        are needed to reach a broker on a CURVE tcp endpoint."""
         self.endpoint = endpoint or default_endpoint()
         self.timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        self._curve = _load_curve_keys(
+            curve_server_key or os.environ.get("POOLBROKER_CURVE_SERVER_KEY"),
+            curve_client_cert or os.environ.get("POOLBROKER_CURVE_CLIENT_CERT"))
         self._ids = itertools.count(1)
         self._stale_replies = 0  # the soak test checks none arrive unasked
         self._reset()
@@ -122,6 +131,8 @@ class Client:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        if self._curve is not None:
+            socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = self._curve
         owned = _ThreadSocket(pid, socket)
         socket.connect(self.endpoint)
         self._local.owned = owned
@@ -252,6 +263,27 @@ class Client:
     def ping(self, *, timeout: float | None = None) -> None:
         """Raise BrokerUnavailable unless the broker answers."""
         self._request(OP_PING, None, [], timeout)
+
+
+def _load_curve_keys(server_key_file: str | None,
+                     client_cert_file: str | None) -> tuple[bytes, bytes, bytes] | None:
+    """(server public, client public, client secret), or None without CURVE."""
+    if not server_key_file and not client_cert_file:
+        return None
+    if not (server_key_file and client_cert_file):
+        raise errors.InterfaceError(
+            "CURVE needs both the broker's public certificate (curve_server_key) and "
+            "this client's secret certificate (curve_client_cert)")
+    import zmq.auth
+
+    try:
+        server_public, _ = zmq.auth.load_certificate(server_key_file)
+        client_public, client_secret = zmq.auth.load_certificate(client_cert_file)
+    except (OSError, ValueError) as exc:
+        raise errors.InterfaceError(f"cannot read a CURVE certificate: {exc}") from exc
+    if not client_secret:
+        raise errors.InterfaceError(f"{client_cert_file} holds no secret key")
+    return server_public, client_public, client_secret
 
 
 class Transaction:

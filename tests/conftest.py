@@ -77,7 +77,8 @@ def admin(dsn: str) -> psycopg.Connection:
 class BrokerProcess:
     """``poolbroker serve`` in a subprocess, with its own endpoint and application_name."""
 
-    def __init__(self, dsn: str, **settings: Any) -> None:
+    def __init__(self, dsn: str, client_options: dict[str, Any] | None = None,
+                 **settings: Any) -> None:
         self.dir = short_tempdir()
         self.endpoint = settings.pop("endpoint", f"ipc://{self.dir}/b.sock")
         self.application_name = f"pbtest-{uuid.uuid4().hex[:8]}"
@@ -90,7 +91,8 @@ class BrokerProcess:
         self.log_path = Path(self.dir, "broker.log")
         self.dsn = dsn
         self.proc: subprocess.Popen | None = None
-        self.client = client.Client(self.endpoint, timeout=15)
+        self.client_options = client_options or {}
+        self.client = client.Client(self.endpoint, timeout=15, **self.client_options)
 
     def start(self, wait: bool = True) -> BrokerProcess:
         with open(self.log_path, "ab") as log:
@@ -104,7 +106,7 @@ class BrokerProcess:
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
-        probe = client.Client(self.endpoint, timeout=0.5)
+        probe = client.Client(self.endpoint, timeout=0.5, **self.client_options)
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited {self.proc.returncode}:\n{self.log()}")

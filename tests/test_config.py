@@ -75,4 +75,4 @@ def test_ipc_socket_directory_is_created_0700(start_broker):
 def test_plain_tcp_needs_explicit_consent():
     result = _serve("--endpoint", "tcp://127.0.0.1:0")
     assert result.returncode == 2
-    assert "--insecure-tcp" in result.stderr
+    assert "--insecure-tcp" in result.stderr and "CURVE" in result.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -44,3 +46,57 @@ def test_malformed_dsn_is_refused_without_echoing_the_password(bad_dsn):
     assert out.returncode == 2
     assert "dsn is not a valid libpq connection string" in out.stderr
     assert SECRET not in out.stdout + out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    """The broker's pair, an allowed client's and a stranger's, made by the CLI."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    keys = tmp_path / "keys"
+    for name in ("broker", "worker", "stranger"):
+        subprocess.run([sys.executable, "-m", "broker.cli", "keygen", str(keys), name],
+                       check=True, capture_output=True, cwd=REPO)
+    shutil.copy(keys / "worker.key", allowed / "worker.key")
+    return keys, allowed
+
+
+def test_curve_admits_only_allowed_client_keys(start_broker, certificates):
+    keys, allowed = certificates
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    broker = start_broker(
+        endpoint=endpoint, max_connections=2,
+        curve_secret_key_file=str(keys / "broker.key_secret"),
+        curve_allowed_clients=str(allowed),
+        client_options={"curve_server_key": str(keys / "broker.key"),
+                        "curve_client_cert": str(keys / "worker.key_secret")})
+    # The right key gets in.
+    assert broker.client.execute("SELECT 7").rows == [(7,)]
+    # No key, or a key not on the allow-list: the handshake fails, nothing is sent.
+    received = broker.stats()["requests_num"]
+    strangers = [
+        client.Client(endpoint, timeout=1),
+        client.Client(endpoint, timeout=1, curve_server_key=str(keys / "broker.key"),
+                      curve_client_cert=str(keys / "stranger.key_secret")),
+    ]
+    for stranger in strangers:
+        with pytest.raises(client.BrokerUnavailable) as info:
+            stranger.execute("SELECT 1")
+        assert not info.value.outcome_unknown
+        stranger.close()
+    assert broker.stats()["requests_num"] == received + 1  # this stats call only
+    assert broker.client.execute("SELECT 8").rows == [(8,)]
+
+
+def test_tcp_without_curve_or_consent_refuses_to_start():
+    out = subprocess.run([sys.executable, "-m", "broker.cli", "serve", "--dsn", "dbname=x",
+                          "--endpoint", f"tcp://127.0.0.1:{_free_port()}"],
+                         capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert out.returncode == 2
+    assert "needs CURVE" in out.stderr and "--insecure-tcp" in out.stderr
