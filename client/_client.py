@@ -16,7 +16,7 @@ import zmq
 from . import errors
 from .protocol import (
     OP_BATCH, OP_BEGIN, OP_COMMIT, OP_EXECUTE, OP_EXECUTEMANY, OP_PING,
-    OP_ROLLBACK, OP_STATS, STATUS_OK, default_endpoint, pack, unpack,
+    OP_ROLLBACK, OP_STATS, PROBE_REQUEST_ID, STATUS_OK, default_endpoint, pack, unpack,
 )
 
 logger = logging.getLogger("poolbroker.client")
@@ -191,7 +191,8 @@ class Client:
                 )
             reply = unpack(socket.recv())
             if reply[0] != request_id:
-                self._stale_replies += 1  # a late reply to a request we gave up on
+                if reply[0] != PROBE_REQUEST_ID:
+                    self._stale_replies += 1  # a late reply to a request we gave up on
                 continue
             if reply[1] == STATUS_OK:
                 return reply[2]

@@ -53,6 +53,11 @@ OP_NAMES = {
 STATUS_OK = 0
 STATUS_ERROR = 1
 
+PROBE_REQUEST_ID = -1
+"""The request id of a reply nobody asked for: the broker sends one now and
+then to each client holding a transaction, to learn (ROUTER_MANDATORY)
+whether its connection is still up.  Clients ignore it."""
+
 HEADER_FIELDS = 4
 
 # Ext type codes.

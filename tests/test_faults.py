@@ -180,14 +180,20 @@ def _hold_lock_then_continue(endpoint: str, ready: Any, resume: Any) -> str:
             tx.execute("SELECT * FROM frozen_lock WHERE id = 1 FOR UPDATE")
             ready.set()
             resume.wait(60)
-            tx.execute("SELECT 1")
+            try:
+                tx.execute("SELECT 1")
+            except client.BrokerUnavailable:
+                # Resumed, the client finds its connection was dropped while
+                # it was frozen; what it sent may be lost: ask again.
+                tx.execute("SELECT 1")
     except client.TransactionExpired as exc:
         return f"expired: {exc}"
     return "continued"
 
 
-def test_frozen_client_transaction_is_ended_by_the_lease(own_pg, own_broker):
-    broker = own_broker(idle_transaction_timeout=1.5)
+def test_frozen_client_transaction_is_ended_by_the_heartbeat(own_pg, own_broker):
+    # The lease is far away: the transport heartbeat must catch the frozen peer.
+    broker = own_broker(idle_transaction_timeout=600)
     with psycopg.connect(own_pg.dsn, autocommit=True) as admin:
         admin.execute("DROP TABLE IF EXISTS frozen_lock")
         admin.execute("CREATE TABLE frozen_lock (id int PRIMARY KEY, v int)")
@@ -204,7 +210,7 @@ def test_frozen_client_transaction_is_ended_by_the_lease(own_pg, own_broker):
         # Others are served while the frozen client holds its transaction...
         for n in range(20):
             assert c.execute("SELECT %s::int", [n]).rows == [(n,)]
-        # ...and the lease ends it, releasing its lock.
+        # ...and its silence ends the transaction, releasing its lock.
         r = c.execute("UPDATE frozen_lock SET v = 1 WHERE id = 1", timeout=15)
         assert r.rowcount == 1
         os.kill(child.pid, signal.SIGCONT)
@@ -214,7 +220,7 @@ def test_frozen_client_transaction_is_ended_by_the_lease(own_pg, own_broker):
         os.kill(child.pid, signal.SIGCONT)
         child.join(10)
     assert outcome.startswith("expired:"), outcome
-    assert "idle_transaction_timeout" in outcome
+    assert "connection was lost" in outcome
     assert broker.stats()["transactions_expired"] == 1
 
 
