@@ -153,6 +153,7 @@ class ServerConnection(threading.Thread):
         self._settings = settings
         self._adapters = adapters
         self._redact = redact
+        self._result_limit = settings.max_result_bytes
         self._context = context
         self._completions = completions
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -273,7 +274,7 @@ class ServerConnection(threading.Thread):
             if isinstance(result, _PackedReply):
                 return result, False
             reply = protocol.pack([job.request_id, STATUS_OK, result])
-            if len(reply) > self._settings.max_result_bytes:
+            if self._result_limit and len(reply) > self._result_limit:
                 raise self._too_large(len(reply))
             return reply, False
         except psycopg.errors.QueryCanceled as exc:
@@ -331,7 +332,7 @@ class ServerConnection(threading.Thread):
             self._screen(_check_text(sql, "sql"), job.in_session)
             params = _check_params(params)
             with conn.cursor() as cur:
-                if streamable(sql):
+                if self._result_limit and streamable(sql):
                     return self._read_in_chunks(cur, job, sql, params)
                 cur.execute(sql, params)
                 return _result_payload(cur)
@@ -368,7 +369,7 @@ class ServerConnection(threading.Thread):
                         params: Any) -> _PackedReply:
         """Run a row-returning statement, packing rows as they arrive and
         stopping (the server cancels) once they exceed max_result_bytes."""
-        limit = self._settings.max_result_bytes
+        limit = self._result_limit
         packed: list[bytes] = []
         size = count = 0
         columns: list[str] | None = None

@@ -51,6 +51,13 @@ def test_result_over_max_result_bytes_fails_and_memory_stays_bounded(start_broke
     assert c.execute("SELECT repeat('x', 1000)").rows == [("x" * 1000,)]
 
 
+def test_max_result_bytes_zero_reads_results_whole(start_broker):
+    c = start_broker(max_connections=1, max_result_bytes=0).client
+    assert c.execute("SELECT repeat('x', 3000000)").rows == [("x" * 3_000_000,)]
+    r = c.execute("SELECT 1 AS a WHERE false")
+    assert (r.columns, r.rows) == (["a"], [])
+
+
 def test_empty_results_keep_their_columns(broker):
     r = broker.client.execute("SELECT 1 AS a, 'b' AS b WHERE false")
     assert (r.columns, r.rows, r.rowcount) == (["a", "b"], [], 0)
