@@ -21,12 +21,19 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # PostgreSQL server binaries: the tests and the embedded cluster need them.
+# PgBouncer: the bench compares against it (its column says so when absent).
 postgres-binaries:
-	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then \
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null \
+	    || missing="postgresql"; \
+	command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
+	if [ -z "$$missing" ]; then \
 	    exit 0; \
 	elif [ "$$(id -u)" = 0 ]; then \
-	    echo "installing PostgreSQL server binaries (apt-get install postgresql)"; \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	    echo "installing$$missing (apt-get)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	elif [ "$$missing" = " pgbouncer" ]; then \
+	    echo "pgbouncer not found: poolbroker bench will skip it (apt-get install pgbouncer)" >&2; \
 	else \
 	    echo "PostgreSQL server binaries not found: install the 'postgresql' package" \
 	         "(sudo apt-get install postgresql) or set POOLBROKER_PG_BINDIR" >&2; \

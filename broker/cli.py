@@ -69,6 +69,32 @@ def _embedded_postgres(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    def choices(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+        picked = tuple(x.strip() for x in text.split(",") if x.strip())
+        unknown = set(picked) - set(allowed)
+        if unknown or not picked:
+            raise SystemExit(f"poolbroker bench: unknown {what} {sorted(unknown)}; "
+                             f"choose from {', '.join(allowed)}")
+        return picked
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+    plan = bench.Plan(
+        workloads=choices(args.workloads, bench.WORKLOADS, "workload"),
+        targets=choices(args.targets, bench.TARGETS, "target"),
+        processes=args.processes, threads=args.threads, cap=args.cap,
+        duration=args.duration, scale=args.scale,
+        dsn=args.dsn or os.environ.get("POOLBROKER_DSN"), pgbouncer=args.pgbouncer)
+    rows = bench.run(plan)
+    print(bench.format_table(rows))
+    if args.json:
+        bench.write_json(rows, args.json, plan)
+    return 0
+
+
 def _keygen(args: argparse.Namespace) -> int:
     import zmq.auth
 
@@ -103,6 +129,24 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--timeout", type=float, default=5.0)
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_stats)
+
+    bench = commands.add_parser(
+        "bench", help="drive a workload through the broker, PgBouncer and direct psycopg")
+    bench.add_argument("--dsn", help="database to use [POOLBROKER_DSN]; default: a "
+                                     "throwaway cluster the bench creates")
+    bench.add_argument("--workloads", default=",".join(("select1", "pk", "txn", "mixed")),
+                       help="comma-separated: select1, pk, txn, mixed (all)")
+    bench.add_argument("--targets", default="broker,pgbouncer,direct",
+                       help="comma-separated: broker, pgbouncer, direct (all)")
+    bench.add_argument("--processes", type=int, default=8, help="client processes (8)")
+    bench.add_argument("--threads", type=int, default=1, help="threads per process (1)")
+    bench.add_argument("--cap", type=int, default=4,
+                       help="server connections for the broker and PgBouncer (4)")
+    bench.add_argument("--duration", type=float, default=5.0, help="seconds per run (5)")
+    bench.add_argument("--scale", type=int, default=1, help="pgbench scale factor (1)")
+    bench.add_argument("--pgbouncer", help="path of the pgbouncer binary (found on PATH)")
+    bench.add_argument("--json", help="also write the results to this file")
+    bench.set_defaults(func=_bench)
 
     keygen = commands.add_parser(
         "keygen", help="make a CURVE certificate pair (for tcp endpoints)")

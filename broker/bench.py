@@ -1,0 +1,476 @@
+"""``poolbroker bench``: one workload through the broker, PgBouncer and direct psycopg.
+
+Each target is driven by the same forked client processes and threads for
+the same duration, one target at a time, while a separate connection
+samples ``pg_stat_activity``.  Without ``--dsn`` the bench creates a
+throwaway PostgreSQL cluster; ``pk``, ``txn`` and ``mixed`` need
+pgbench's tables, created with ``pgbench -i`` when they are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .embedded import SERVER_USER, Cluster, find_bindir
+
+logger = logging.getLogger("poolbroker.bench")
+
+WORKLOADS = ("select1", "pk", "txn", "mixed")
+TARGETS = ("broker", "pgbouncer", "direct")
+ACCOUNTS_PER_SCALE = 100_000
+TELLERS_PER_SCALE = 10
+
+# pgbench's TPC-B-like transaction.
+TPCB = (
+    "UPDATE pgbench_accounts SET abalance = abalance + %(delta)s WHERE aid = %(aid)s",
+    "SELECT abalance FROM pgbench_accounts WHERE aid = %(aid)s",
+    "UPDATE pgbench_tellers SET tbalance = tbalance + %(delta)s WHERE tid = %(tid)s",
+    "UPDATE pgbench_branches SET bbalance = bbalance + %(delta)s WHERE bid = %(bid)s",
+    "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) "
+    "VALUES (%(tid)s, %(bid)s, %(aid)s, %(delta)s, CURRENT_TIMESTAMP)",
+)
+PK_LOOKUP = "SELECT abalance FROM pgbench_accounts WHERE aid = %s"
+ACCOUNT_UPDATE = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s"
+COUNT_SERVER_CONNECTIONS = (
+    "SELECT count(*) FROM pg_stat_activity "
+    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+
+
+@dataclass
+class Row:
+    workload: str
+    target: str  # broker, broker-tx, pgbouncer, direct
+    processes: int
+    threads: int
+    seconds: float
+    operations: int = 0
+    errors: int = 0
+    first_error: str = ""
+    per_second: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_server_connections: int = 0
+    broker_peak_rss_mb: float | None = None
+    vs_pgbouncer: float | None = None
+    vs_direct: float | None = None
+    skipped: str = ""  # why this target did not run
+
+
+# Sessions: what one client thread talks to.
+
+class _PsycopgSession:
+    def __init__(self, dsn: str, prepare: bool) -> None:
+        # PgBouncer 1.18 in transaction mode cannot keep prepared statements.
+        self._conn = psycopg.connect(dsn, autocommit=True,
+                                     prepare_threshold=5 if prepare else None)
+
+    def run(self, sql: str, params: Any = None) -> None:
+        cur = self._conn.execute(sql, params)
+        if cur.description is not None:
+            cur.fetchall()
+
+    def transaction(self, params: dict[str, int]) -> None:
+        with self._conn.transaction():
+            for sql in TPCB:
+                self.run(sql, params)
+
+
+class _BrokerSession:
+    def __init__(self, endpoint: str, interactive: bool) -> None:
+        import client
+
+        self._client = client.Client(endpoint, timeout=60)
+        self._interactive = interactive
+
+    def run(self, sql: str, params: Any = None) -> None:
+        self._client.execute(sql, params)
+
+    def transaction(self, params: dict[str, int]) -> None:
+        if self._interactive:
+            with self._client.transaction() as tx:
+                for sql in TPCB:
+                    tx.execute(sql, params)
+        else:
+            self._client.batch([(sql, params) for sql in TPCB])
+
+
+def _operation(workload: str, session: Any, rng: random.Random,
+               scale: int) -> Callable[[], None]:
+    accounts = ACCOUNTS_PER_SCALE * scale
+
+    def tpcb_params() -> dict[str, int]:
+        return {"aid": rng.randint(1, accounts), "tid": rng.randint(1, TELLERS_PER_SCALE * scale),
+                "bid": rng.randint(1, scale), "delta": rng.randint(-5000, 5000)}
+
+    if workload == "select1":
+        return lambda: session.run("SELECT 1")
+    if workload == "pk":
+        return lambda: session.run(PK_LOOKUP, [rng.randint(1, accounts)])
+    if workload == "txn":
+        return lambda: session.transaction(tpcb_params())
+
+    def mixed() -> None:  # 70% lookups, 20% single-row updates, 10% transactions
+        roll = rng.random()
+        if roll < 0.7:
+            session.run(PK_LOOKUP, [rng.randint(1, accounts)])
+        elif roll < 0.9:
+            session.run(ACCOUNT_UPDATE, [rng.randint(1, accounts)])
+        else:
+            session.transaction(tpcb_params())
+    return mixed
+
+
+# Client processes.
+
+def _client_thread(make_session: Callable[[], Any], workload: str, scale: int, seed: int,
+                   connected: threading.Barrier, go: Any, duration: float,
+                   out: list) -> None:
+    rng = random.Random(seed)
+    try:
+        session = make_session()
+    except Exception as exc:  # counted, not fatal: the row says what went wrong
+        out.append(([], 1, f"connect: {type(exc).__name__}: {exc}"))
+        connected.wait()
+        return
+    operation = _operation(workload, session, rng, scale)
+    connected.wait()
+    go.wait()
+    latencies: list[float] = []
+    errors, first_error = 0, ""
+    end = time.monotonic() + duration
+    clock = time.perf_counter
+    while time.monotonic() < end:
+        started = clock()
+        try:
+            operation()
+        except Exception as exc:
+            errors += 1
+            first_error = first_error or f"{type(exc).__name__}: {exc}"
+            continue
+        latencies.append(clock() - started)
+    out.append((latencies, errors, first_error))
+
+
+def _client_process(make_session: Callable[[], Any], workload: str, scale: int, index: int,
+                    threads: int, ready: Any, go: Any, duration: float, results: Any) -> None:
+    out: list = []
+    barrier = threading.Barrier(threads + 1)
+    workers = [threading.Thread(target=_client_thread, args=(
+        make_session, workload, scale, index * 1000 + t, barrier, go, duration, out))
+        for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    barrier.wait()  # every thread has connected (or failed to)
+    ready.put(index)
+    for worker in workers:
+        worker.join()
+    latencies = [x for part in out for x in part[0]]
+    errors = sum(part[1] for part in out)
+    first_error = next((part[2] for part in out if part[2]), "")
+    results.put((latencies, errors, first_error))
+
+
+class _Sampler(threading.Thread):
+    def __init__(self, dsn: str) -> None:
+        super().__init__(daemon=True)
+        self._dsn = dsn
+        self._done = threading.Event()
+        self.maximum = 0
+
+    def run(self) -> None:
+        with psycopg.connect(self._dsn, autocommit=True) as conn:
+            while not self._done.is_set():
+                count = conn.execute(COUNT_SERVER_CONNECTIONS).fetchone()[0]
+                self.maximum = max(self.maximum, count)
+                self._done.wait(0.01)
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return self.maximum
+
+
+def _drive(row: Row, make_session: Callable[[], Any], dsn: str, scale: int) -> Row:
+    ctx = multiprocessing.get_context("fork")
+    ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_client_process, args=(
+        make_session, row.workload, scale, i, row.threads, ready, go, row.seconds, results))
+        for i in range(row.processes)]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        ready.get(timeout=120)
+    sampler = _Sampler(dsn)
+    sampler.start()
+    go.set()
+    latencies: list[float] = []
+    for _ in procs:
+        part, errors, first_error = results.get(timeout=row.seconds + 120)
+        latencies += part
+        row.errors += errors
+        row.first_error = row.first_error or first_error
+    for proc in procs:
+        proc.join()
+    row.max_server_connections = sampler.stop()
+    row.operations = len(latencies)
+    row.per_second = row.operations / row.seconds
+    if latencies:
+        latencies.sort()
+        row.p50_ms = statistics.median(latencies) * 1000
+        row.p99_ms = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
+    return row
+
+
+# The systems under test.
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@contextmanager
+def _running_broker(dsn: str, cap: int, workdir: str) -> Iterator[tuple[str, int]]:
+    endpoint = f"ipc://{workdir}/broker/b.sock"  # the broker makes the directory 0700
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "serve", "--dsn", dsn, "--endpoint", endpoint,
+         "--max-connections", str(cap), "--log-level", "WARNING",
+         "--max-waiting", "100000"],
+        cwd=Path(__file__).resolve().parent.parent)
+    try:
+        import client
+
+        probe = client.Client(endpoint, timeout=0.5)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                probe.ping()
+                break
+            except client.BrokerUnavailable:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the broker did not start") from None
+        probe.close()
+        yield endpoint, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def find_pgbouncer(explicit: str | None = None) -> str | None:
+    """The binary given, else one on PATH or in /usr/sbin; None if absent."""
+    candidates = [explicit] if explicit else [shutil.which("pgbouncer"), "/usr/sbin/pgbouncer"]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+@contextmanager
+def _running_pgbouncer(binary: str, dsn: str, cap: int, workdir: str) -> Iterator[str]:
+    """PgBouncer in transaction mode with the same cap; yields a client DSN."""
+    server = conninfo_to_dict(dsn)
+    directory = Path(tempfile.mkdtemp(prefix="pgbouncer-", dir=workdir))
+    directory.chmod(0o755)
+    port = _free_port()
+    user = server.get("user") or os.environ.get("USER", SERVER_USER)
+    (directory / "userlist.txt").write_text(f'"{user}" "{server.get("password", "")}"\n')
+    target = make_conninfo(**{k: v for k, v in server.items()
+                              if k in ("host", "port", "dbname", "user", "password")})
+    (directory / "pgbouncer.ini").write_text(f"""[databases]
+bench = {target}
+
+[pgbouncer]
+listen_addr =
+listen_port = {port}
+unix_socket_dir = {directory}
+auth_type = trust
+auth_file = {directory}/userlist.txt
+pool_mode = transaction
+default_pool_size = {cap}
+max_db_connections = {cap}
+max_client_conn = 20000
+ignore_startup_parameters = extra_float_digits
+logfile = {directory}/pgbouncer.log
+pidfile = {directory}/pgbouncer.pid
+""")
+    argv = [binary, str(directory / "pgbouncer.ini")]
+    if os.getuid() == 0:  # PgBouncer refuses to run as root
+        import pwd
+        entry = pwd.getpwnam(SERVER_USER)
+        for path in (directory, *directory.iterdir()):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chmod(workdir, 0o755)
+        argv[1:1] = ["-u", SERVER_USER]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        socket_file = directory / f".s.PGSQL.{port}"
+        deadline = time.monotonic() + 30
+        while not socket_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = (directory / "pgbouncer.log")
+                raise RuntimeError("PgBouncer did not start: " +
+                                   (log.read_text()[-2000:] if log.exists() else ""))
+            time.sleep(0.05)
+        yield make_conninfo(host=str(directory), port=port, dbname="bench", user=user)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _ensure_pgbench_tables(dsn: str, scale: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('pgbench_accounts')").fetchone()[0]:
+            return
+    logger.info("creating pgbench tables (scale %d)", scale)
+    env = {**os.environ, "PGAPPNAME": "poolbroker-bench"}
+    subprocess.run([str(find_bindir() / "pgbench"), "-i", "-q", "-s", str(scale), dsn],
+                   check=True, capture_output=True, env=env)
+
+
+@contextmanager
+def _database(dsn: str | None, workdir: str) -> Iterator[str]:
+    if dsn:
+        yield dsn
+        return
+    root = Path(workdir, "pg")
+    root.mkdir()
+    os.chmod(workdir, 0o755)
+    os.chmod(root, 0o755)
+    cluster = Cluster(root / "data", root / "run", port=_free_port(),
+                      settings={"max_connections": "2200", "shared_buffers": "128MB"})
+    cluster.init()
+    cluster.start()
+    try:
+        yield cluster.dsn
+    finally:
+        cluster.stop()
+
+
+# The bench.
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    workloads: tuple[str, ...] = WORKLOADS
+    targets: tuple[str, ...] = TARGETS
+    processes: int = 8
+    threads: int = 1
+    cap: int = 4
+    duration: float = 5.0
+    scale: int = 1
+    dsn: str | None = None
+    pgbouncer: str | None = None
+
+
+def run(plan: Plan) -> list[Row]:
+    """Every workload through every target; ratios filled in per workload."""
+    rows: list[Row] = []
+    workdir = tempfile.mkdtemp(prefix="pb-bench-", dir="/tmp")
+    try:
+        with _database(plan.dsn, workdir) as dsn:
+            if set(plan.workloads) - {"select1"}:
+                _ensure_pgbench_tables(dsn, plan.scale)
+            for workload in plan.workloads:
+                rows += _run_workload(plan, workload, dsn, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row]:
+    def row(target: str) -> Row:
+        return Row(workload, target, plan.processes, plan.threads, plan.duration)
+
+    rows: list[Row] = []
+    for target in plan.targets:
+        if target == "broker":
+            broker_variants = [("broker", False)]
+            if workload == "txn":
+                broker_variants.append(("broker-tx", True))
+            for name, interactive in broker_variants:
+                with _running_broker(dsn, plan.cap, workdir) as (endpoint, pid):
+                    result = _drive(row(name), lambda e=endpoint, i=interactive:
+                                    _BrokerSession(e, i), dsn, plan.scale)
+                    result.broker_peak_rss_mb = round(_peak_rss_mb(pid), 1)
+                rows.append(result)
+        elif target == "pgbouncer":
+            binary = find_pgbouncer(plan.pgbouncer)
+            if binary is None:
+                skipped = row(target)
+                skipped.skipped = "pgbouncer not installed (Debian: apt-get install pgbouncer)"
+                rows.append(skipped)
+                continue
+            with _running_pgbouncer(binary, dsn, plan.cap, workdir) as bouncer_dsn:
+                rows.append(_drive(row(target), lambda d=bouncer_dsn: _PsycopgSession(d, False),
+                                   dsn, plan.scale))
+        elif target == "direct":
+            rows.append(_drive(row(target), lambda: _PsycopgSession(dsn, True), dsn, plan.scale))
+        else:
+            raise ValueError(f"unknown target {target!r}")
+    baseline = {r.target: r.per_second for r in rows if not r.skipped}
+    for r in rows:
+        if r.skipped:
+            continue
+        if baseline.get("pgbouncer"):
+            r.vs_pgbouncer = round(r.per_second / baseline["pgbouncer"], 2)
+        if baseline.get("direct"):
+            r.vs_direct = round(r.per_second / baseline["direct"], 2)
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ("workload", "target", "clients", "ops/s", "p50 ms", "p99 ms", "max conns",
+              "errors", "vs pgbouncer", "vs direct", "broker RSS MB")
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    lines = [header]
+    for r in rows:
+        if r.skipped:
+            continue
+        clients = f"{r.processes}x{r.threads}"
+        lines.append((r.workload, r.target, clients, f"{r.per_second:,.0f}", f"{r.p50_ms:.2f}",
+                      f"{r.p99_ms:.2f}", str(r.max_server_connections), str(r.errors),
+                      ratio(r.vs_pgbouncer), ratio(r.vs_direct),
+                      "-" if r.broker_peak_rss_mb is None else f"{r.broker_peak_rss_mb:.0f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i])
+                     for i, cell in enumerate(line)).rstrip() for line in lines]
+    for r in rows:
+        if r.skipped:
+            out.append(f"{r.workload}/{r.target}: not run: {r.skipped}")
+        if r.first_error:
+            out.append(f"first error ({r.workload}/{r.target}): {r.first_error}")
+    return "\n".join(out)
+
+
+def write_json(rows: list[Row], path: str, plan: Plan) -> None:
+    document = {"plan": {k: v for k, v in asdict(plan).items() if k != "dsn"},
+                "rows": [asdict(r) for r in rows]}
+    with open(path, "w") as f:
+        json.dump(document, f, indent=2)

@@ -1,0 +1,52 @@
+"""poolbroker bench runs every target and reports honestly; figures belong to
+the bench itself, so these tests check behaviour, never speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from broker import bench
+from conftest import REPO
+
+CAP = 2
+
+
+def test_bench_runs_every_target_within_the_cap(dsn, tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "bench", "--dsn", dsn, "--workloads", "select1,txn",
+         "--processes", "3", "--threads", "2", "--cap", str(CAP), "--duration", "0.5",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    targets = {(r["workload"], r["target"]) for r in rows}
+    expected = {("select1", "broker"), ("select1", "direct"), ("txn", "broker"),
+                ("txn", "broker-tx"), ("txn", "direct")}
+    assert expected <= targets
+    pgbouncer = [r for r in rows if r["target"] == "pgbouncer"]
+    assert len(pgbouncer) == 2
+    if bench.find_pgbouncer():  # make test installs it when it can
+        assert not any(r["skipped"] for r in pgbouncer)
+    for r in rows:
+        if r["skipped"]:
+            assert r["target"] == "pgbouncer" and "not installed" in r["skipped"]
+            continue
+        assert r["operations"] > 0 and r["errors"] == 0, r
+        assert r["p50_ms"] <= r["p99_ms"]
+        if r["target"] != "direct":
+            assert 0 < r["max_server_connections"] <= CAP, r
+        assert r["vs_direct"] is not None
+    for line in ("ops/s", "vs pgbouncer", "select1", "broker-tx"):
+        assert line in result.stdout
+
+
+def test_missing_pgbouncer_is_reported_not_fatal(dsn):
+    plan = bench.Plan(workloads=("select1",), targets=("pgbouncer", "direct"), processes=1,
+                      duration=0.2, dsn=dsn, pgbouncer="/nonexistent/pgbouncer")
+    rows = bench.run(plan)
+    assert rows[0].skipped.startswith("pgbouncer not installed")
+    assert rows[1].operations > 0 and rows[1].vs_pgbouncer is None
+    assert "not run: pgbouncer not installed" in bench.format_table(rows)
