@@ -12,13 +12,14 @@ import logging
 import queue
 import select
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
 import psycopg
 import zmq
-from psycopg import pq
+from psycopg import adapt, pq
+from psycopg._queries import PostgresQuery  # psycopg's placeholder conversion, as execute() does it
 from psycopg.adapt import AdaptersMap
 from psycopg.types.json import JsonbDumper
 from psycopg.types.string import TextLoader
@@ -50,6 +51,10 @@ STREAM_CHUNK_ROWS = 1000
 is stopped after at most one chunk more than the limit."""
 
 RESULT_TOO_LARGE = "54000"  # program_limit_exceeded
+
+_CHUNKED_ROWS = pq.version() >= 170000  # PQsetChunkedRowsMode
+_ROW_STATUSES = frozenset((pq.ExecStatus.TUPLES_OK, pq.ExecStatus.TUPLES_CHUNK,
+                           pq.ExecStatus.SINGLE_TUPLE))
 
 ENDING_OPS = frozenset((OP_COMMIT, OP_ROLLBACK, OP_RESET))
 """Operations after which a pinned connection goes back to the pool."""
@@ -99,6 +104,9 @@ class Job:
     owner_pid: int = 0
     cancel_at: float = 0.0  # when the loop cancels it on the server
     cancel_reason: str = ""  # why, when it is not the client's own timeout
+    direct: bool = False  # run by the loop itself (see ServerConnection.send_direct)
+    sql: str = ""  # decoded by the loop when direct
+    params: Any = None
 
 
 class RequestError(Exception):
@@ -142,6 +150,71 @@ def _check_params(value: Any) -> Any:
     return value
 
 
+def decode_args(job: Job, arity: int, max_bytes: int) -> list:
+    body = protocol.unpack(job.body, max_bytes)
+    if not isinstance(body, list) or len(body) != arity:
+        raise RequestError("MessageError", f"{protocol.OP_NAMES[job.op]} takes {arity} arguments")
+    return body
+
+
+def decode_execute(job: Job, max_bytes: int) -> tuple[str, Any]:
+    """The checked (sql, params) of an execute outside a transaction."""
+    sql, params = decode_args(job, 2, max_bytes)
+    screen(_check_text(sql, "sql"), in_session=False)
+    return sql, _check_params(params)
+
+
+def screen(sql: str, in_session: bool) -> bool:
+    """Refuse what the broker cannot allow; True if the session needs a reset after."""
+    kind = classify(sql)
+    if kind == Kind.TRANSACTION_CONTROL:
+        raise RequestError(
+            "ProgrammingError",
+            "transaction control statements are managed by the broker: "
+            "use client.transaction() or client.batch()")
+    if kind == Kind.SESSION_STATE:
+        if not in_session:
+            raise RequestError(
+                "SessionStateRefused",
+                "this statement changes session state (SET, LISTEN, PREPARE, temp "
+                "tables, session advisory locks...) which would leak to other clients "
+                "of the shared connection; run it inside client.transaction() (the "
+                "connection is reset afterwards) or use SET LOCAL / pg_advisory_xact_lock")
+        return True
+    return False
+
+
+def failure_payload(exc: Exception, job: Job) -> dict[str, Any]:
+    """The error payload for whatever running ``job`` raised."""
+    if isinstance(exc, psycopg.Error):
+        payload = error_from_psycopg(exc)
+        if isinstance(exc, psycopg.errors.QueryCanceled) and job.cancel_reason:
+            payload["message"] = job.cancel_reason
+        return payload
+    if isinstance(exc, RequestError):
+        return error_payload(exc.kind, str(exc), exc.sqlstate)
+    if isinstance(exc, (ValueError, TypeError, OverflowError)):
+        # Undecodable body, or a value psycopg cannot adapt or we cannot send.
+        kind = "DataError" if isinstance(exc, (TypeError, OverflowError)) else "MessageError"
+        return error_payload(kind, str(exc))
+    logger.error("unexpected error running %s", protocol.OP_NAMES.get(job.op, job.op),
+                 exc_info=exc)
+    return error_payload("InternalError", f"broker error: {exc!r}")
+
+
+@dataclass(slots=True)
+class _DirectStatement:
+    """What has arrived so far of a statement the loop runs directly."""
+
+    job: Job
+    columns: list[str] | None = None
+    packed: list[bytes] = field(default_factory=list)
+    size: int = 0
+    count: int = 0
+    rowcount: int = -1
+    error: Exception | None = None
+
+
 class ServerConnection(threading.Thread):
     """Owns one psycopg connection; runs the loop's jobs one at a time."""
 
@@ -163,6 +236,8 @@ class ServerConnection(threading.Thread):
         # so a cancel meant for one statement can never hit the next one.
         self._statement_lock = threading.Lock()
         self._statement: Job | None = None
+        self._transformer: adapt.Transformer | None = None  # direct execution only
+        self._direct: _DirectStatement | None = None
 
     # Called from the loop's thread
 
@@ -186,6 +261,110 @@ class ServerConnection(threading.Thread):
                 except psycopg.Error as exc:
                     logger.warning("cancel on connection %d failed: %s", self.conn_id, exc)
         threading.Thread(target=cancel, name="poolbroker-cancel", daemon=True).start()
+
+    # Direct execution, from the loop's thread while this one is idle: an
+    # autocommit statement is sent without blocking, the loop polls
+    # ``fileno()`` and feeds ``read_direct()``.  No hand-off to this thread
+    # and back: measured, those hand-offs cost more than the statement.
+
+    def fileno(self) -> int:
+        assert self._conn is not None
+        return self._conn.pgconn.socket
+
+    def alive_before_use(self) -> bool:
+        return self._alive_before_use()
+
+    def send_direct(self, job: Job) -> None:
+        """Send ``job`` (an execute the loop decoded); raises if it cannot be sent."""
+        conn = self._conn
+        assert conn is not None
+        self._direct = _DirectStatement(job)
+        if self._transformer is None:
+            self._transformer = adapt.Transformer(conn)
+        query = PostgresQuery(self._transformer)
+        query.convert(job.sql, job.params)  # psycopg's own placeholder rules
+        pgconn = conn.pgconn
+        with self._statement_lock:
+            self._statement = job
+        if job.params is None:
+            pgconn.send_query(query.query)
+        else:
+            pgconn.send_query_params(query.query, query.params, param_formats=query.formats,
+                                     param_types=query.types)
+        if self._result_limit and _CHUNKED_ROWS:
+            pgconn.set_chunked_rows_mode(STREAM_CHUNK_ROWS)
+        while pgconn.flush():  # only for large parameters: wait until the kernel takes them
+            select.select([], [pgconn.socket], [], 1.0)
+
+    def fail_direct(self, exc: Exception) -> tuple[bytes, bytes]:
+        """The (event, reply) for a statement ``send_direct`` could not send."""
+        assert self._direct is not None
+        self._direct.error = exc
+        return self._finish_direct()
+
+    def read_direct(self) -> tuple[bytes, bytes] | None:
+        """Take what the server sent; (event, reply) once the statement is over."""
+        state = self._direct
+        assert state is not None and self._conn is not None
+        pgconn = self._conn.pgconn
+        try:
+            pgconn.consume_input()
+            while not pgconn.is_busy():
+                result = pgconn.get_result()
+                if result is None:
+                    return self._finish_direct()
+                self._take_result(state, result)
+        except psycopg.Error as exc:  # the connection was lost
+            state.error = state.error or exc
+            return self._finish_direct()
+        return None
+
+    def _take_result(self, state: _DirectStatement, result: pq.PGresult) -> None:
+        status = result.status
+        if status in _ROW_STATUSES:
+            tx = self._transformer
+            first = state.columns is None
+            tx.set_pgresult(result, set_loaders=first)
+            if first:
+                state.columns = [result.fname(i).decode() for i in range(result.nfields)]
+            rows = result.ntuples
+            if rows and state.error is None:
+                packed = protocol.pack_rows(tx.load_rows(0, rows, tuple))
+                state.packed.append(packed)
+                state.size += len(packed)
+                state.count += rows
+                if self._result_limit and state.size > self._result_limit:
+                    state.error = self._too_large(state.size)
+                    self.cancel(state.job)
+            if status == pq.ExecStatus.TUPLES_OK:
+                state.rowcount = state.count
+        elif status == pq.ExecStatus.COMMAND_OK:
+            tuples = result.command_tuples
+            state.rowcount = -1 if tuples is None else tuples
+        elif state.error is None:
+            if status == pq.ExecStatus.FATAL_ERROR:
+                state.error = psycopg.errors.error_from_result(result, encoding="utf-8")
+            else:  # COPY and the like: not something execute() can do
+                state.error = RequestError(
+                    "NotSupportedError", f"statement returned {status.name}: use "
+                    "client.transaction() for COPY")
+
+    def _finish_direct(self) -> tuple[bytes, bytes]:
+        state, self._direct = self._direct, None
+        assert state is not None and self._conn is not None
+        with self._statement_lock:
+            self._statement = None
+        job = state.job
+        broken = self._conn.pgconn.status != pq.ConnStatus.OK
+        if state.error is None:
+            reply = protocol.pack_result_reply(job.request_id, state.columns, state.packed,
+                                               state.count, state.rowcount)
+            if not self._result_limit or len(reply) <= self._result_limit:
+                return (EV_BROKEN if broken else EV_DONE), reply
+            state.error = self._too_large(len(reply))
+        payload = failure_payload(state.error, job)
+        payload["message"] = self._redact(payload["message"])
+        return (EV_BROKEN if broken else EV_FAILED), self._error_reply(job, payload)
 
     # The connection's thread
 
@@ -277,21 +456,8 @@ class ServerConnection(threading.Thread):
             if self._result_limit and len(reply) > self._result_limit:
                 raise self._too_large(len(reply))
             return reply, False
-        except psycopg.errors.QueryCanceled as exc:
-            payload = error_from_psycopg(exc)
-            if job.cancel_reason:
-                payload["message"] = job.cancel_reason
-        except psycopg.Error as exc:
-            payload = error_from_psycopg(exc)
-        except RequestError as exc:
-            payload = error_payload(exc.kind, str(exc), exc.sqlstate)
-        except (ValueError, TypeError, OverflowError) as exc:
-            # Undecodable body, or a value psycopg cannot adapt or we cannot send.
-            kind = "DataError" if isinstance(exc, (TypeError, OverflowError)) else "MessageError"
-            payload = error_payload(kind, str(exc))
         except Exception as exc:  # a bug must cost one request, not the connection thread
-            logger.exception("unexpected error running %s", protocol.OP_NAMES.get(job.op, job.op))
-            payload = error_payload("InternalError", f"broker error: {exc!r}")
+            payload = failure_payload(exc, job)
         payload["message"] = self._redact(payload["message"])
         if job.op == OP_RESET:
             logger.warning("resetting connection %d failed: %s", self.conn_id, payload["message"])
@@ -300,27 +466,10 @@ class ServerConnection(threading.Thread):
         return self._error_reply(job, payload), True
 
     def _body(self, job: Job, arity: int) -> list:
-        body = protocol.unpack(job.body, self._settings.max_message_bytes)
-        if not isinstance(body, list) or len(body) != arity:
-            raise RequestError("MessageError",
-                               f"{protocol.OP_NAMES[job.op]} takes {arity} arguments")
-        return body
+        return decode_args(job, arity, self._settings.max_message_bytes)
 
     def _screen(self, sql: str, in_session: bool) -> None:
-        kind = classify(sql)
-        if kind == Kind.TRANSACTION_CONTROL:
-            raise RequestError(
-                "ProgrammingError",
-                "transaction control statements are managed by the broker: "
-                "use client.transaction() or client.batch()")
-        if kind == Kind.SESSION_STATE:
-            if not in_session:
-                raise RequestError(
-                    "SessionStateRefused",
-                    "this statement changes session state (SET, LISTEN, PREPARE, temp "
-                    "tables, session advisory locks...) which would leak to other clients "
-                    "of the shared connection; run it inside client.transaction() (the "
-                    "connection is reset afterwards) or use SET LOCAL / pg_advisory_xact_lock")
+        if screen(sql, in_session):
             self._dirty = True
 
     def _dispatch(self, job: Job) -> Any:
@@ -328,9 +477,12 @@ class ServerConnection(threading.Thread):
         assert conn is not None
         op = job.op
         if op == OP_EXECUTE:
-            sql, params = self._body(job, 2)
-            self._screen(_check_text(sql, "sql"), job.in_session)
-            params = _check_params(params)
+            if job.direct:  # decoded and screened by the loop already
+                sql, params = job.sql, job.params
+            else:
+                sql, params = self._body(job, 2)
+                self._screen(_check_text(sql, "sql"), job.in_session)
+                params = _check_params(params)
             with conn.cursor() as cur:
                 if self._result_limit and streamable(sql):
                     return self._read_in_chunks(cur, job, sql, params)

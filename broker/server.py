@@ -36,8 +36,9 @@ from .redact import Redactor
 from .connection import (
     ENDING_OPS, EV_BROKEN, EV_CONNECT_FAILED, EV_DONE, EV_FAILED, EV_READY, EV_REQUEUE,
     OP_RESET, Job,
-    ServerConnection, build_adapters,
+    ServerConnection, build_adapters, decode_execute, failure_payload,
 )
+from .sqlscan import single_statement
 
 logger = logging.getLogger("poolbroker")
 
@@ -56,6 +57,9 @@ PEER_PROBE_INTERVAL = 1.0
 """Seconds between checks that clients holding transactions are still connected."""
 
 MAX_HEADER_BYTES = 4096
+DIRECT_MAX_BODY_BYTES = 64 * 1024
+"""Executes up to this size are decoded and run by the loop itself; larger
+ones go to the connection's thread, where sending them may block."""
 EXPIRED_SESSIONS_KEPT = 10_000
 CONNECT_BACKOFF_MIN = 0.1
 CONNECT_BACKOFF_MAX = 5.0
@@ -133,6 +137,8 @@ class Broker:
         self._router = self._context.socket(zmq.ROUTER)
         self._completions = self._context.socket(zmq.PULL)
         self._completions_endpoint = f"inproc://poolbroker-completions-{id(self)}"
+        self._poller = zmq.Poller()
+        self._direct_fds: dict[int, ServerConnection] = {}  # statements the loop runs
         self._adapters = build_adapters()
         self._redact = Redactor(settings.dsn)
         self._conns: dict[int, ServerConnection] = {}
@@ -233,15 +239,19 @@ class Broker:
             self._install_signal_handlers()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.bind()
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._completions, zmq.POLLIN)
         router, completions = self._router, self._completions
+        direct = self._direct_fds
         timeout_ms = int(HOUSEKEEPING_INTERVAL * 1000)
         try:
             while True:
                 ready = dict(poller.poll(timeout_ms))
                 now = time.monotonic()
+                if direct:
+                    for fd in [fd for fd in direct if fd in ready]:
+                        self._on_direct_input(fd, now)
                 if completions in ready:
                     while True:
                         try:
@@ -285,8 +295,10 @@ class Broker:
 
     def _reply_error(self, routing_id: bytes, request_id: Any, kind: str, message: str,
                      **extra: Any) -> None:
+        self._reply_payload(routing_id, request_id, error_payload(kind, message, **extra))
+
+    def _reply_payload(self, routing_id: bytes, request_id: Any, payload: dict[str, Any]) -> None:
         self.stats[S.REQUESTS_ERRORS] += 1
-        payload = error_payload(kind, message, **extra)
         self._reply(routing_id, protocol.pack([request_id, STATUS_ERROR, payload]))
 
     def _malformed(self, routing_id: bytes, request_id: Any, why: str) -> None:
@@ -368,6 +380,13 @@ class Broker:
         if op == OP_BEGIN:
             job.session = secrets.token_bytes(16)
             job.owner_pid = _peer_pid(frames[1])
+        elif op == OP_EXECUTE and len(job.body) <= DIRECT_MAX_BODY_BYTES:
+            try:
+                job.sql, job.params = decode_execute(job, self.settings.max_message_bytes)
+            except Exception as exc:
+                self._reply_payload(routing_id, request_id, failure_payload(exc, job))
+                return
+            job.direct = single_statement(job.sql)
         if len(self._waiting) >= self.settings.max_waiting and not self._idle:
             self.stats[S.REQUESTS_REFUSED] += 1
             self._reply_error(
@@ -417,6 +436,9 @@ class Broker:
                 self.stats[S.REQUESTS_QUEUED] += 1
                 self.stats[S.REQUESTS_WAIT_MS] += int(waited * 1000)
             conn = idle.pop()
+            if job.direct:
+                self._start_direct(conn, job, now)
+                continue
             if job.op == OP_BEGIN:
                 session = Session(job.session, job.routing_id, conn, job.owner_pid, now)
                 self._sessions[job.session] = session
@@ -442,7 +464,8 @@ class Broker:
         self._finish(job)
         self._reply_error(job.routing_id, job.request_id, kind, message, **extra)
 
-    def _start(self, conn: ServerConnection, job: Job, now: float) -> None:
+    def _arm(self, conn: ServerConnection, job: Job, now: float) -> None:
+        """Mark ``job`` running on ``conn``, with the moment it gets cancelled."""
         query_timeout = self.settings.query_timeout
         if query_timeout and now + query_timeout < job.deadline:
             job.cancel_at = now + query_timeout
@@ -451,7 +474,29 @@ class Broker:
         else:
             job.cancel_at = job.deadline
         self._running[conn.conn_id] = job
+
+    def _start(self, conn: ServerConnection, job: Job, now: float) -> None:
+        self._arm(conn, job, now)
         conn.submit(job)
+
+    def _start_direct(self, conn: ServerConnection, job: Job, now: float) -> None:
+        """Run an autocommit execute from this loop: no hand-off to the connection's thread."""
+        if not conn.alive_before_use():
+            # The server closed it while idle: run the statement on another one.
+            self.stats[S.CONNECTIONS_LOST] += 1
+            self._retire(conn)
+            conn.stop()
+            self._waiting.appendleft(job)
+            return
+        self._arm(conn, job, now)
+        try:
+            conn.send_direct(job)
+        except Exception as exc:  # bad parameters, or the connection broke
+            self._end_direct(conn, -1, conn.fail_direct(exc), now)
+            return
+        fd = conn.fileno()
+        self._direct_fds[fd] = conn
+        self._poller.register(fd, zmq.POLLIN)
 
     def _start_reset(self, conn: ServerConnection) -> None:
         """Roll back whatever the connection's transaction left open; no reply."""
@@ -498,10 +543,28 @@ class Broker:
 
     def _on_completion(self, frames: list[bytes], now: float) -> None:
         id_frame, event, routing_id, reply = frames
-        conn_id = int.from_bytes(id_frame, "big")
-        conn = self._conns.get(conn_id)
-        if conn is None:
-            return
+        conn = self._conns.get(int.from_bytes(id_frame, "big"))
+        if conn is not None:
+            self._completed(conn, event, routing_id, reply, now)
+
+    def _on_direct_input(self, fd: int, now: float) -> None:
+        conn = self._direct_fds[fd]
+        outcome = conn.read_direct()
+        if outcome is not None:
+            self._end_direct(conn, fd, outcome, now)
+
+    def _end_direct(self, conn: ServerConnection, fd: int, outcome: tuple[bytes, bytes],
+                    now: float) -> None:
+        if self._direct_fds.pop(fd, None) is not None:
+            self._poller.unregister(fd)
+        job = self._running.get(conn.conn_id)
+        event, reply = outcome
+        self._completed(conn, event, job.routing_id if job else b"", reply, now)
+
+    def _completed(self, conn: ServerConnection, event: bytes, routing_id: bytes,
+                   reply: bytes, now: float) -> None:
+        """A statement ended (or a connection opened or failed): reply and move on."""
+        conn_id = conn.conn_id
         job = self._running.pop(conn_id, None)
         self._cancelled.discard(conn_id)
         if job is not None and job.routing_id and event != EV_REQUEUE:
@@ -536,6 +599,7 @@ class Broker:
         else:  # EV_BROKEN, EV_REQUEUE
             self.stats[S.CONNECTIONS_LOST] += 1
             self._retire(conn)
+            conn.stop()  # its thread closes it (it may have stopped by itself already)
             session = self._pinned.get(conn_id)
             if session is not None:
                 self._unpin(session)

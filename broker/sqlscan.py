@@ -101,6 +101,18 @@ def _classify_statement(code: str) -> Kind:
     return Kind.PLAIN
 
 
+@lru_cache(maxsize=4096)
+def single_statement(sql: str) -> bool:
+    """Exactly one statement, and not COPY: what the loop can run directly."""
+    if ";" in sql:
+        return False
+    segments = _code_segments(sql)
+    if len(segments) != 1:
+        return False
+    words = _WORD.findall(segments[0][:40])
+    return bool(words) and words[0] != "copy"
+
+
 _ROW_STATEMENTS = frozenset(("select", "values", "table"))
 
 
