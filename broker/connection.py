@@ -105,8 +105,7 @@ class Job:
     cancel_at: float = 0.0  # when the loop cancels it on the server
     cancel_reason: str = ""  # why, when it is not the client's own timeout
     direct: bool = False  # run by the loop itself (see ServerConnection.send_direct)
-    sql: str = ""  # decoded by the loop when direct
-    params: Any = None
+    statements: list[tuple[str, Any]] | None = None  # decoded by the loop when direct
 
 
 class RequestError(Exception):
@@ -164,6 +163,22 @@ def decode_execute(job: Job, max_bytes: int) -> tuple[str, Any]:
     return sql, _check_params(params)
 
 
+def decode_batch(job: Job, max_bytes: int) -> tuple[list[tuple[str, Any]], bool]:
+    """The checked statements of a batch, and whether any changes session state."""
+    (items,) = decode_args(job, 1, max_bytes)
+    if not isinstance(items, list) or not items:
+        raise RequestError("MessageError", "batch takes a non-empty list of [sql, params]")
+    statements = []
+    dirty = False
+    for item in items:
+        if not isinstance(item, list) or len(item) != 2:
+            raise RequestError("MessageError", "each batch item is [sql, params]")
+        sql = _check_text(item[0], "sql")
+        dirty = screen(sql, in_session=True) or dirty
+        statements.append((sql, _check_params(item[1])))
+    return statements, dirty
+
+
 def screen(sql: str, in_session: bool) -> bool:
     """Refuse what the broker cannot allow; True if the session needs a reset after."""
     kind = classify(sql)
@@ -203,15 +218,24 @@ def failure_payload(exc: Exception, job: Job) -> dict[str, Any]:
 
 
 @dataclass(slots=True)
-class _DirectStatement:
-    """What has arrived so far of a statement the loop runs directly."""
+class _DirectResult:
+    """One statement's result, as it arrives: rows are packed at once."""
 
-    job: Job
     columns: list[str] | None = None
     packed: list[bytes] = field(default_factory=list)
-    size: int = 0
     count: int = 0
     rowcount: int = -1
+
+
+@dataclass(slots=True)
+class _DirectRun:
+    """A job the loop runs directly: one statement, or a pipelined batch."""
+
+    job: Job
+    pipelined: bool
+    results: list[_DirectResult] = field(default_factory=list)
+    current: int = 0  # the statement whose results arrive now
+    size: int = 0
     error: Exception | None = None
 
 
@@ -237,7 +261,7 @@ class ServerConnection(threading.Thread):
         self._statement_lock = threading.Lock()
         self._statement: Job | None = None
         self._transformer: adapt.Transformer | None = None  # direct execution only
-        self._direct: _DirectStatement | None = None
+        self._direct: _DirectRun | None = None
 
     # Called from the loop's thread
 
@@ -263,9 +287,12 @@ class ServerConnection(threading.Thread):
         threading.Thread(target=cancel, name="poolbroker-cancel", daemon=True).start()
 
     # Direct execution, from the loop's thread while this one is idle: an
-    # autocommit statement is sent without blocking, the loop polls
-    # ``fileno()`` and feeds ``read_direct()``.  No hand-off to this thread
-    # and back: measured, those hand-offs cost more than the statement.
+    # autocommit statement, or a batch, is sent without blocking; the loop
+    # polls ``fileno()`` and feeds ``read_direct()``.  No hand-off to this
+    # thread and back: measured, those hand-offs cost more than the
+    # statement.  A batch is pipelined: every statement, then one Sync, so
+    # it runs in one round trip as one implicit transaction (an error rolls
+    # all of it back, like the BEGIN/COMMIT of the thread path).
 
     def fileno(self) -> int:
         assert self._conn is not None
@@ -275,94 +302,118 @@ class ServerConnection(threading.Thread):
         return self._alive_before_use()
 
     def send_direct(self, job: Job) -> None:
-        """Send ``job`` (an execute the loop decoded); raises if it cannot be sent."""
+        """Send ``job`` (decoded by the loop); raises if it cannot be sent."""
         conn = self._conn
-        assert conn is not None
-        self._direct = _DirectStatement(job)
+        assert conn is not None and job.statements
+        pipelined = job.op == OP_BATCH
+        self._direct = direct = _DirectRun(job, pipelined)
         if self._transformer is None:
             self._transformer = adapt.Transformer(conn)
-        query = PostgresQuery(self._transformer)
-        query.convert(job.sql, job.params)  # psycopg's own placeholder rules
+        queries = []
+        for sql, params in job.statements:  # all converted before anything is sent
+            query = PostgresQuery(self._transformer)
+            query.convert(sql, params)  # psycopg's own placeholder rules
+            queries.append((query, params is None))
+            direct.results.append(_DirectResult())
         pgconn = conn.pgconn
         with self._statement_lock:
             self._statement = job
-        if job.params is None:
-            pgconn.send_query(query.query)
+        if pipelined:
+            pgconn.enter_pipeline_mode()
+            for query, _ in queries:
+                pgconn.send_query_params(query.query, query.params,
+                                         param_formats=query.formats, param_types=query.types)
+            pgconn.pipeline_sync()
         else:
-            pgconn.send_query_params(query.query, query.params, param_formats=query.formats,
-                                     param_types=query.types)
-        if self._result_limit and _CHUNKED_ROWS:
-            pgconn.set_chunked_rows_mode(STREAM_CHUNK_ROWS)
+            query, simple = queries[0]
+            if simple:
+                pgconn.send_query(query.query)
+            else:
+                pgconn.send_query_params(query.query, query.params,
+                                         param_formats=query.formats, param_types=query.types)
+            if self._result_limit and _CHUNKED_ROWS:
+                pgconn.set_chunked_rows_mode(STREAM_CHUNK_ROWS)
         while pgconn.flush():  # only for large parameters: wait until the kernel takes them
             select.select([], [pgconn.socket], [], 1.0)
 
     def fail_direct(self, exc: Exception) -> tuple[bytes, bytes]:
-        """The (event, reply) for a statement ``send_direct`` could not send."""
+        """The (event, reply) for a job ``send_direct`` could not send."""
         assert self._direct is not None
-        self._direct.error = exc
+        self._direct.error = self._direct.error or exc
         return self._finish_direct()
 
     def read_direct(self) -> tuple[bytes, bytes] | None:
-        """Take what the server sent; (event, reply) once the statement is over."""
-        state = self._direct
-        assert state is not None and self._conn is not None
+        """Take what the server sent; (event, reply) once the job is over."""
+        direct = self._direct
+        assert direct is not None and self._conn is not None
         pgconn = self._conn.pgconn
         try:
             pgconn.consume_input()
             while not pgconn.is_busy():
                 result = pgconn.get_result()
                 if result is None:
+                    if not direct.pipelined:
+                        return self._finish_direct()
+                    direct.current += 1  # the end of one statement's results
+                elif result.status == pq.ExecStatus.PIPELINE_SYNC:
+                    pgconn.exit_pipeline_mode()
                     return self._finish_direct()
-                self._take_result(state, result)
+                elif result.status != pq.ExecStatus.PIPELINE_ABORTED:
+                    index = min(direct.current, len(direct.results) - 1)
+                    self._take_result(direct, direct.results[index], result)
         except psycopg.Error as exc:  # the connection was lost
-            state.error = state.error or exc
+            direct.error = direct.error or exc
             return self._finish_direct()
         return None
 
-    def _take_result(self, state: _DirectStatement, result: pq.PGresult) -> None:
+    def _take_result(self, direct: _DirectRun, into: _DirectResult,
+                     result: pq.PGresult) -> None:
         status = result.status
         if status in _ROW_STATUSES:
             tx = self._transformer
-            first = state.columns is None
+            first = into.columns is None
             tx.set_pgresult(result, set_loaders=first)
             if first:
-                state.columns = [result.fname(i).decode() for i in range(result.nfields)]
+                into.columns = [result.fname(i).decode() for i in range(result.nfields)]
             rows = result.ntuples
-            if rows and state.error is None:
+            if rows and direct.error is None:
                 packed = protocol.pack_rows(tx.load_rows(0, rows, tuple))
-                state.packed.append(packed)
-                state.size += len(packed)
-                state.count += rows
-                if self._result_limit and state.size > self._result_limit:
-                    state.error = self._too_large(state.size)
-                    self.cancel(state.job)
+                into.packed.append(packed)
+                into.count += rows
+                direct.size += len(packed)
+                if self._result_limit and direct.size > self._result_limit:
+                    direct.error = self._too_large(direct.size)
+                    if not direct.pipelined:
+                        self.cancel(direct.job)
             if status == pq.ExecStatus.TUPLES_OK:
-                state.rowcount = state.count
+                into.rowcount = into.count
         elif status == pq.ExecStatus.COMMAND_OK:
             tuples = result.command_tuples
-            state.rowcount = -1 if tuples is None else tuples
-        elif state.error is None:
+            into.rowcount = -1 if tuples is None else tuples
+        elif direct.error is None:
             if status == pq.ExecStatus.FATAL_ERROR:
-                state.error = psycopg.errors.error_from_result(result, encoding="utf-8")
+                direct.error = psycopg.errors.error_from_result(result, encoding="utf-8")
             else:  # COPY and the like: not something execute() can do
-                state.error = RequestError(
+                direct.error = RequestError(
                     "NotSupportedError", f"statement returned {status.name}: use "
                     "client.transaction() for COPY")
 
     def _finish_direct(self) -> tuple[bytes, bytes]:
-        state, self._direct = self._direct, None
-        assert state is not None and self._conn is not None
+        direct, self._direct = self._direct, None
+        assert direct is not None and self._conn is not None
         with self._statement_lock:
             self._statement = None
-        job = state.job
+        job = direct.job
         broken = self._conn.pgconn.status != pq.ConnStatus.OK
-        if state.error is None:
-            reply = protocol.pack_result_reply(job.request_id, state.columns, state.packed,
-                                               state.count, state.rowcount)
+        if direct.error is None:
+            results = [protocol.pack_result(r.columns, r.packed, r.count, r.rowcount)
+                       for r in direct.results]
+            payload = protocol.pack_list(results) if direct.pipelined else results[0]
+            reply = protocol.pack_ok_reply(job.request_id, payload)
             if not self._result_limit or len(reply) <= self._result_limit:
                 return (EV_BROKEN if broken else EV_DONE), reply
-            state.error = self._too_large(len(reply))
-        payload = failure_payload(state.error, job)
+            direct.error = self._too_large(len(reply))
+        payload = failure_payload(direct.error, job)
         payload["message"] = self._redact(payload["message"])
         return (EV_BROKEN if broken else EV_FAILED), self._error_reply(job, payload)
 
@@ -477,12 +528,9 @@ class ServerConnection(threading.Thread):
         assert conn is not None
         op = job.op
         if op == OP_EXECUTE:
-            if job.direct:  # decoded and screened by the loop already
-                sql, params = job.sql, job.params
-            else:
-                sql, params = self._body(job, 2)
-                self._screen(_check_text(sql, "sql"), job.in_session)
-                params = _check_params(params)
+            sql, params = self._body(job, 2)
+            self._screen(_check_text(sql, "sql"), job.in_session)
+            params = _check_params(params)
             with conn.cursor() as cur:
                 if self._result_limit and streamable(sql):
                     return self._read_in_chunks(cur, job, sql, params)
@@ -539,8 +587,8 @@ class ServerConnection(threading.Thread):
             rows.close()  # psycopg cancels a statement still sending rows
         if columns is None:
             columns = self._columns_of_empty_result(cur, sql, params)
-        return _PackedReply(protocol.pack_result_reply(
-            job.request_id, columns, packed, count, count))
+        return _PackedReply(protocol.pack_ok_reply(
+            job.request_id, protocol.pack_result(columns, packed, count, count)))
 
     @staticmethod
     def _columns_of_empty_result(cur: psycopg.Cursor, sql: str, params: Any) -> list[str]:
@@ -551,16 +599,8 @@ class ServerConnection(threading.Thread):
         return [c.name for c in cur.description]
 
     def _run_batch(self, job: Job) -> list:
-        (items,) = self._body(job, 1)
-        if not isinstance(items, list) or not items:
-            raise RequestError("MessageError", "batch takes a non-empty list of [sql, params]")
-        statements = []
-        for item in items:
-            if not isinstance(item, list) or len(item) != 2:
-                raise RequestError("MessageError", "each batch item is [sql, params]")
-            sql = _check_text(item[0], "sql")
-            self._screen(sql, in_session=True)
-            statements.append((sql, _check_params(item[1])))
+        statements, dirty = decode_batch(job, self._settings.max_message_bytes)
+        self._dirty = self._dirty or dirty
         conn = self._conn
         assert conn is not None
         results = []

@@ -36,7 +36,7 @@ from .redact import Redactor
 from .connection import (
     ENDING_OPS, EV_BROKEN, EV_CONNECT_FAILED, EV_DONE, EV_FAILED, EV_READY, EV_REQUEUE,
     OP_RESET, Job,
-    ServerConnection, build_adapters, decode_execute, failure_payload,
+    ServerConnection, build_adapters, decode_batch, decode_execute, failure_payload,
 )
 from .sqlscan import single_statement
 
@@ -72,6 +72,7 @@ REPLY_QUEUE_LIMIT = 1000
 dropped (counted as undeliverable), so a stuck client cannot grow the broker."""
 
 _PROBE = protocol.pack([protocol.PROBE_REQUEST_ID, STATUS_OK, None])
+_DIRECT_OPS = frozenset((OP_EXECUTE, OP_BATCH))
 _POOLED_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_BATCH, OP_BEGIN))
 _SESSION_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_COMMIT, OP_ROLLBACK))
 
@@ -380,13 +381,12 @@ class Broker:
         if op == OP_BEGIN:
             job.session = secrets.token_bytes(16)
             job.owner_pid = _peer_pid(frames[1])
-        elif op == OP_EXECUTE and len(job.body) <= DIRECT_MAX_BODY_BYTES:
+        elif op in _DIRECT_OPS and len(job.body) <= DIRECT_MAX_BODY_BYTES:
             try:
-                job.sql, job.params = decode_execute(job, self.settings.max_message_bytes)
+                self._decode_for_direct(job)
             except Exception as exc:
                 self._reply_payload(routing_id, request_id, failure_payload(exc, job))
                 return
-            job.direct = single_statement(job.sql)
         if len(self._waiting) >= self.settings.max_waiting and not self._idle:
             self.stats[S.REQUESTS_REFUSED] += 1
             self._reply_error(
@@ -398,6 +398,19 @@ class Broker:
         self._admit(job)
         self._waiting.append(job)
         self._dispatch(now)
+
+    def _decode_for_direct(self, job: Job) -> None:
+        """Decode and screen an execute or a batch; mark it for the loop to run
+        when it is plain single statements (anything else goes to a thread)."""
+        max_bytes = self.settings.max_message_bytes
+        if job.op == OP_EXECUTE:
+            sql, params = decode_execute(job, max_bytes)
+            statements, dirty = [(sql, params)], False
+        else:
+            statements, dirty = decode_batch(job, max_bytes)
+        if not dirty and all(single_statement(sql) for sql, _ in statements):
+            job.statements = statements
+            job.direct = True
 
     def _on_session_request(self, job: Job, token: bytes, now: float) -> None:
         session = self._sessions.get(token)

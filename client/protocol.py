@@ -178,26 +178,38 @@ def pack(obj: Any) -> bytes:
 
 
 def pack_rows(rows: list) -> bytes:
-    """Rows as consecutive msgpack arrays, to splice into ``pack_result_reply``."""
+    """Rows as consecutive msgpack arrays, to splice into ``pack_result``."""
     packer = msgpack.Packer(default=_encode_ext, use_bin_type=True, autoreset=False)
     for row in rows:
         packer.pack(row)
     return packer.bytes()
 
 
-def pack_result_reply(request_id: int, columns: list[str], packed_rows: list[bytes],
-                      row_count: int, rowcount: int) -> bytes:
-    """``pack([request_id, STATUS_OK, [columns, rows, rowcount]])`` from rows
-    packed beforehand (so that their size was known while they were read)."""
+def pack_result(columns: list[str] | None, packed_rows: list[bytes], row_count: int,
+                rowcount: int) -> bytes:
+    """``pack([columns, rows, rowcount])`` from rows packed beforehand (so that
+    their size was known while they were read)."""
     packer = msgpack.Packer(use_bin_type=True, autoreset=False)
-    packer.pack_array_header(3)
-    packer.pack(request_id)
-    packer.pack(STATUS_OK)
     packer.pack_array_header(3)
     packer.pack(columns)
     packer.pack_array_header(row_count)
-    head = packer.bytes()
-    return b"".join((head, *packed_rows, _pack(rowcount)))
+    return b"".join((packer.bytes(), *packed_rows, _pack(rowcount)))
+
+
+def pack_list(packed_items: list[bytes]) -> bytes:
+    """``pack(list)`` of items packed beforehand."""
+    packer = msgpack.Packer(autoreset=False)
+    packer.pack_array_header(len(packed_items))
+    return b"".join((packer.bytes(), *packed_items))
+
+
+def pack_ok_reply(request_id: int, packed_payload: bytes) -> bytes:
+    """``pack([request_id, STATUS_OK, payload])`` with the payload packed beforehand."""
+    packer = msgpack.Packer(autoreset=False)
+    packer.pack_array_header(3)
+    packer.pack(request_id)
+    packer.pack(STATUS_OK)
+    return packer.bytes() + packed_payload
 
 
 def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
