@@ -106,6 +106,7 @@ class Job:
     cancel_reason: str = ""  # why, when it is not the client's own timeout
     direct: bool = False  # run by the loop itself (see ServerConnection.send_direct)
     statements: list[tuple[str, Any]] | None = None  # decoded by the loop when direct
+    dirty: bool = False  # changes session state (allowed inside a transaction)
 
 
 class RequestError(Exception):
@@ -156,11 +157,11 @@ def decode_args(job: Job, arity: int, max_bytes: int) -> list:
     return body
 
 
-def decode_execute(job: Job, max_bytes: int) -> tuple[str, Any]:
-    """The checked (sql, params) of an execute outside a transaction."""
+def decode_execute(job: Job, max_bytes: int) -> tuple[str, Any, bool]:
+    """The checked (sql, params) of an execute, and whether it changes session state."""
     sql, params = decode_args(job, 2, max_bytes)
-    screen(_check_text(sql, "sql"), in_session=False)
-    return sql, _check_params(params)
+    dirty = screen(_check_text(sql, "sql"), job.in_session)
+    return sql, _check_params(params), dirty
 
 
 def decode_batch(job: Job, max_bytes: int) -> tuple[list[tuple[str, Any]], bool]:
@@ -294,6 +295,14 @@ class ServerConnection(threading.Thread):
     # it runs in one round trip as one implicit transaction (an error rolls
     # all of it back, like the BEGIN/COMMIT of the thread path).
 
+    def transaction_lost(self, job: Job) -> tuple[bytes, bytes, bytes]:
+        """(event, routing id, reply) for a job whose pinned connection died."""
+        reply = self._error_reply(job, error_payload(
+            "OperationalError",
+            "the server connection of this transaction was lost; "
+            "the transaction was rolled back by the server", "08006"))
+        return EV_BROKEN, job.routing_id, reply
+
     def fileno(self) -> int:
         assert self._conn is not None
         return self._conn.pgconn.socket
@@ -318,6 +327,8 @@ class ServerConnection(threading.Thread):
         pgconn = conn.pgconn
         with self._statement_lock:
             self._statement = job
+        if job.dirty:  # session state set inside a transaction: reset when it ends
+            self._dirty = True
         if pipelined:
             pgconn.enter_pipeline_mode()
             for query, _ in queries:
@@ -453,11 +464,7 @@ class ServerConnection(threading.Thread):
         while (job := self._jobs.get()) is not None:
             if not self._alive_before_use():
                 if job.in_session or job.op == OP_RESET:
-                    reply = self._error_reply(job, error_payload(
-                        "OperationalError",
-                        "the server connection of this transaction was lost; "
-                        "the transaction was rolled back by the server", "08006"))
-                    push.send_multipart([self._id_frame, EV_BROKEN, job.routing_id, reply])
+                    push.send_multipart([self._id_frame, *self.transaction_lost(job)])
                 else:
                     push.send_multipart([self._id_frame, EV_REQUEUE, job.routing_id, b""])
                 return

@@ -404,12 +404,15 @@ class Broker:
         when it is plain single statements (anything else goes to a thread)."""
         max_bytes = self.settings.max_message_bytes
         if job.op == OP_EXECUTE:
-            sql, params = decode_execute(job, max_bytes)
-            statements, dirty = [(sql, params)], False
+            sql, params, dirty = decode_execute(job, max_bytes)
+            statements = [(sql, params)]
         else:
             statements, dirty = decode_batch(job, max_bytes)
-        if not dirty and all(single_statement(sql) for sql, _ in statements):
+        # A batch that changes session state needs the thread's DISCARD ALL
+        # after it; inside a transaction, COMMIT/ROLLBACK does the reset.
+        if (job.in_session or not dirty) and all(single_statement(s) for s, _ in statements):
             job.statements = statements
+            job.dirty = dirty
             job.direct = True
 
     def _on_session_request(self, job: Job, token: bytes, now: float) -> None:
@@ -434,8 +437,18 @@ class Broker:
         job.session = token
         if job.op in ENDING_OPS:
             del self._sessions[token]
+        if job.op == OP_EXECUTE and len(job.body) <= DIRECT_MAX_BODY_BYTES:
+            try:
+                self._decode_for_direct(job)
+            except Exception as exc:
+                session.busy = False
+                self._reply_payload(job.routing_id, job.request_id, failure_payload(exc, job))
+                return
         self._admit(job)
-        self._start(session.conn, job, now)
+        if job.direct:
+            self._start_direct(session.conn, job, now)
+        else:
+            self._start(session.conn, job, now)
 
     def _dispatch(self, now: float) -> None:
         waiting, idle = self._waiting, self._idle
@@ -495,6 +508,11 @@ class Broker:
     def _start_direct(self, conn: ServerConnection, job: Job, now: float) -> None:
         """Run an autocommit execute from this loop: no hand-off to the connection's thread."""
         if not conn.alive_before_use():
+            if job.in_session:
+                self._running[conn.conn_id] = job
+                event, routing_id, reply = conn.transaction_lost(job)
+                self._completed(conn, event, routing_id, reply, now)
+                return
             # The server closed it while idle: run the statement on another one.
             self.stats[S.CONNECTIONS_LOST] += 1
             self._retire(conn)
