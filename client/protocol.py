@@ -160,8 +160,18 @@ def _decode_ext(code: int, data: bytes) -> Any:
         raise ValueError(f"invalid payload for ext type {code}: {exc!r}") from None
 
 
+# msgpack's Packer starts with a 256 KiB buffer; allocating that for every
+# small message showed in the broker's profile.  Buffers grow as needed.
+_SMALL_BUFFER = 4096
+
+
+def _packer(autoreset: bool = True) -> msgpack.Packer:
+    return msgpack.Packer(default=_encode_ext, use_bin_type=True, autoreset=autoreset,
+                          buf_size=_SMALL_BUFFER)
+
+
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, default=_encode_ext, use_bin_type=True)
+    return _packer().pack(obj)
 
 
 def _unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
@@ -179,7 +189,7 @@ def pack(obj: Any) -> bytes:
 
 def pack_rows(rows: list) -> bytes:
     """Rows as consecutive msgpack arrays, to splice into ``pack_result``."""
-    packer = msgpack.Packer(default=_encode_ext, use_bin_type=True, autoreset=False)
+    packer = _packer(autoreset=False)
     for row in rows:
         packer.pack(row)
     return packer.bytes()
@@ -189,7 +199,7 @@ def pack_result(columns: list[str] | None, packed_rows: list[bytes], row_count: 
                 rowcount: int) -> bytes:
     """``pack([columns, rows, rowcount])`` from rows packed beforehand (so that
     their size was known while they were read)."""
-    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    packer = _packer(autoreset=False)
     packer.pack_array_header(3)
     packer.pack(columns)
     packer.pack_array_header(row_count)
@@ -198,14 +208,14 @@ def pack_result(columns: list[str] | None, packed_rows: list[bytes], row_count: 
 
 def pack_list(packed_items: list[bytes]) -> bytes:
     """``pack(list)`` of items packed beforehand."""
-    packer = msgpack.Packer(autoreset=False)
+    packer = _packer(autoreset=False)
     packer.pack_array_header(len(packed_items))
     return b"".join((packer.bytes(), *packed_items))
 
 
 def pack_ok_reply(request_id: int, packed_payload: bytes) -> bytes:
     """``pack([request_id, STATUS_OK, payload])`` with the payload packed beforehand."""
-    packer = msgpack.Packer(autoreset=False)
+    packer = _packer(autoreset=False)
     packer.pack_array_header(3)
     packer.pack(request_id)
     packer.pack(STATUS_OK)
