@@ -1,9 +1,12 @@
-"""One server connection and the thread that runs statements on it.
+"""One server connection, and the two ways statements run on it.
 
-The broker's loop never blocks on the database: it hands a job to the
-connection's thread, which decodes the body, runs it with psycopg, packs
-the reply and pushes a completion event back to the loop.  Connecting
-happens on that thread too, off the loop.
+Direct: the loop sends a plain statement or a batch with non-blocking
+libpq calls and reads the results when the socket is readable (the hot
+path, no thread hand-off).  Threaded: for everything else the loop hands
+a job to the connection's thread, which runs it with psycopg, packs the
+reply and pushes a completion event back.  Connecting happens on that
+thread too, off the loop.  Never both at once: the loop only runs a
+statement directly while the thread waits for a job.
 """
 
 from __future__ import annotations

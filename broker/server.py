@@ -1,11 +1,14 @@
 """The broker: one loop that owns every server connection.
 
-Clients talk to a ROUTER socket; each server connection has a thread
-that runs statements (``connection.py``) and pushes completions back to
-an inproc PULL socket.  This loop polls both, keeps the FIFO queue of
-requests waiting for a connection, pins connections to transactions,
-and enforces the cap, the deadlines and the leases.  It never blocks on
-the database.
+Clients talk to a ROUTER socket.  Plain statements and batches (the hot
+path) are run by this loop itself: sent with non-blocking libpq calls on
+an idle connection, whose socket joins the poller until the results are
+in.  Everything else (BEGIN/COMMIT, executemany, multi-statement strings,
+anything that must reset session state) goes to the connection's own
+thread (``connection.py``), which pushes completions back to an inproc
+PULL socket.  The loop keeps the FIFO queue of requests waiting for a
+connection, pins connections to transactions, and enforces the cap, the
+deadlines and the leases.  It never blocks on the database.
 """
 
 from __future__ import annotations
