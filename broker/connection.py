@@ -298,6 +298,12 @@ class ServerConnection(threading.Thread):
     # it runs in one round trip as one implicit transaction (an error rolls
     # all of it back, like the BEGIN/COMMIT of the thread path).
 
+    @property
+    def needs_reset(self) -> bool:
+        """Session state was changed in the open transaction: end it on the thread,
+        which runs DISCARD ALL after."""
+        return self._dirty
+
     def transaction_lost(self, job: Job) -> tuple[bytes, bytes, bytes]:
         """(event, routing id, reply) for a job whose pinned connection died."""
         reply = self._error_reply(job, error_payload(
@@ -420,9 +426,12 @@ class ServerConnection(threading.Thread):
         job = direct.job
         broken = self._conn.pgconn.status != pq.ConnStatus.OK
         if direct.error is None:
-            results = [protocol.pack_result(r.columns, r.packed, r.count, r.rowcount)
-                       for r in direct.results]
-            payload = protocol.pack_list(results) if direct.pipelined else results[0]
+            if job.op == OP_EXECUTE or job.op == OP_BATCH:
+                results = [protocol.pack_result(r.columns, r.packed, r.count, r.rowcount)
+                           for r in direct.results]
+                payload = protocol.pack_list(results) if direct.pipelined else results[0]
+            else:  # BEGIN answers with the session's token; COMMIT/ROLLBACK with nil
+                payload = protocol.pack(job.session if job.op == OP_BEGIN else None)
             reply = protocol.pack_ok_reply(job.request_id, payload)
             if not self._result_limit or len(reply) <= self._result_limit:
                 return (EV_BROKEN if broken else EV_DONE), reply

@@ -76,6 +76,9 @@ dropped (counted as undeliverable), so a stuck client cannot grow the broker."""
 
 _PROBE = protocol.pack([protocol.PROBE_REQUEST_ID, STATUS_OK, None])
 _DIRECT_OPS = frozenset((OP_EXECUTE, OP_BATCH))
+_BEGIN = [("BEGIN", None)]
+# Ending a transaction directly needs no DISCARD ALL (the thread does that).
+_DIRECT_ENDINGS = {OP_COMMIT: [("COMMIT", None)], OP_ROLLBACK: [("ROLLBACK", None)]}
 _POOLED_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_BATCH, OP_BEGIN))
 _SESSION_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_COMMIT, OP_ROLLBACK))
 
@@ -384,6 +387,8 @@ class Broker:
         if op == OP_BEGIN:
             job.session = secrets.token_bytes(16)
             job.owner_pid = _peer_pid(frames[1])
+            job.statements = _BEGIN
+            job.direct = True
         elif op in _DIRECT_OPS and len(job.body) <= DIRECT_MAX_BODY_BYTES:
             try:
                 self._decode_for_direct(job)
@@ -447,6 +452,9 @@ class Broker:
                 session.busy = False
                 self._reply_payload(job.routing_id, job.request_id, failure_payload(exc, job))
                 return
+        elif job.op in _DIRECT_ENDINGS and not session.conn.needs_reset:
+            job.statements = _DIRECT_ENDINGS[job.op]
+            job.direct = True
         self._admit(job)
         if job.direct:
             self._start_direct(session.conn, job, now)
@@ -469,12 +477,15 @@ class Broker:
                 self._start_direct(conn, job, now)
                 continue
             if job.op == OP_BEGIN:
-                session = Session(job.session, job.routing_id, conn, job.owner_pid, now)
-                self._sessions[job.session] = session
-                self._pinned[conn.conn_id] = session
+                self._pin(conn, job, now)
             self._start(conn, job, now)
         if waiting:
             self._grow(now)
+
+    def _pin(self, conn: ServerConnection, job: Job, now: float) -> None:
+        session = Session(job.session, job.routing_id, conn, job.owner_pid, now)
+        self._sessions[job.session] = session
+        self._pinned[conn.conn_id] = session
 
     def _admit(self, job: Job) -> None:
         routing_id = job.routing_id
@@ -522,6 +533,8 @@ class Broker:
             conn.stop()
             self._waiting.appendleft(job)
             return
+        if job.op == OP_BEGIN:
+            self._pin(conn, job, now)
         self._arm(conn, job, now)
         try:
             conn.send_direct(job)
