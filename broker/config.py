@@ -41,7 +41,7 @@ class Settings:
     """Largest request the broker accepts."""
     max_result_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest reply (rows, packed) the broker builds; larger results fail.
-    0 lifts the limit and reads results whole, which is faster for small ones."""
+    0 lifts the limit: results are read whole, with no bound on memory."""
     max_client_requests: int = 100
     """Requests one client socket may have queued or running at once."""
     query_timeout: float = 0.0
