@@ -1,0 +1,47 @@
+"""The loop prepares repeated statements on its connections, and never lets a
+dropped or outdated prepared statement cost more than one clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+import client
+
+PREPARED = "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '\\_pb\\_%%'"
+
+
+def test_repeated_statements_are_prepared_and_correct(start_broker):
+    c = start_broker(max_connections=1).client
+    for n in range(10):
+        assert c.execute("SELECT %s::int * 2, %s::text", [n, str(n)]).rows == [(2 * n, str(n))]
+    assert c.execute(PREPARED, []).rows[0][0] >= 1
+    # A parameter error is the same whether prepared or not.
+    with pytest.raises(client.DataError):
+        c.execute("SELECT %s::int * 2, %s::text", ["x", "y"])
+    assert c.execute("SELECT %s::int * 2, %s::text", [4, "4"]).rows == [(8, "4")]
+
+
+def test_discard_all_after_a_transaction_drops_nothing_we_rely_on(start_broker):
+    c = start_broker(max_connections=1).client
+    for n in range(3):
+        c.execute("SELECT %s::int", [n])
+    with c.transaction() as tx:  # session state: DISCARD ALL runs at the end
+        tx.execute("SET search_path = public")
+    assert c.execute(PREPARED, []).rows[0][0] <= 1  # only this query's own
+    for n in range(3):
+        assert c.execute("SELECT %s::int", [n]).rows == [(n,)]
+
+
+def test_a_changed_table_costs_at_most_one_error(start_broker, admin):
+    admin.execute("DROP TABLE IF EXISTS prepared_shape")
+    admin.execute("CREATE TABLE prepared_shape (id int PRIMARY KEY, a text)")
+    admin.execute("INSERT INTO prepared_shape VALUES (1, 'x')")
+    c = start_broker(max_connections=1).client
+    for _ in range(3):
+        assert c.execute("SELECT * FROM prepared_shape WHERE id = %s", [1]).rows == [(1, "x")]
+    admin.execute("ALTER TABLE prepared_shape ADD COLUMN b int DEFAULT 7")
+    try:
+        c.execute("SELECT * FROM prepared_shape WHERE id = %s", [1])
+    except client.NotSupportedError as exc:  # "cached plan must not change result type"
+        assert exc.sqlstate == "0A000"
+    assert c.execute("SELECT * FROM prepared_shape WHERE id = %s", [1]).rows == [(1, "x", 7)]
