@@ -247,6 +247,7 @@ class _DirectRun:
     results: list[_DirectResult] = field(default_factory=list)
     current: int = 0  # the statement whose results arrive now (-1: the PREPARE)
     preparing: tuple[tuple, bytes] | None = None  # (key, name) being prepared
+    by_name: bool = False  # ran a statement prepared earlier
     size: int = 0
     error: Exception | None = None
 
@@ -381,6 +382,7 @@ class ServerConnection(threading.Thread):
                                          param_formats=query.formats, param_types=query.types)
             else:
                 pgconn.send_query_prepared(name, query.params, param_formats=query.formats)
+                direct.by_name = True
         if self._result_limit and _CHUNKED_ROWS:
             pgconn.set_chunked_rows_mode(STREAM_CHUNK_ROWS)
         self._flush(pgconn)
@@ -422,6 +424,8 @@ class ServerConnection(threading.Thread):
                 result = pgconn.get_result()
                 if result is None:
                     if not direct.pipelined:
+                        if self._rerun_unprepared(direct):
+                            return None
                         return self._finish_direct()
                     direct.current += 1  # the end of one statement's results
                     if direct.preparing and direct.current == 0:
@@ -438,6 +442,18 @@ class ServerConnection(threading.Thread):
             direct.error = direct.error or exc
             return self._finish_direct()
         return None
+
+    def _rerun_unprepared(self, direct: _DirectRun) -> bool:
+        """A prepared statement whose table changed shape fails before it runs
+        (0A000, "cached plan must not change result type").  Outside a
+        transaction nothing happened: forget the cache and run it again."""
+        error = direct.error
+        if not (direct.by_name and isinstance(error, psycopg.Error)
+                and error.sqlstate == "0A000" and not direct.job.in_session):
+            return False
+        self._forget_prepared()
+        self.send_direct(direct.job)
+        return True
 
     def _read_prepared_in_chunks(self, pgconn: pq.PGconn) -> None:
         # Chunked mode can only be set for the query at the pipeline's head.
