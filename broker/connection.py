@@ -16,7 +16,6 @@ import queue
 import select
 import threading
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 import psycopg
@@ -35,7 +34,7 @@ from client.protocol import (
 
 from .config import Settings
 from .redact import Redactor
-from .sqlscan import Kind, classify, streamable
+from .sqlscan import Kind, classify, single_statement
 
 logger = logging.getLogger("poolbroker.connection")
 
@@ -132,6 +131,10 @@ class _PackedReply(bytes):
     """A reply built while the rows were read; sent as it is."""
 
 
+class _PackedError(bytes):
+    """An error reply built by the direct machinery; sent as it is."""
+
+
 def error_from_psycopg(exc: psycopg.Error) -> dict[str, Any]:
     kind = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in _DBAPI_NAMES),
                 "DatabaseError")
@@ -188,6 +191,16 @@ def decode_batch(job: Job, max_bytes: int) -> tuple[list[tuple[str, Any]], bool]
         dirty = screen(sql, in_session=True) or dirty
         statements.append((sql, _check_params(item[1])))
     return statements, dirty
+
+
+def runs_direct(job: Job, statements: list[tuple[str, Any]], dirty: bool) -> bool:
+    """Whether the direct machinery can run these statements (see send_direct),
+    and if so mark ``job`` with them: plain single statements, and no session
+    state to reset after, unless a transaction's end will reset it."""
+    if (dirty and not job.in_session) or not all(single_statement(s) for s, _ in statements):
+        return False
+    job.statements, job.dirty, job.direct = statements, dirty, True
+    return True
 
 
 def screen(sql: str, in_session: bool) -> bool:
@@ -316,8 +329,11 @@ class ServerConnection(threading.Thread):
         which runs DISCARD ALL after."""
         return self._dirty
 
-    def transaction_lost(self, job: Job) -> tuple[bytes, bytes, bytes]:
-        """(event, routing id, reply) for a job whose pinned connection died."""
+    def lost_before_use(self, job: Job) -> tuple[bytes, bytes, bytes]:
+        """(event, routing id, reply) for a job whose connection turned out dead:
+        run elsewhere, unless it belonged to the connection's transaction."""
+        if not (job.in_session or job.op == OP_RESET):
+            return EV_REQUEUE, job.routing_id, b""
         reply = self._error_reply(job, error_payload(
             "OperationalError",
             "the server connection of this transaction was lost; "
@@ -561,10 +577,7 @@ class ServerConnection(threading.Thread):
         push.send_multipart([self._id_frame, EV_READY, b"", b""])
         while (job := self._jobs.get()) is not None:
             if not self._alive_before_use():
-                if job.in_session or job.op == OP_RESET:
-                    push.send_multipart([self._id_frame, *self.transaction_lost(job)])
-                else:
-                    push.send_multipart([self._id_frame, EV_REQUEUE, job.routing_id, b""])
+                push.send_multipart([self._id_frame, *self.lost_before_use(job)])
                 return
             reply, failed = self._run(job)
             broken = self._conn.closed
@@ -606,8 +619,8 @@ class ServerConnection(threading.Thread):
                     self._statement = None
             if job.op == OP_RESET:
                 return b"", False
-            if isinstance(result, _PackedReply):
-                return result, False
+            if isinstance(result, (_PackedReply, _PackedError)):
+                return result, isinstance(result, _PackedError)
             reply = protocol.pack([job.request_id, STATUS_OK, result])
             if self._result_limit and len(reply) > self._result_limit:
                 raise self._too_large(len(reply))
@@ -621,29 +634,22 @@ class ServerConnection(threading.Thread):
             return b"", True
         return self._error_reply(job, payload), True
 
-    def _body(self, job: Job, arity: int) -> list:
-        return decode_args(job, arity, self._settings.max_message_bytes)
-
-    def _screen(self, sql: str, in_session: bool) -> None:
-        if screen(sql, in_session):
-            self._dirty = True
-
     def _dispatch(self, job: Job) -> Any:
         conn = self._conn
         assert conn is not None
         op = job.op
+        max_bytes = self._settings.max_message_bytes
         if op == OP_EXECUTE:
-            sql, params = self._body(job, 2)
-            self._screen(_check_text(sql, "sql"), job.in_session)
-            params = _check_params(params)
+            sql, params, dirty = decode_execute(job, max_bytes)
+            if runs_direct(job, [(sql, params)], dirty):
+                return self._run_direct_here(job)
+            self._dirty = self._dirty or dirty
             with conn.cursor() as cur:
-                if self._result_limit and streamable(sql):
-                    return self._read_in_chunks(cur, job, sql, params)
                 cur.execute(sql, params)
                 return _result_payload(cur)
         if op == OP_EXECUTEMANY:
-            sql, seq = self._body(job, 2)
-            self._screen(_check_text(sql, "sql"), job.in_session)
+            sql, seq = decode_args(job, 2, max_bytes)
+            self._dirty = screen(_check_text(sql, "sql"), job.in_session) or self._dirty
             if not isinstance(seq, list):
                 raise RequestError("MessageError", "executemany takes a list of parameter sets")
             seq = [_check_params(p) for p in seq]
@@ -670,42 +676,27 @@ class ServerConnection(threading.Thread):
             f"{size} read before stopping); the statement was cancelled: fetch it in "
             "pieces with client.stream()", RESULT_TOO_LARGE)
 
-    def _read_in_chunks(self, cur: psycopg.Cursor, job: Job, sql: str,
-                        params: Any) -> _PackedReply:
-        """Run a row-returning statement, packing rows as they arrive and
-        stopping (the server cancels) once they exceed max_result_bytes."""
-        limit = self._result_limit
-        packed: list[bytes] = []
-        size = count = 0
-        columns: list[str] | None = None
-        rows = cur.stream(sql, params, size=STREAM_CHUNK_ROWS)
+    def _run_direct_here(self, job: Job) -> bytes:
+        """Run a decoded job through the direct machinery on this thread,
+        waiting for the socket: the same chunked reads, pipelining and
+        prepared statements as the loop's, for jobs too big to send from it."""
         try:
-            while chunk := list(islice(rows, STREAM_CHUNK_ROWS)):
-                if columns is None:
-                    columns = [c.name for c in cur.description]
-                packed.append(protocol.pack_rows(chunk))
-                size += len(packed[-1])
-                count += len(chunk)
-                if size > limit:
-                    raise self._too_large(size)
-        finally:
-            rows.close()  # psycopg cancels a statement still sending rows
-        if columns is None:
-            columns = self._columns_of_empty_result(cur, sql, params)
-        return _PackedReply(protocol.pack_ok_reply(
-            job.request_id, protocol.pack_result(columns, packed, count, count)))
+            self.send_direct(job)
+        except Exception as exc:
+            event, reply = self.fail_direct(exc)
+        else:
+            while (outcome := self.read_direct()) is None:
+                select.select([self.fileno()], [], [])
+            event, reply = outcome
+        if event == EV_BROKEN:
+            self._conn.close()
+        return (_PackedReply if event == EV_DONE else _PackedError)(reply)
 
-    @staticmethod
-    def _columns_of_empty_result(cur: psycopg.Cursor, sql: str, params: Any) -> list[str]:
-        # psycopg's stream() drops the description of an empty result.  The
-        # statement is one plain query (sqlscan.streamable); under LIMIT 0
-        # the server plans it without producing a row or calling anything.
-        cur.execute(f"SELECT * FROM (\n{sql}\n) AS poolbroker_empty LIMIT 0", params)
-        return [c.name for c in cur.description]
-
-    def _run_batch(self, job: Job) -> list:
+    def _run_batch(self, job: Job) -> list | bytes:
         statements, dirty = decode_batch(job, self._settings.max_message_bytes)
-        self._dirty = self._dirty or dirty
+        if runs_direct(job, statements, dirty):
+            return self._run_direct_here(job)
+        self._dirty = dirty or self._dirty
         conn = self._conn
         assert conn is not None
         results = []

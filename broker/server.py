@@ -39,9 +39,8 @@ from .redact import Redactor
 from .connection import (
     ENDING_OPS, EV_BROKEN, EV_CONNECT_FAILED, EV_DONE, EV_FAILED, EV_READY, EV_REQUEUE,
     OP_RESET, Job,
-    ServerConnection, build_adapters, decode_batch, decode_execute, failure_payload,
+    ServerConnection, build_adapters, decode_batch, decode_execute, failure_payload, runs_direct,
 )
-from .sqlscan import single_statement
 
 logger = logging.getLogger("poolbroker")
 
@@ -52,9 +51,10 @@ OWNER_CHECK_INTERVAL = 0.25
 """Seconds between checks that the processes owning transactions are alive."""
 
 GIL_SWITCH_INTERVAL = 0.0001
-"""The loop and the connection threads hand work to each other constantly;
-with Python's default 5 ms interval a woken thread waits for the GIL.
-Measured: 8 clients, cap 4, SELECT 1: 3,725 -> 5,349 q/s."""
+"""Work that goes to a connection's thread (transactions that reset session
+state, executemany...) is handed back and forth; with Python's default 5 ms
+interval a woken thread waits for the GIL.  Measured when every statement
+took that path: 8 clients, cap 4, SELECT 1: 3,725 -> 5,349 q/s."""
 
 PEER_PROBE_INTERVAL = 1.0
 """Seconds between checks that clients holding transactions are still connected."""
@@ -148,6 +148,9 @@ class Broker:
         self._direct_fds: dict[int, ServerConnection] = {}  # statements the loop runs
         self._adapters = build_adapters()
         self._redact = Redactor(settings.dsn)
+        self._query_timeout_reason = (
+            f"the statement ran longer than query_timeout ({settings.query_timeout:g} s) "
+            "and was cancelled on the server")
         self._conns: dict[int, ServerConnection] = {}
         self._idle: list[ServerConnection] = []
         self._opening = 0
@@ -389,12 +392,8 @@ class Broker:
             job.owner_pid = _peer_pid(frames[1])
             job.statements = _BEGIN
             job.direct = True
-        elif op in _DIRECT_OPS and len(job.body) <= DIRECT_MAX_BODY_BYTES:
-            try:
-                self._decode_for_direct(job)
-            except Exception as exc:
-                self._reply_payload(routing_id, request_id, failure_payload(exc, job))
-                return
+        elif op in _DIRECT_OPS and not self._decode_for_direct(job):
+            return
         if len(self._waiting) >= self.settings.max_waiting and not self._idle:
             self.stats[S.REQUESTS_REFUSED] += 1
             self._reply_error(
@@ -407,21 +406,24 @@ class Broker:
         self._waiting.append(job)
         self._dispatch(now)
 
-    def _decode_for_direct(self, job: Job) -> None:
+    def _decode_for_direct(self, job: Job) -> bool:
         """Decode and screen an execute or a batch; mark it for the loop to run
-        when it is plain single statements (anything else goes to a thread)."""
+        when it is plain single statements (anything else goes to a thread).
+        False if it was refused (and answered)."""
+        if len(job.body) > DIRECT_MAX_BODY_BYTES:
+            return True  # decoding it here would stall the loop: the thread does
         max_bytes = self.settings.max_message_bytes
-        if job.op == OP_EXECUTE:
-            sql, params, dirty = decode_execute(job, max_bytes)
-            statements = [(sql, params)]
-        else:
-            statements, dirty = decode_batch(job, max_bytes)
-        # A batch that changes session state needs the thread's DISCARD ALL
-        # after it; inside a transaction, COMMIT/ROLLBACK does the reset.
-        if (job.in_session or not dirty) and all(single_statement(s) for s, _ in statements):
-            job.statements = statements
-            job.dirty = dirty
-            job.direct = True
+        try:
+            if job.op == OP_EXECUTE:
+                sql, params, dirty = decode_execute(job, max_bytes)
+                statements = [(sql, params)]
+            else:
+                statements, dirty = decode_batch(job, max_bytes)
+        except Exception as exc:
+            self._reply_payload(job.routing_id, job.request_id, failure_payload(exc, job))
+            return False
+        runs_direct(job, statements, dirty)
+        return True
 
     def _on_session_request(self, job: Job, token: bytes, now: float) -> None:
         session = self._sessions.get(token)
@@ -445,12 +447,9 @@ class Broker:
         job.session = token
         if job.op in ENDING_OPS:
             del self._sessions[token]
-        if job.op == OP_EXECUTE and len(job.body) <= DIRECT_MAX_BODY_BYTES:
-            try:
-                self._decode_for_direct(job)
-            except Exception as exc:
+        if job.op == OP_EXECUTE:
+            if not self._decode_for_direct(job):
                 session.busy = False
-                self._reply_payload(job.routing_id, job.request_id, failure_payload(exc, job))
                 return
         elif job.op in _DIRECT_ENDINGS and not session.conn.needs_reset:
             job.statements = _DIRECT_ENDINGS[job.op]
@@ -509,8 +508,7 @@ class Broker:
         query_timeout = self.settings.query_timeout
         if query_timeout and now + query_timeout < job.deadline:
             job.cancel_at = now + query_timeout
-            job.cancel_reason = (f"the statement ran longer than query_timeout "
-                                 f"({query_timeout:g} s) and was cancelled on the server")
+            job.cancel_reason = self._query_timeout_reason
         else:
             job.cancel_at = job.deadline
         self._running[conn.conn_id] = job
@@ -520,18 +518,11 @@ class Broker:
         conn.submit(job)
 
     def _start_direct(self, conn: ServerConnection, job: Job, now: float) -> None:
-        """Run an autocommit execute from this loop: no hand-off to the connection's thread."""
+        """Run ``job`` from this loop: no hand-off to the connection's thread."""
         if not conn.alive_before_use():
-            if job.in_session:
-                self._running[conn.conn_id] = job
-                event, routing_id, reply = conn.transaction_lost(job)
-                self._completed(conn, event, routing_id, reply, now)
-                return
-            # The server closed it while idle: run the statement on another one.
-            self.stats[S.CONNECTIONS_LOST] += 1
-            self._retire(conn)
-            conn.stop()
-            self._waiting.appendleft(job)
+            # Requeued for another connection, or the transaction is lost.
+            self._running[conn.conn_id] = job
+            self._completed(conn, *conn.lost_before_use(job), now)
             return
         if job.op == OP_BEGIN:
             self._pin(conn, job, now)

@@ -113,23 +113,6 @@ def single_statement(sql: str) -> bool:
     return bool(words) and words[0] != "copy"
 
 
-_ROW_STATEMENTS = frozenset(("select", "values", "table"))
-
-
-@lru_cache(maxsize=4096)
-def streamable(sql: str) -> bool:
-    """One statement that returns rows and nothing else (no ``SELECT ... INTO``,
-    no data-modifying CTE), so it can be read in chunks and wrapped in a
-    subquery to learn its columns."""
-    if ";" in sql:
-        return False
-    segments = _code_segments(sql)
-    if len(segments) != 1:
-        return False
-    words = _WORD.findall(segments[0])
-    return bool(words) and words[0] in _ROW_STATEMENTS and "into" not in words
-
-
 @lru_cache(maxsize=4096)
 def classify(sql: str) -> Kind:
     """The most disruptive kind among the statements in ``sql``."""

@@ -51,6 +51,19 @@ def test_result_over_max_result_bytes_fails_and_memory_stays_bounded(start_broke
     assert c.execute("SELECT repeat('x', 1000)").rows == [("x" * 1000,)]
 
 
+def test_requests_too_big_for_the_loop_run_on_the_connection_thread(start_broker):
+    """Bodies over 64 KiB are decoded and sent by the connection's thread, with
+    the same chunked reads, limits and batches as the loop's."""
+    c = start_broker(max_connections=1, max_result_bytes=MB).client
+    big = "x" * 100_000
+    assert c.execute("SELECT length(%s)", [big]).rows == [(100_000,)]
+    assert [r.rows for r in c.batch([("SELECT length(%s)", [big]), "SELECT 2"])] == [
+        [(100_000,)], [(2,)]]
+    with pytest.raises(client.ResultTooLarge):
+        c.execute("SELECT repeat(%s, 20)", [big])
+    assert c.execute("SELECT 1").rows == [(1,)]
+
+
 def test_max_result_bytes_zero_reads_results_whole(start_broker):
     c = start_broker(max_connections=1, max_result_bytes=0).client
     assert c.execute("SELECT repeat('x', 3000000)").rows == [("x" * 3_000_000,)]
