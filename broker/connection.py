@@ -1,20 +1,24 @@
 """One server connection, and the two ways statements run on it.
 
-Direct: the loop sends a plain statement or a batch with non-blocking
-libpq calls and reads the results when the socket is readable (the hot
-path, no thread hand-off).  Threaded: for everything else the loop hands
-a job to the connection's thread, which runs it with psycopg, packs the
-reply and pushes a completion event back.  Connecting happens on that
-thread too, off the loop.  Never both at once: the loop only runs a
-statement directly while the thread waits for a job.
+Direct: the loop appends plain statements and batches to the
+connection's libpq pipeline, each job ended by its own Sync, and reads
+the results when the socket is readable (the hot path, no thread
+hand-off; several clients' jobs may be in flight at once).  Threaded:
+for everything else the loop hands a job to the connection's thread,
+which runs it with psycopg, packs the reply and pushes a completion event
+back.  Connecting happens on that thread too, off the loop.  Never both
+at once: the loop only sends directly while the thread waits for a job.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import select
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +59,30 @@ is stopped after at most one chunk more than the limit."""
 RESULT_TOO_LARGE = "54000"  # program_limit_exceeded
 
 _CHUNKED_ROWS = pq.version() >= 170000  # PQsetChunkedRowsMode
+
+
+def _libpq_send_pipeline_sync() -> Any:
+    """libpq 17's PQsendPipelineSync, which psycopg does not wrap: a Sync
+    that is not flushed at once, so the loop sends all it queued on a
+    connection in one write.  None where it is missing (pipeline_sync then
+    flushes after every job)."""
+    if pq.version() < 170000:
+        return None
+    try:
+        with open("/proc/self/maps") as maps:  # the libpq psycopg loaded, bundled or not
+            paths = {line.split()[-1] for line in maps if "/libpq" in line}
+        for path in paths:
+            function = getattr(ctypes.CDLL(path), "PQsendPipelineSync", None)
+            if function is not None:
+                function.argtypes = [ctypes.c_void_p]
+                function.restype = ctypes.c_int
+                return function
+    except OSError:
+        pass
+    return None
+
+
+_SEND_PIPELINE_SYNC = _libpq_send_pipeline_sync()
 
 PREPARE_THRESHOLD = 2
 """Runs of the same query on a connection before the loop prepares it there:
@@ -114,6 +142,9 @@ class Job:
     cancel_at: float = 0.0  # when the loop cancels it on the server
     cancel_reason: str = ""  # why, when it is not the client's own timeout
     direct: bool = False  # run by the loop itself (see ServerConnection.send_direct)
+    shareable: bool = False  # may be pipelined behind other clients' jobs
+    cancel_sent: bool = False
+    rerun: bool = False  # sent a second time (see ServerConnection._rerun)
     statements: list[tuple[str, Any]] | None = None  # decoded by the loop when direct
     dirty: bool = False  # changes session state (allowed inside a transaction)
 
@@ -252,14 +283,22 @@ class _DirectResult:
 
 
 @dataclass(slots=True)
+class _Prepare:
+    """A PREPARE sent ahead of the statement's first run by name."""
+
+    key: tuple
+    name: bytes
+    generation: int  # of the connection's cache when it was sent
+
+
+@dataclass(slots=True)
 class _DirectRun:
-    """A job the loop runs directly: one statement, or a pipelined batch."""
+    """A job in the connection's pipeline: its statements (and any PREPARE
+    sent with them), then one Sync."""
 
     job: Job
-    pipelined: bool
-    results: list[_DirectResult] = field(default_factory=list)
-    current: int = 0  # the statement whose results arrive now (-1: the PREPARE)
-    preparing: tuple[tuple, bytes] | None = None  # (key, name) being prepared
+    steps: list[_DirectResult | _Prepare]  # one result (NULL-terminated) each, in order
+    current: int = 0  # the step whose results arrive now
     by_name: bool = False  # ran a statement prepared earlier
     size: int = 0
     error: Exception | None = None
@@ -277,18 +316,30 @@ class ServerConnection(threading.Thread):
         self._adapters = adapters
         self._redact = redact
         self._result_limit = settings.max_result_bytes
+        self._chunked = bool(settings.max_result_bytes) and _CHUNKED_ROWS
         self._context = context
         self._completions = completions
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._conn: psycopg.Connection | None = None
         self._dirty = False  # session state changed inside a pinned session
-        # Held while a statement starts or ends and while a cancel is sent,
-        # so a cancel meant for one statement can never hit the next one.
+        # Held while the statement at the head changes and while a cancel is
+        # sent, so a cancel meant for one statement is never sent once the
+        # next one is at the head.  (The server may still have moved on: see
+        # _cancel_in_doubt.)
         self._statement_lock = threading.Lock()
         self._statement: Job | None = None
+        self.head_since = 0.0  # when the job at the pipeline's head got there
         self._transformer: adapt.Transformer | None = None  # direct execution only
-        self._direct: _DirectRun | None = None
+        self._pipeline: deque[_DirectRun] = deque()
+        # A cancel may still land on whatever the server runs next; a job it
+        # hits by mistake is rerun (see _rerun).  Cleared once the pipeline
+        # has emptied with no cancel on its way.
+        self._cancel_in_doubt = False
+        self._cancels_started = 0  # written by the loop only
+        self._cancels_finished = 0  # written by cancel threads only, under the lock
         self._prepared: dict[tuple, bytes] = {}  # (query, types) -> statement name
+        self._preparing: set[tuple] = set()  # PREPAREs sent, result not read yet
+        self._prepared_generation = 0  # bumped when the server's cache is dropped
         self._executions: dict[tuple, int] = {}  # runs of queries not prepared yet
         self._next_prepared = 1
 
@@ -301,33 +352,49 @@ class ServerConnection(threading.Thread):
         self._jobs.put(None)
 
     def cancel(self, job: Job) -> None:
-        """Cancel ``job`` on the server if it is still the one running."""
+        """Cancel ``job`` on the server if it is still the one at the head."""
+        job.cancel_sent = True
+        self._cancel_in_doubt = True
+        self._cancels_started += 1
+
         def cancel() -> None:
             with self._statement_lock:
-                conn = self._conn
-                if conn is None or self._statement is not job:
-                    return
                 try:
-                    # Returns once the server has signalled the backend; a
-                    # backend already idle ignores the signal.
-                    conn.cancel_safe(timeout=5.0)
+                    conn = self._conn
+                    if conn is not None and self._statement is job:
+                        # Returns once the server has signalled the backend; a
+                        # backend idle by then ignores the signal.
+                        conn.cancel_safe(timeout=5.0)
                 except psycopg.Error as exc:
                     logger.warning("cancel on connection %d failed: %s", self.conn_id, exc)
+                finally:
+                    self._cancels_finished += 1
         threading.Thread(target=cancel, name="poolbroker-cancel", daemon=True).start()
 
-    # Direct execution, from the loop's thread while this one is idle: an
-    # autocommit statement, or a batch, is sent without blocking; the loop
-    # polls ``fileno()`` and feeds ``read_direct()``.  No hand-off to this
-    # thread and back: measured, those hand-offs cost more than the
-    # statement.  A batch is pipelined: every statement, then one Sync, so
-    # it runs in one round trip as one implicit transaction (an error rolls
-    # all of it back, like the BEGIN/COMMIT of the thread path).
+    # Direct execution, from the loop's thread while this one is idle.  Every
+    # job is appended to the connection's libpq pipeline followed by its own
+    # Sync: it commits or fails alone, whatever runs before or after it, and
+    # several clients' autocommit jobs can be in flight on one connection.
+    # The loop polls ``fileno()`` and feeds ``read_direct()``; no hand-off to
+    # this thread and back (measured: those hand-offs cost more than the
+    # statement).  A batch is several statements before one Sync: one round
+    # trip, one implicit transaction.
 
     @property
     def needs_reset(self) -> bool:
         """Session state was changed in the open transaction: end it on the thread,
         which runs DISCARD ALL after."""
         return self._dirty
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs sent to the server whose replies are not complete yet."""
+        return len(self._pipeline)
+
+    @property
+    def head(self) -> Job | None:
+        """The job the server is running (or answering) now."""
+        return self._pipeline[0].job if self._pipeline else None
 
     def lost_before_use(self, job: Job) -> tuple[bytes, bytes, bytes]:
         """(event, routing id, reply) for a job whose connection turned out dead:
@@ -347,61 +414,69 @@ class ServerConnection(threading.Thread):
     def alive_before_use(self) -> bool:
         return self._alive_before_use()
 
-    def send_direct(self, job: Job) -> None:
-        """Send ``job`` (decoded by the loop); raises if it cannot be sent."""
+    def send_direct(self, job: Job, *, flush: bool = True) -> None:
+        """Append ``job`` (decoded by the loop) to the pipeline.  Raises before
+        sending anything if its parameters cannot be bound; raises
+        psycopg.Error if the connection broke while sending.  Without
+        ``flush`` it may stay in libpq's buffer until ``flush_direct()``."""
         conn = self._conn
         assert conn is not None and job.statements
-        pipelined = job.op == OP_BATCH
-        self._direct = direct = _DirectRun(job, pipelined)
         if self._transformer is None:
             self._transformer = adapt.Transformer(conn)
         queries = []
         for sql, params in job.statements:  # all converted before anything is sent
             query = PostgresQuery(self._transformer)
             query.convert(sql, params)  # psycopg's own placeholder rules
-            queries.append((query, params is None))
-            direct.results.append(_DirectResult())
+            queries.append(query)
         pgconn = conn.pgconn
-        with self._statement_lock:
-            self._statement = job
+        run = _DirectRun(job, [])
+        pipeline = self._pipeline
+        if not pipeline:
+            if pgconn.pipeline_status == pq.PipelineStatus.OFF:
+                pgconn.enter_pipeline_mode()
+            self._set_head(job)
+        pipeline.append(run)
         if job.dirty:  # session state set inside a transaction: reset when it ends
             self._dirty = True
             self._forget_prepared()  # it may have been DEALLOCATE
-        if pipelined:
-            pgconn.enter_pipeline_mode()
-            for query, _ in queries:
-                pgconn.send_query_params(query.query, query.params,
-                                         param_formats=query.formats, param_types=query.types)
+        for query in queries:
+            self._send_statement(pgconn, run, query)
+        if _SEND_PIPELINE_SYNC is None:
             pgconn.pipeline_sync()
+        elif not _SEND_PIPELINE_SYNC(pgconn.pgconn_ptr):
+            raise psycopg.OperationalError(pgconn.get_error_message())
+        if flush:
             self._flush(pgconn)
-            return
-        query, simple = queries[0]
-        if simple:  # no parameters: the simple protocol, as psycopg's execute()
-            pgconn.send_query(query.query)
-        else:
+        if len(pipeline) == 1:
+            self._read_head_in_chunks(pgconn, run)
+
+    def _send_statement(self, pgconn: pq.PGconn, run: _DirectRun, query: PostgresQuery) -> None:
+        if query.params is not None:
             key = (query.query, tuple(query.types))
             name = self._prepared.get(key)
             if name is None and self._worth_preparing(key):
-                # Prepare and run in one round trip; the loop skips the
-                # PREPARE's result and records the name once it succeeded.
+                # Prepared in the same round trip; the name is recorded once
+                # the PREPARE succeeded.
                 name = f"_pb_{self._next_prepared}".encode()
                 self._next_prepared += 1
-                direct.pipelined, direct.current, direct.preparing = True, -1, (key, name)
-                pgconn.enter_pipeline_mode()
+                self._preparing.add(key)
+                run.steps.append(_Prepare(key, name, self._prepared_generation))
                 pgconn.send_prepare(name, query.query, param_types=query.types)
+            if name is not None:
                 pgconn.send_query_prepared(name, query.params, param_formats=query.formats)
-                pgconn.pipeline_sync()
-                self._flush(pgconn)
+                run.by_name = run.by_name or key in self._prepared
+                run.steps.append(_DirectResult())
                 return
-            if name is None:
-                pgconn.send_query_params(query.query, query.params,
-                                         param_formats=query.formats, param_types=query.types)
-            else:
-                pgconn.send_query_prepared(name, query.params, param_formats=query.formats)
-                direct.by_name = True
-        if self._result_limit and _CHUNKED_ROWS:
-            pgconn.set_chunked_rows_mode(STREAM_CHUNK_ROWS)
-        self._flush(pgconn)
+        pgconn.send_query_params(query.query, query.params,
+                                 param_formats=query.formats, param_types=query.types)
+        run.steps.append(_DirectResult())
+
+    def flush_direct(self) -> None:
+        """Send what ``send_direct(flush=False)`` left in libpq's buffer."""
+        try:
+            self._flush(self._conn.pgconn)
+        except psycopg.Error:
+            pass  # the connection is gone: read_direct() reports it
 
     @staticmethod
     def _flush(pgconn: pq.PGconn) -> None:
@@ -410,7 +485,7 @@ class ServerConnection(threading.Thread):
 
     def _worth_preparing(self, key: tuple) -> bool:
         """Prepare a query on its PREPARE_THRESHOLD-th run here, as psycopg does."""
-        if len(self._prepared) >= MAX_PREPARED:
+        if len(self._prepared) >= MAX_PREPARED or key in self._preparing:
             return False
         seen = self._executions.get(key, 0) + 1
         if len(self._executions) >= MAX_PREPARED * 4:
@@ -423,70 +498,114 @@ class ServerConnection(threading.Thread):
         New statements get new names, so stale ones can never be confused."""
         self._prepared.clear()
         self._executions.clear()
-    def fail_direct(self, exc: Exception) -> tuple[bytes, bytes]:
-        """The (event, reply) for a job ``send_direct`` could not send."""
-        assert self._direct is not None
-        self._direct.error = self._direct.error or exc
-        return self._finish_direct()
+        self._prepared_generation += 1
 
-    def read_direct(self) -> tuple[bytes, bytes] | None:
-        """Take what the server sent; (event, reply) once the job is over."""
-        direct = self._direct
-        assert direct is not None and self._conn is not None
-        pgconn = self._conn.pgconn
-        try:
-            pgconn.consume_input()
-            while not pgconn.is_busy():
-                result = pgconn.get_result()
-                if result is None:
-                    if not direct.pipelined:
-                        if self._rerun_unprepared(direct):
-                            return None
-                        return self._finish_direct()
-                    direct.current += 1  # the end of one statement's results
-                    if direct.preparing and direct.current == 0:
-                        self._read_prepared_in_chunks(pgconn)
-                elif result.status == pq.ExecStatus.PIPELINE_SYNC:
-                    pgconn.exit_pipeline_mode()
-                    return self._finish_direct()
-                elif direct.current < 0:  # the PREPARE's own result
-                    self._take_prepare_result(direct, result)
-                elif result.status != pq.ExecStatus.PIPELINE_ABORTED:
-                    index = min(direct.current, len(direct.results) - 1)
-                    self._take_result(direct, direct.results[index], result)
-        except psycopg.Error as exc:  # the connection was lost
-            direct.error = direct.error or exc
-            return self._finish_direct()
-        return None
+    def _set_head(self, job: Job | None) -> None:
+        with self._statement_lock:
+            self._statement = job
+        self.head_since = time.monotonic()
 
-    def _rerun_unprepared(self, direct: _DirectRun) -> bool:
-        """A prepared statement whose table changed shape fails before it runs
-        (0A000, "cached plan must not change result type").  Outside a
-        transaction nothing happened: forget the cache and run it again."""
-        error = direct.error
-        if not (direct.by_name and isinstance(error, psycopg.Error)
-                and error.sqlstate == "0A000" and not direct.job.in_session):
-            return False
-        self._forget_prepared()
-        self.send_direct(direct.job)
-        return True
-
-    def _read_prepared_in_chunks(self, pgconn: pq.PGconn) -> None:
-        # Chunked mode can only be set for the query at the pipeline's head.
-        if self._result_limit and _CHUNKED_ROWS:
+    def _read_head_in_chunks(self, pgconn: pq.PGconn, run: _DirectRun) -> None:
+        # libpq takes the chunked mode only for the query at the pipeline's
+        # head, before its first result is read.
+        if self._chunked and run.current < len(run.steps) and \
+                type(run.steps[run.current]) is _DirectResult:
             try:
                 pgconn.set_chunked_rows_mode(STREAM_CHUNK_ROWS)
             except psycopg.OperationalError:
                 pass  # read whole; the size is still checked
 
-    def _take_prepare_result(self, direct: _DirectRun, result: pq.PGresult) -> None:
-        if result.status == pq.ExecStatus.COMMAND_OK:
-            key, name = direct.preparing
-            self._prepared[key] = name
-        elif direct.error is None:
-            direct.error = psycopg.errors.error_from_result(result, encoding="utf-8")
+    def fail_direct(self, job: Job, exc: Exception) -> list[tuple[Job, bytes, bytes]]:
+        """The outcomes after ``send_direct(job)`` raised ``exc``."""
+        if any(run.job is job for run in self._pipeline):
+            return self._fail_pipeline(exc)  # sending broke the connection
+        payload = failure_payload(exc, job)
+        payload["message"] = self._redact(payload["message"])
+        return [(job, EV_FAILED, self._error_reply(job, payload))]
 
-    def _take_result(self, direct: _DirectRun, into: _DirectResult,
+    def _fail_pipeline(self, exc: Exception) -> list[tuple[Job, bytes, bytes]]:
+        """The connection is unusable: every job in flight fails."""
+        if isinstance(exc, psycopg.Error) and not exc.sqlstate:  # libpq's own report
+            exc = RequestError("OperationalError", "the server connection was lost while "
+                               f"the statement was in flight: {str(exc).strip()}", "08006")
+        outcomes = []
+        while self._pipeline:
+            run = self._pipeline.popleft()
+            run.error = run.error or exc
+            outcomes.append((run.job, EV_BROKEN, self._finish_run(run)[1]))
+        self._set_head(None)
+        return outcomes
+
+    def read_direct(self) -> list[tuple[Job, bytes, bytes]]:
+        """Take what the server sent; (job, event, reply) for each job it ended."""
+        assert self._conn is not None
+        pgconn = self._conn.pgconn
+        pipeline = self._pipeline
+        ended = []
+        try:
+            pgconn.consume_input()
+            while pipeline and not pgconn.is_busy():
+                run = pipeline[0]
+                result = pgconn.get_result()
+                if result is None:  # the end of one step's results
+                    run.current += 1
+                    self._read_head_in_chunks(pgconn, run)
+                elif result.status == pq.ExecStatus.PIPELINE_SYNC:
+                    pipeline.popleft()
+                    if not pipeline:
+                        pgconn.exit_pipeline_mode()
+                    if not self._rerun(run):
+                        ended.append((run.job, *self._finish_run(run)))
+                    if pipeline:
+                        if pipeline[0].job is not run.job:
+                            self._set_head(pipeline[0].job)
+                        self._read_head_in_chunks(pgconn, pipeline[0])
+                    else:
+                        self._set_head(None)
+                        if self._cancels_finished == self._cancels_started:
+                            self._cancel_in_doubt = False
+                elif run.current < len(run.steps):
+                    step = run.steps[run.current]
+                    if type(step) is _Prepare:
+                        self._take_prepare_result(run, step, result)
+                    elif result.status != pq.ExecStatus.PIPELINE_ABORTED:
+                        self._take_result(run, step, result)
+        except psycopg.Error as exc:  # the connection was lost
+            ended.extend(self._fail_pipeline(exc))
+        return ended
+
+    def _rerun(self, run: _DirectRun) -> bool:
+        """Send the job again if it failed for a reason that left nothing done.
+
+        - A prepared statement whose table changed shape fails before it runs
+          (0A000, "cached plan must not change result type").
+        - A cancel meant for the job ahead of it hit it instead (57014 with
+          no cancel of its own): its implicit transaction was rolled back.
+        Never inside a transaction, and at most once."""
+        job, error = run.job, run.error
+        if not isinstance(error, psycopg.Error) or job.rerun or job.in_session:
+            return False
+        if error.sqlstate in _STALE_PREPARED:
+            self._forget_prepared()
+            if not run.by_name:
+                return False
+        elif not (isinstance(error, psycopg.errors.QueryCanceled)
+                  and self._cancel_in_doubt and not job.cancel_sent):
+            return False
+        job.rerun = True
+        self.send_direct(job)
+        return True
+
+    def _take_prepare_result(self, run: _DirectRun, step: _Prepare,
+                             result: pq.PGresult) -> None:
+        self._preparing.discard(step.key)
+        if result.status == pq.ExecStatus.COMMAND_OK:
+            if step.generation == self._prepared_generation:
+                self._prepared[step.key] = step.name
+        elif run.error is None and result.status == pq.ExecStatus.FATAL_ERROR:
+            run.error = psycopg.errors.error_from_result(result, encoding="utf-8")
+
+    def _take_result(self, run: _DirectRun, into: _DirectResult,
                      result: pq.PGresult) -> None:
         status = result.status
         if status in _ROW_STATUSES:
@@ -496,49 +615,44 @@ class ServerConnection(threading.Thread):
             if first:
                 into.columns = [result.fname(i).decode() for i in range(result.nfields)]
             rows = result.ntuples
-            if rows and direct.error is None:
+            if rows and run.error is None:
                 packed = protocol.pack_rows(tx.load_rows(0, rows, tuple))
                 into.packed.append(packed)
                 into.count += rows
-                direct.size += len(packed)
-                if self._result_limit and direct.size > self._result_limit:
-                    direct.error = self._too_large(direct.size)
-                    if not direct.pipelined:
-                        self.cancel(direct.job)
+                run.size += len(packed)
+                if self._result_limit and run.size > self._result_limit:
+                    run.error = self._too_large(run.size)
+                    self.cancel(run.job)
             if status == pq.ExecStatus.TUPLES_OK:
                 into.rowcount = into.count
         elif status == pq.ExecStatus.COMMAND_OK:
             tuples = result.command_tuples
             into.rowcount = -1 if tuples is None else tuples
-        elif direct.error is None:
+        elif run.error is None:
             if status == pq.ExecStatus.FATAL_ERROR:
-                direct.error = psycopg.errors.error_from_result(result, encoding="utf-8")
+                run.error = psycopg.errors.error_from_result(result, encoding="utf-8")
             else:  # COPY and the like: not something execute() can do
-                direct.error = RequestError(
+                run.error = RequestError(
                     "NotSupportedError", f"statement returned {status.name}: use "
                     "client.transaction() for COPY")
 
-    def _finish_direct(self) -> tuple[bytes, bytes]:
-        direct, self._direct = self._direct, None
-        assert direct is not None and self._conn is not None
-        with self._statement_lock:
-            self._statement = None
-        job = direct.job
+    def _finish_run(self, run: _DirectRun) -> tuple[bytes, bytes]:
+        """(event, reply) for a job whose results are all in."""
+        assert self._conn is not None
+        job = run.job
         broken = self._conn.pgconn.status != pq.ConnStatus.OK
-        if isinstance(direct.error, psycopg.Error) and direct.error.sqlstate in _STALE_PREPARED:
-            self._forget_prepared()
-        if direct.error is None:
+        if run.error is None:
             if job.op == OP_EXECUTE or job.op == OP_BATCH:
                 results = [protocol.pack_result(r.columns, r.packed, r.count, r.rowcount)
-                           for r in direct.results]
+                           for r in run.steps if type(r) is _DirectResult]
                 payload = protocol.pack_list(results) if job.op == OP_BATCH else results[0]
             else:  # BEGIN answers with the session's token; COMMIT/ROLLBACK with nil
                 payload = protocol.pack(job.session if job.op == OP_BEGIN else None)
             reply = protocol.pack_ok_reply(job.request_id, payload)
             if not self._result_limit or len(reply) <= self._result_limit:
                 return (EV_BROKEN if broken else EV_DONE), reply
-            direct.error = self._too_large(len(reply))
-        payload = failure_payload(direct.error, job)
+            run.error = self._too_large(len(reply))
+        payload = failure_payload(run.error, job)
         payload["message"] = self._redact(payload["message"])
         return (EV_BROKEN if broken else EV_FAILED), self._error_reply(job, payload)
 
@@ -683,11 +797,11 @@ class ServerConnection(threading.Thread):
         try:
             self.send_direct(job)
         except Exception as exc:
-            event, reply = self.fail_direct(exc)
+            outcomes = self.fail_direct(job, exc)
         else:
-            while (outcome := self.read_direct()) is None:
+            while not (outcomes := self.read_direct()):
                 select.select([self.fileno()], [], [])
-            event, reply = outcome
+        ((_, event, reply),) = outcomes
         if event == EV_BROKEN:
             self._conn.close()
         return (_PackedReply if event == EV_DONE else _PackedError)(reply)

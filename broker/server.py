@@ -1,10 +1,14 @@
 """The broker: one loop that owns every server connection.
 
-Clients talk to a ROUTER socket.  Plain statements and batches (the hot
-path) are run by this loop itself: sent with non-blocking libpq calls on
-an idle connection, whose socket joins the poller until the results are
-in.  Everything else (BEGIN/COMMIT, executemany, multi-statement strings,
-anything that must reset session state) goes to the connection's own
+Clients talk to a ROUTER socket.  Plain statements, batches, BEGIN and
+the statements of a transaction (the hot path) are run by this loop
+itself: appended with non-blocking libpq calls to a connection's
+pipeline, each followed by its own Sync, and read back when the
+connection's socket (in the poller) is readable.  Autocommit statements
+from different clients share a busy connection's pipeline, up to
+PIPELINE_DEPTH, unless the statement at its head has stalled.
+Everything else (executemany, multi-statement strings, ends of
+transactions that must reset session state) goes to the connection's own
 thread (``connection.py``), which pushes completions back to an inproc
 PULL socket.  The loop keeps the FIFO queue of requests waiting for a
 connection, pins connections to transactions, and enforces the cap, the
@@ -36,6 +40,7 @@ from client.protocol import (
 from . import stats as S
 from .config import ConfigError, Settings
 from .redact import Redactor
+from .sqlscan import shareable
 from .connection import (
     ENDING_OPS, EV_BROKEN, EV_CONNECT_FAILED, EV_DONE, EV_FAILED, EV_READY, EV_REQUEUE,
     OP_RESET, Job,
@@ -70,6 +75,16 @@ NO_DEADLINE = 24 * 3600.0
 MALFORMED_LOG_INTERVAL = 1.0
 REPLY_FLUSH_MS = 1000
 """On exit, how long queued replies may take to reach their clients."""
+PIPELINE_DEPTH = 16
+"""Autocommit jobs in flight on one connection at most: the server runs
+them one after another, each ended by its own Sync."""
+PIPELINE_STALL = 0.001
+"""A connection whose job at the head has run this long (seconds) takes no
+more jobs behind it: a slow statement holds up at most what arrived in its
+first millisecond, when every connection was busy."""
+PIPELINE_MAX_BODY = 8 * 1024
+"""Larger requests only go to an idle connection: what is queued behind a
+job must never fill the socket while the server writes that job's rows."""
 REPLY_QUEUE_LIMIT = 1000
 """Replies queued for one client that is not reading; beyond it they are
 dropped (counted as undeliverable), so a stuck client cannot grow the broker."""
@@ -153,12 +168,13 @@ class Broker:
             "and was cancelled on the server")
         self._conns: dict[int, ServerConnection] = {}
         self._idle: list[ServerConnection] = []
+        self._shared: list[ServerConnection] = []  # running autocommit jobs, taking more
+        self._unflushed: list[ServerConnection] = []  # jobs sent, still in libpq's buffer
         self._opening = 0
         self._next_conn_id = 1
         self._waiting: deque[Job] = deque()
-        self._running: dict[int, Job] = {}
+        self._running: dict[int, Job] = {}  # conn id -> job on its thread
         self._in_flight: dict[bytes, int] = {}  # routing id -> requests waiting or running
-        self._cancelled: set[int] = set()
         self._sessions: dict[bytes, Session] = {}
         self._pinned: dict[int, Session] = {}
         self._expired: OrderedDict[bytes, str] = OrderedDict()
@@ -261,7 +277,9 @@ class Broker:
                 now = time.monotonic()
                 if direct:
                     for fd in [fd for fd in direct if fd in ready]:
-                        self._on_direct_input(fd, now)
+                        conn = direct.get(fd)
+                        if conn is not None:
+                            self._on_direct_input(conn, now)
                 if completions in ready:
                     while True:
                         try:
@@ -276,6 +294,10 @@ class Broker:
                         except zmq.Again:
                             break
                         self._on_request(frames, now)
+                if self._unflushed:
+                    for conn in self._unflushed:
+                        conn.flush_direct()
+                    self._unflushed.clear()
                 if now >= self._next_housekeeping:
                     self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
                     self._housekeeping(now)
@@ -422,7 +444,9 @@ class Broker:
         except Exception as exc:
             self._reply_payload(job.routing_id, job.request_id, failure_payload(exc, job))
             return False
-        runs_direct(job, statements, dirty)
+        if runs_direct(job, statements, dirty):
+            job.shareable = (not job.in_session and len(job.body) <= PIPELINE_MAX_BODY
+                             and all(shareable(sql) for sql, _ in statements))
         return True
 
     def _on_session_request(self, job: Job, token: bytes, now: float) -> None:
@@ -461,17 +485,21 @@ class Broker:
             self._start(session.conn, job, now)
 
     def _dispatch(self, now: float) -> None:
-        waiting, idle = self._waiting, self._idle
-        while waiting and idle:
-            job = waiting.popleft()
+        waiting = self._waiting
+        while waiting:
+            job = waiting[0]
             if job.deadline <= now:
+                waiting.popleft()
                 self._abandon(job, now)
                 continue
+            conn = self._connection_for(job, now)
+            if conn is None:
+                break  # first come, first served: nothing overtakes the head
+            waiting.popleft()
             waited = now - job.queued_at
             if waited > 0.001:
                 self.stats[S.REQUESTS_QUEUED] += 1
                 self.stats[S.REQUESTS_WAIT_MS] += int(waited * 1000)
-            conn = idle.pop()
             if job.direct:
                 self._start_direct(conn, job, now)
                 continue
@@ -480,6 +508,19 @@ class Broker:
             self._start(conn, job, now)
         if waiting:
             self._grow(now)
+
+    def _connection_for(self, job: Job, now: float) -> ServerConnection | None:
+        """An idle connection, else, for a shareable job, the least loaded
+        connection running autocommit jobs whose head is not stalled."""
+        if self._idle:
+            return self._idle.pop()
+        if not job.shareable:
+            return None
+        best, depth = None, PIPELINE_DEPTH
+        for conn in self._shared:
+            if conn.in_flight < depth and now - conn.head_since < PIPELINE_STALL:
+                best, depth = conn, conn.in_flight
+        return best
 
     def _pin(self, conn: ServerConnection, job: Job, now: float) -> None:
         session = Session(job.session, job.routing_id, conn, job.owner_pid, now)
@@ -503,38 +544,56 @@ class Broker:
         self._finish(job)
         self._reply_error(job.routing_id, job.request_id, kind, message, **extra)
 
-    def _arm(self, conn: ServerConnection, job: Job, now: float) -> None:
-        """Mark ``job`` running on ``conn``, with the moment it gets cancelled."""
+    def _arm(self, job: Job, now: float) -> None:
+        """Set the moment ``job``, about to run, gets cancelled."""
         query_timeout = self.settings.query_timeout
         if query_timeout and now + query_timeout < job.deadline:
             job.cancel_at = now + query_timeout
             job.cancel_reason = self._query_timeout_reason
         else:
             job.cancel_at = job.deadline
-        self._running[conn.conn_id] = job
 
     def _start(self, conn: ServerConnection, job: Job, now: float) -> None:
-        self._arm(conn, job, now)
+        """Hand ``job`` to the connection's thread."""
+        self._arm(job, now)
+        self._running[conn.conn_id] = job
         conn.submit(job)
 
     def _start_direct(self, conn: ServerConnection, job: Job, now: float) -> None:
-        """Run ``job`` from this loop: no hand-off to the connection's thread."""
-        if not conn.alive_before_use():
+        """Run ``job`` from this loop: appended to the connection's pipeline."""
+        if not conn.in_flight and not conn.alive_before_use():
             # Requeued for another connection, or the transaction is lost.
-            self._running[conn.conn_id] = job
-            self._completed(conn, *conn.lost_before_use(job), now)
+            event, _, reply = conn.lost_before_use(job)
+            self._completed(conn, event, job, reply, now)
             return
         if job.op == OP_BEGIN:
             self._pin(conn, job, now)
-        self._arm(conn, job, now)
+        self._arm(job, now)
         try:
-            conn.send_direct(job)
+            conn.send_direct(job, flush=False)
         except Exception as exc:  # bad parameters, or the connection broke
-            self._end_direct(conn, -1, conn.fail_direct(exc), now)
+            self._on_direct_outcomes(conn, conn.fail_direct(job, exc), now)
             return
-        fd = conn.fileno()
-        self._direct_fds[fd] = conn
-        self._poller.register(fd, zmq.POLLIN)
+        if conn not in self._unflushed:
+            self._unflushed.append(conn)
+        if conn.in_flight > 1:
+            self.stats[S.REQUESTS_PIPELINED] += 1
+        elif conn.in_flight == 1:
+            fd = conn.fileno()
+            self._direct_fds[fd] = conn
+            self._poller.register(fd, zmq.POLLIN)
+            if job.shareable:
+                self._shared.append(conn)
+
+    def _unwatch(self, conn: ServerConnection) -> None:
+        """The connection has no direct job in flight any more."""
+        for fd, watched in self._direct_fds.items():
+            if watched is conn:
+                del self._direct_fds[fd]
+                self._poller.unregister(fd)
+                break
+        if conn in self._shared:
+            self._shared.remove(conn)
 
     def _start_reset(self, conn: ServerConnection) -> None:
         """Roll back whatever the connection's transaction left open; no reply."""
@@ -575,7 +634,7 @@ class Broker:
     def _retire(self, conn: ServerConnection) -> None:
         self._conns.pop(conn.conn_id, None)
         self._running.pop(conn.conn_id, None)
-        self._cancelled.discard(conn.conn_id)
+        self._unwatch(conn)
         if conn in self._idle:
             self._idle.remove(conn)
 
@@ -583,35 +642,39 @@ class Broker:
         id_frame, event, routing_id, reply = frames
         conn = self._conns.get(int.from_bytes(id_frame, "big"))
         if conn is not None:
-            self._completed(conn, event, routing_id, reply, now)
+            self._completed(conn, event, self._running.pop(conn.conn_id, None), reply, now)
 
-    def _on_direct_input(self, fd: int, now: float) -> None:
-        conn = self._direct_fds[fd]
-        outcome = conn.read_direct()
-        if outcome is not None:
-            self._end_direct(conn, fd, outcome, now)
+    def _on_direct_input(self, conn: ServerConnection, now: float) -> None:
+        outcomes = conn.read_direct()
+        if not conn.in_flight:
+            self._unwatch(conn)
+        if outcomes:
+            self._on_direct_outcomes(conn, outcomes, now)
 
-    def _end_direct(self, conn: ServerConnection, fd: int, outcome: tuple[bytes, bytes],
-                    now: float) -> None:
-        if self._direct_fds.pop(fd, None) is not None:
-            self._poller.unregister(fd)
-        job = self._running.get(conn.conn_id)
-        event, reply = outcome
-        self._completed(conn, event, job.routing_id if job else b"", reply, now)
+    def _on_direct_outcomes(self, conn: ServerConnection,
+                            outcomes: list[tuple[Job, bytes, bytes]], now: float) -> None:
+        for job, event, reply in outcomes[:-1]:
+            self._answer(job, event, reply)
+        job, event, reply = outcomes[-1]
+        self._completed(conn, event, job, reply, now)
 
-    def _completed(self, conn: ServerConnection, event: bytes, routing_id: bytes,
-                   reply: bytes, now: float) -> None:
-        """A statement ended (or a connection opened or failed): reply and move on."""
-        conn_id = conn.conn_id
-        job = self._running.pop(conn_id, None)
-        self._cancelled.discard(conn_id)
-        if job is not None and job.routing_id and event != EV_REQUEUE:
+    def _answer(self, job: Job | None, event: bytes, reply: bytes) -> None:
+        if job is None or not job.routing_id:
+            return  # an internal job, or a connection event
+        if event != EV_REQUEUE:
             self._finish(job)
+        if job.rerun:
+            self.stats[S.REQUESTS_RERUN] += 1
         if event == EV_FAILED:
             self.stats[S.REQUESTS_ERRORS] += 1
-        if reply and routing_id:
-            self._reply(routing_id, reply)
+        if reply:
+            self._reply(job.routing_id, reply)
 
+    def _completed(self, conn: ServerConnection, event: bytes, job: Job | None,
+                   reply: bytes, now: float) -> None:
+        """A job ended (or a connection opened or failed): reply and move on."""
+        conn_id = conn.conn_id
+        self._answer(job, event, reply)
         if event == EV_READY:
             self._opening -= 1
             self.stats[S.CONNECTIONS_NUM] += 1
@@ -624,7 +687,10 @@ class Broker:
         elif event == EV_DONE or event == EV_FAILED:
             session = self._pinned.get(conn_id)
             if session is None:
-                self._release(conn, now)
+                if conn.in_flight:
+                    self._dispatch(now)  # room for one more behind the others
+                else:
+                    self._release(conn, now)
             elif job is not None and (job.op in ENDING_OPS or
                                       (job.op == OP_BEGIN and event == EV_FAILED)):
                 self._unpin(session)
@@ -681,7 +747,7 @@ class Broker:
         self._expire_token(session.token, reason)
         conn = session.conn
         if session.busy:
-            job = self._running.get(conn.conn_id)
+            job = self._running.get(conn.conn_id) or conn.head
             if job is not None and job.op not in ENDING_OPS:
                 conn.cancel(job)
         else:
@@ -693,11 +759,10 @@ class Broker:
     def _housekeeping(self, now: float) -> None:
         if self._waiting:
             self._expire_waiting(now)
-        for conn_id, job in self._running.items():
-            if job.cancel_at <= now and conn_id not in self._cancelled:
-                self._cancelled.add(conn_id)
+        for conn, job in self._jobs_running():
+            if job.cancel_at <= now and not job.cancel_sent:
                 self.stats[S.REQUESTS_CANCELLED] += 1
-                self._conns[conn_id].cancel(job)
+                conn.cancel(job)
         idle_limit = self.settings.idle_transaction_timeout
         check_owners = now >= self._next_owner_check
         if check_owners:
@@ -743,7 +808,8 @@ class Broker:
     def _drained(self, now: float) -> bool:
         if not self._drain_deadline:
             self._drain_deadline = now + self.settings.drain_timeout
-            logger.info("shutting down: draining %d running statements", len(self._running))
+            logger.info("shutting down: draining %d running statements",
+                        len(self._running) + sum(c.in_flight for c in self._direct_fds.values()))
             while self._waiting:
                 self._fail_waiting(self._waiting.popleft(), "BrokerUnavailable",
                                    "the broker is shutting down; the request was not run")
@@ -751,10 +817,16 @@ class Broker:
                 self._retire(conn)
                 conn.stop()
         if now >= self._drain_deadline:
-            for conn_id, job in list(self._running.items()):
-                self._conns[conn_id].cancel(job)
+            for conn, job in self._jobs_running():
+                conn.cancel(job)
             return True
-        return not self._running and not self._opening
+        return not self._running and not self._direct_fds and not self._opening
+
+    def _jobs_running(self) -> list[tuple[ServerConnection, Job]]:
+        """Each job the server is running now: one per busy connection."""
+        running = [(self._conns[conn_id], job) for conn_id, job in self._running.items()]
+        running.extend((conn, conn.head) for conn in self._direct_fds.values())
+        return running
 
     def snapshot(self) -> dict[str, Any]:
         """Counters plus gauges, for ``poolbroker stats``."""

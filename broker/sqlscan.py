@@ -117,3 +117,19 @@ def single_statement(sql: str) -> bool:
 def classify(sql: str) -> Kind:
     """The most disruptive kind among the statements in ``sql``."""
     return max((_classify_statement(s) for s in _code_segments(sql)), default=Kind.PLAIN)
+
+
+_ROLLED_BACK_WHOLE = frozenset(("select", "insert", "update", "delete", "with", "values",
+                                "table", "merge"))
+
+
+@lru_cache(maxsize=4096)
+def shareable(sql: str) -> bool:
+    """Whether the statement may share a connection's pipeline with other
+    clients' statements.  A cancel meant for the statement ahead can land on
+    it; these kinds then roll back whole and are rerun.  VACUUM, CALL, DO,
+    CREATE INDEX CONCURRENTLY and the like may commit part of their work,
+    so they only run on a connection of their own."""
+    segments = _code_segments(sql)
+    words = _WORD.findall(segments[0][:40]) if segments else []
+    return bool(words) and words[0] in _ROLLED_BACK_WHOLE

@@ -17,6 +17,8 @@ REQUESTS_TIMEOUTS = "requests_timeouts"  # PoolTimeout: waited too long, not run
 REQUESTS_ABANDONED = "requests_abandoned"  # the client's deadline passed in the queue
 REQUESTS_REFUSED = "requests_refused"  # TooManyRequests
 REQUESTS_CANCELLED = "requests_cancelled"  # cancelled on the server at their deadline
+REQUESTS_PIPELINED = "requests_pipelined"  # sent behind other clients' on a busy connection
+REQUESTS_RERUN = "requests_rerun"  # sent again: hit by a cancel meant for another, stale plan
 MESSAGES_MALFORMED = "messages_malformed"  # undecodable or ill-formed requests
 REPLIES_UNDELIVERABLE = "replies_undeliverable"  # the client was gone or not reading
 CONNECTIONS_NUM = "connections_num"  # server connections opened
@@ -27,6 +29,7 @@ TRANSACTIONS_EXPIRED = "transactions_expired"  # rolled back: idle, owner dead, 
 COUNTERS = (
     REQUESTS_NUM, REQUESTS_QUEUED, REQUESTS_WAIT_MS, REQUESTS_ERRORS,
     REQUESTS_TIMEOUTS, REQUESTS_ABANDONED, REQUESTS_REFUSED, REQUESTS_CANCELLED,
+    REQUESTS_PIPELINED, REQUESTS_RERUN,
     MESSAGES_MALFORMED, REPLIES_UNDELIVERABLE, CONNECTIONS_NUM,
     CONNECTIONS_ERRORS, CONNECTIONS_LOST, TRANSACTIONS_EXPIRED,
 )
