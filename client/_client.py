@@ -31,6 +31,10 @@ REPLY_GRACE = 1.0
 """The broker answers at the deadline itself (PoolTimeout, QueryCanceled);
 wait this much longer for that answer before declaring it unavailable."""
 
+DISCONNECT_CHECK_INTERVAL = 0.05
+"""Seconds between checks, while a reply is awaited, that the connection to
+the broker is still up; a request in flight when it drops fails then."""
+
 Params = Sequence[Any] | dict[str, Any] | None
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -68,15 +72,19 @@ class _ThreadSocket:
     flight when the broker dies fails at once instead of at its deadline.
     """
 
-    __slots__ = ("monitor", "pid", "poller", "socket")
+    __slots__ = ("monitor", "pid", "socket")
 
     def __init__(self, pid: int, socket: zmq.Socket) -> None:
         self.pid = pid
         self.socket = socket
         self.monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.poller = zmq.Poller()
-        self.poller.register(socket, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
+        # A blocking recv() in slices, not a poller over both sockets:
+        # measured, the poller cost the client ~5 us of CPU per request.
+        socket.setsockopt(zmq.RCVTIMEO, int(DISCONNECT_CHECK_INTERVAL * 1000))
+
+    def disconnected(self) -> bool:
+        """Whether the socket lost its connection since forget_disconnections()."""
+        return bool(self.monitor.get(zmq.EVENTS) & zmq.POLLIN)
 
     def forget_disconnections(self) -> None:
         """Drop disconnections that happened before this request was sent."""
@@ -172,22 +180,23 @@ class Client:
                     timeout: float) -> Any:
         socket = owned.socket
         while True:
-            remaining = deadline - time.monotonic()
-            ready = dict(owned.poller.poll(max(1, int(remaining * 1000)))) if remaining > 0 else {}
-            if socket not in ready:
-                if owned.monitor in ready:
+            try:
+                reply = unpack(socket.recv())
+            except zmq.Again:  # a slice of DISCONNECT_CHECK_INTERVAL passed
+                if owned.disconnected():
                     raise errors.BrokerUnavailable(
                         f"the connection to the broker at {self.endpoint} was lost while "
                         "the request was in flight; the statement may have run "
                         "(outcome unknown)",
                         outcome_unknown=True,
                     )
+                if time.monotonic() < deadline:
+                    continue
                 raise errors.BrokerUnavailable(
                     f"no reply from the broker at {self.endpoint} within {timeout:g} s; "
                     "the statement may have run (outcome unknown)",
                     outcome_unknown=True,
                 )
-            reply = unpack(socket.recv())
             if reply[0] != request_id:
                 if reply[0] != PROBE_REQUEST_ID:
                     self._stale_replies += 1  # a late reply to a request we gave up on
