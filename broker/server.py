@@ -578,6 +578,9 @@ class Broker:
             self._unflushed.append(conn)
         if conn.in_flight > 1:
             self.stats[S.REQUESTS_PIPELINED] += 1
+            # Every connection is busy: pipelining saves this job a wait,
+            # and a new connection (below the cap) adds parallelism.
+            self._grow(now, wanted=1)
         elif conn.in_flight == 1:
             fd = conn.fileno()
             self._direct_fds[fd] = conn
@@ -608,13 +611,14 @@ class Broker:
 
     # Connections
 
-    def _grow(self, now: float) -> None:
-        """Open connections for waiting requests, never beyond the cap."""
+    def _grow(self, now: float, wanted: int = 0) -> None:
+        """Open connections for waiting requests (or ``wanted`` more), never
+        beyond the cap."""
         if now < self._connect_retry_at:
             return
         cap = self.settings.max_connections
-        while (len(self._conns) + self._opening < cap
-               and self._opening < len(self._waiting)):
+        wanted = max(wanted, len(self._waiting))
+        while len(self._conns) + self._opening < cap and self._opening < wanted:
             conn_id = self._next_conn_id
             self._next_conn_id += 1
             conn = ServerConnection(conn_id, self.settings, self._adapters, self._redact,
