@@ -411,9 +411,6 @@ class ServerConnection(threading.Thread):
         assert self._conn is not None
         return self._conn.pgconn.socket
 
-    def alive_before_use(self) -> bool:
-        return self._alive_before_use()
-
     def send_direct(self, job: Job, *, flush: bool = True) -> None:
         """Append ``job`` (decoded by the loop) to the pipeline.  Raises before
         sending anything if its parameters cannot be bound; raises
@@ -431,9 +428,8 @@ class ServerConnection(threading.Thread):
         pgconn = conn.pgconn
         run = _DirectRun(job, [])
         pipeline = self._pipeline
-        if not pipeline:
-            if pgconn.pipeline_status == pq.PipelineStatus.OFF:
-                pgconn.enter_pipeline_mode()
+        if not pipeline:  # a connection leaves pipeline mode whenever it empties
+            pgconn.enter_pipeline_mode()
             self._set_head(job)
         pipeline.append(run)
         if job.dirty:  # session state set inside a transaction: reset when it ends
@@ -690,7 +686,7 @@ class ServerConnection(threading.Thread):
             return
         push.send_multipart([self._id_frame, EV_READY, b"", b""])
         while (job := self._jobs.get()) is not None:
-            if not self._alive_before_use():
+            if not self.alive_before_use():
                 push.send_multipart([self._id_frame, *self.lost_before_use(job)])
                 return
             reply, failed = self._run(job)
@@ -700,7 +696,7 @@ class ServerConnection(threading.Thread):
             if broken:
                 return
 
-    def _alive_before_use(self) -> bool:
+    def alive_before_use(self) -> bool:
         """An idle connection has nothing to read unless the server hung up.
 
         Anything readable (a FATAL from pg_terminate_backend or a shutdown,
