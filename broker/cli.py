@@ -13,7 +13,7 @@ from .redact import Redactor
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import Broker
+    from .loop import Broker
 
     overrides = {
         "dsn": args.dsn, "endpoint": args.endpoint, "max_connections": args.max_connections,

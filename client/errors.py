@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .protocol import DIAG_FIELDS as _DIAG_FIELDS
+from .protocol import ErrorKind
 
 
 
@@ -137,15 +138,7 @@ class MessageError(InterfaceError):
     """The broker could not decode or accept the request."""
 
 
-_BY_NAME = {
-    cls.__name__: cls
-    for cls in (
-        Error, InterfaceError, DatabaseError, DataError, OperationalError,
-        IntegrityError, InternalError, ProgrammingError, NotSupportedError,
-        QueryCanceled, PoolTimeout, TooManyRequests, BrokerUnavailable,
-        TransactionExpired, SessionStateRefused, MessageError, ResultTooLarge,
-    )
-}
+_BY_NAME: dict[str, type[Error]] = {kind.value: globals()[kind.value] for kind in ErrorKind}
 
 
 def from_payload(payload: dict[str, Any]) -> Error:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import decimal
+import enum
 import uuid
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -38,6 +39,8 @@ OP_ROLLBACK = 5  # []                       -> None
 OP_BATCH = 6  # [[[sql, params], ...]]      -> [[columns, rows, rowcount], ...]
 OP_STATS = 7  # []                          -> {name: number}
 OP_PING = 8  # []                           -> None
+OP_COPY_FROM = 9  # [sql or None, data, end] -> None, then at the end [columns, rows, rowcount]
+OP_COPY_TO = 10  # [sql or None, max_bytes] -> [data, done]
 
 OP_NAMES = {
     OP_EXECUTE: "execute",
@@ -48,10 +51,33 @@ OP_NAMES = {
     OP_BATCH: "batch",
     OP_STATS: "stats",
     OP_PING: "ping",
+    OP_COPY_FROM: "copy_from",
+    OP_COPY_TO: "copy_to",
 }
 
 STATUS_OK = 0
 STATUS_ERROR = 1
+
+
+class ErrorKind(enum.StrEnum):
+    """The ``kind`` of an error payload: the name of the client's exception class."""
+
+    INTERFACE = "InterfaceError"
+    DATABASE = "DatabaseError"
+    DATA = "DataError"
+    OPERATIONAL = "OperationalError"
+    INTEGRITY = "IntegrityError"
+    INTERNAL = "InternalError"
+    PROGRAMMING = "ProgrammingError"
+    NOT_SUPPORTED = "NotSupportedError"
+    QUERY_CANCELED = "QueryCanceled"
+    POOL_TIMEOUT = "PoolTimeout"
+    TOO_MANY_REQUESTS = "TooManyRequests"
+    BROKER_UNAVAILABLE = "BrokerUnavailable"
+    TRANSACTION_EXPIRED = "TransactionExpired"
+    SESSION_STATE_REFUSED = "SessionStateRefused"
+    MESSAGE = "MessageError"
+    RESULT_TOO_LARGE = "ResultTooLarge"
 
 PROBE_REQUEST_ID = -1
 """The request id of a reply nobody asked for: the broker sends one now and

@@ -1,0 +1,691 @@
+"""The broker's loop: one thread that owns every server connection.
+
+The request path, top to bottom::
+
+    ROUTER frames --requests.decode_header/Decoder--> Job (or a refusal)
+      --> a pinned session's connection, or the pool's FIFO queue
+      --> _dispatch: an idle connection, or a shared pipeline (quick jobs)
+      --> PgConn.send (libpq pipeline, one Sync per job)
+      ... the connection's socket is readable ...
+      --> PgConn.read --> outcomes --> reply; _settle the connection:
+          idle again, reset (ROLLBACK / DISCARD ALL) first, or closed
+
+Every statement runs here, through ``pgconn``; threads only open
+connections and send cancel requests.  The loop never blocks on the
+database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from typing import Any
+
+import psycopg
+import zmq
+import zmq.auth
+from psycopg import pq
+from zmq.auth.thread import ThreadAuthenticator
+
+from client import protocol
+from client.protocol import (
+    OP_BEGIN, OP_COMMIT, OP_EXECUTEMANY, OP_NAMES, OP_PING, OP_ROLLBACK, OP_STATS, STATUS_OK,
+    ErrorKind, error_payload,
+)
+
+from . import replies
+from . import stats as S
+from ._psycopg import placeholder_query
+from .adapters import build_adapters
+from .config import ConfigError, Settings
+from .pgconn import Outcome, PgConn
+from .pool import Pool, State
+from .redact import Redactor
+from .requests import (
+    ENDING_OPS, NO_DEADLINE, OP_RESET, POOLED_OPS, SESSION_OPS, Decoder, Job, Query, Refusal,
+    decode_header,
+)
+from .sessions import Session, Sessions, peer_pid, pid_alive
+
+logger = logging.getLogger("poolbroker")
+
+HOUSEKEEPING_INTERVAL = 0.05
+"""Seconds between checks of deadlines, leases and owner processes."""
+OWNER_CHECK_INTERVAL = 0.25
+"""Seconds between checks that the processes owning transactions are alive."""
+PEER_PROBE_INTERVAL = 1.0
+"""Seconds between checks that clients holding transactions are still connected."""
+MALFORMED_LOG_INTERVAL = 1.0
+REPLY_FLUSH_MS = 1000
+"""On exit, how long queued replies may take to reach their clients."""
+PIPELINE_DEPTH = 16
+"""Autocommit jobs in flight on one connection at most."""
+PIPELINE_STALL = 0.001
+"""A connection whose job at the head has run this long (seconds) takes no
+more jobs behind it."""
+REPLY_QUEUE_LIMIT = 1000
+"""Replies queued for one client that is not reading; beyond it they are
+dropped (counted as undeliverable), so a stuck client cannot grow the broker."""
+ROUTER_BATCH = 256
+"""Requests read per turn before connections get their turn."""
+
+_PROBE = protocol.pack([protocol.PROBE_REQUEST_ID, STATUS_OK, None])
+_BEGIN = Query(b"BEGIN", None, (), None)
+_ENDINGS = {OP_COMMIT: Query(b"COMMIT", None, (), None),
+            OP_ROLLBACK: Query(b"ROLLBACK", None, (), None)}
+_ROLLBACK = _ENDINGS[OP_ROLLBACK]
+_DISCARD = Query(b"DISCARD ALL", None, (), None)
+_IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+
+
+class Broker:
+    """Owns the pool; ``run()`` serves until SIGTERM/SIGINT or ``stop()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._context = zmq.Context()
+        self._router = self._context.socket(zmq.ROUTER)
+        self._poller = zmq.Poller()
+        adapters = build_adapters()
+        self._redact = Redactor(settings.dsn)
+        self._decoder = Decoder(placeholder_query(adapters), settings.max_message_bytes)
+        self._pool = Pool(settings, adapters, self._redact)
+        self._sessions = Sessions()
+        self._by_fd: dict[int, PgConn] = {}
+        self._unflushed: set[PgConn] = set()
+        self._in_flight: dict[bytes, int] = {}  # routing id -> requests waiting or running
+        self._query_timeout_reason = (
+            f"the statement ran longer than query_timeout ({settings.query_timeout:g} s) "
+            "and was cancelled on the server")
+        self._authenticator: ThreadAuthenticator | None = None
+        self._stopping = False
+        self._drain_deadline = 0.0
+        self._next_housekeeping = 0.0
+        self._next_owner_check = 0.0
+        self._next_peer_probe = 0.0
+        self._malformed_log_at = 0.0
+        self._malformed_unlogged = 0
+        self.stats: dict[str, int] = dict.fromkeys(S.COUNTERS, 0)
+
+    # Set-up and teardown
+
+    def bind(self) -> None:
+        s = self.settings
+        endpoint = s.endpoint
+        if endpoint.startswith("ipc://"):
+            prepare_ipc_directory(endpoint)
+        if s.curve_secret_key_file:
+            self._enable_curve()
+        elif endpoint.startswith("tcp://") and not s.insecure_tcp:
+            raise ConfigError(
+                "a tcp endpoint needs CURVE: set curve_secret_key_file and "
+                "curve_allowed_clients (make keys with 'poolbroker keygen'), or pass "
+                "--insecure-tcp on a network you trust")
+        router = self._router
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)
+        router.setsockopt(zmq.SNDHWM, REPLY_QUEUE_LIMIT)
+        router.setsockopt(zmq.RCVHWM, 100_000)
+        router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        router.bind(endpoint)
+        logger.info("listening on %s, max_connections=%d", endpoint, s.max_connections)
+
+    def _enable_curve(self) -> None:
+        """Encrypt the transport and admit only clients on the allow-list."""
+        s = self.settings
+        try:
+            public, secret = zmq.auth.load_certificate(s.curve_secret_key_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read curve_secret_key_file: {exc}") from None
+        if not secret:
+            raise ConfigError(f"{s.curve_secret_key_file} holds no secret key")
+        if not os.path.isdir(s.curve_allowed_clients):
+            raise ConfigError(f"curve_allowed_clients {s.curve_allowed_clients!r} "
+                              "is not a directory")
+        self._authenticator = ThreadAuthenticator(self._context)
+        self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=s.curve_allowed_clients)
+        self._router.curve_secretkey = secret
+        self._router.curve_publickey = public
+        self._router.curve_server = True
+        logger.info("CURVE on: clients allowed from %s", s.curve_allowed_clients)
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (safe from a signal handler)."""
+        self._stopping = True
+
+    def _install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop())
+
+    def _close(self) -> None:
+        self._pool.close_all()
+        # Give the last replies (answers to drained statements) a moment to
+        # leave; a client that stopped reading cannot hold the exit longer.
+        self._router.close(linger=REPLY_FLUSH_MS)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self._context.term()
+        logger.info("stopped")
+
+    # The loop
+
+    def run(self, *, install_signal_handlers: bool = True) -> None:
+        if install_signal_handlers:
+            self._install_signal_handlers()
+        self.bind()
+        router, poller, by_fd = self._router, self._poller, self._by_fd
+        wakeup = self._pool.wakeup_fd
+        poller.register(router, zmq.POLLIN)
+        poller.register(wakeup, zmq.POLLIN)
+        timeout_ms = int(HOUSEKEEPING_INTERVAL * 1000)
+        try:
+            while True:
+                events = poller.poll(timeout_ms)
+                now = time.monotonic()
+                requests = False
+                for what, _ in events:
+                    if what is router:
+                        requests = True
+                    elif what == wakeup:
+                        self._on_opened(now)
+                    elif (conn := by_fd.get(what)) is not None:
+                        self._unflushed.add(conn)  # a rerun or a DEALLOCATE may follow
+                        self._on_outcomes(conn, conn.read(now), now)
+                if requests:
+                    for _ in range(ROUTER_BATCH):
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_request(frames, now)
+                if self._unflushed:
+                    for conn in self._unflushed:
+                        conn.flush()
+                    self._unflushed.clear()
+                if now >= self._next_housekeeping:
+                    self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+                    self._housekeeping(now)
+                    if self._stopping and self._drained(now):
+                        break
+        finally:
+            self._close()
+
+    # Requests
+
+    def _on_request(self, frames: list[zmq.Frame], now: float) -> None:
+        self.stats[S.REQUESTS_NUM] += 1
+        routing_id = frames[0].bytes
+        if len(frames) != 3:
+            self._malformed(routing_id, None, f"expected 2 frames (header, body), got {len(frames) - 1}")
+            return
+        try:
+            request_id, op, deadline, token = decode_header(frames[1].bytes, now)
+        except Refusal as exc:
+            self._malformed(routing_id, exc.request_id, str(exc))
+            return
+        if op == OP_STATS:
+            self._reply(routing_id, replies.ok(request_id, self.snapshot()))
+            return
+        if op == OP_PING:
+            self._reply(routing_id, replies.ok(request_id, None))
+            return
+        if self._stopping:
+            self._reply_error(routing_id, request_id, ErrorKind.BROKER_UNAVAILABLE,
+                              "the broker is shutting down; the request was not run")
+            return
+        in_flight = self._in_flight.get(routing_id, 0)
+        if in_flight >= self.settings.max_client_requests:
+            self.stats[S.REQUESTS_REFUSED] += 1
+            self._reply_error(
+                routing_id, request_id, ErrorKind.TOO_MANY_REQUESTS,
+                f"this client already has {in_flight} requests waiting or running "
+                f"(max_client_requests={self.settings.max_client_requests}); "
+                "the request was not run")
+            return
+        job = Job(op, routing_id, request_id, deadline)
+        if token is not None:
+            self._on_session_request(job, token, frames[2].bytes, now)
+            return
+        if op not in POOLED_OPS:
+            self._malformed(routing_id, request_id, f"{OP_NAMES[op]} needs a transaction")
+            return
+        if op == OP_BEGIN:
+            job.session = secrets.token_bytes(16)
+            job.owner_pid = peer_pid(frames[1])
+            job.queries = [_BEGIN]
+        elif not self._decode(job, frames[2].bytes):
+            return
+        elif not job.queries:  # executemany of nothing
+            self._reply(routing_id, replies.ok(request_id, [None, [], 0]))
+            return
+        pool = self._pool
+        if len(pool.waiting) >= self.settings.max_waiting and not pool.count(State.IDLE):
+            self.stats[S.REQUESTS_REFUSED] += 1
+            self._reply_error(
+                routing_id, request_id, ErrorKind.TOO_MANY_REQUESTS,
+                f"{len(pool.waiting)} requests are already waiting for a connection "
+                f"(max_waiting={self.settings.max_waiting}); the request was not run")
+            return
+        job.queued_at = now
+        self._admit(job)
+        pool.waiting.append(job)
+        self._dispatch(now)
+
+    def _decode(self, job: Job, body: bytes) -> bool:
+        """Fill ``job`` from its body; False if it was refused (and answered)."""
+        try:
+            self._decoder.fill(job, body)
+        except Refusal as exc:
+            self.stats[S.REQUESTS_ERRORS] += 1
+            self._reply(job.routing_id, replies.refusal(job.request_id, exc))
+            return False
+        if job.shareable:
+            job.expected_fast = self._pool.is_quick(job.queries[0].key)
+        return True
+
+    def _on_session_request(self, job: Job, token: bytes, body: bytes, now: float) -> None:
+        session = self._sessions.by_token.get(token)
+        if session is None or session.routing_id != job.routing_id:
+            # Same answer for a forged token and a stale one: nothing to learn.
+            reason = self._sessions.why_ended(token) if session is None else None
+            self._reply_error(job.routing_id, job.request_id, ErrorKind.TRANSACTION_EXPIRED,
+                              reason or "unknown transaction: it was rolled back or never existed")
+            return
+        if job.op not in SESSION_OPS:
+            self._malformed(job.routing_id, job.request_id,
+                            f"{OP_NAMES[job.op]} is not allowed inside a transaction")
+            return
+        if session.busy:
+            self._reply_error(job.routing_id, job.request_id, ErrorKind.INTERFACE,
+                              "the transaction is already running a statement")
+            return
+        job.in_session = True
+        job.session = token
+        if job.op in _ENDINGS:
+            job.queries = [_ENDINGS[job.op]]
+            del self._sessions.by_token[token]  # nothing more may join it
+        elif not self._decode(job, body):
+            return
+        elif not job.queries and job.op == OP_EXECUTEMANY:
+            self._reply(job.routing_id, replies.ok(job.request_id, [None, [], 0]))
+            return
+        session.busy = True
+        session.last_active = now
+        self._admit(job)
+        self._send(session.conn, job, now)
+
+    def _dispatch(self, now: float) -> None:
+        pool = self._pool
+        waiting = pool.waiting
+        while waiting:
+            job = waiting[0]
+            if job.deadline <= now:
+                waiting.popleft()
+                self._abandon(job, now)
+                continue
+            conn = self._connection_for(job, now)
+            if conn is None:
+                break  # first come, first served: nothing overtakes the head
+            waiting.popleft()
+            waited = now - job.queued_at
+            if waited > 0.001:
+                self.stats[S.REQUESTS_QUEUED] += 1
+                self.stats[S.REQUESTS_WAIT_MS] += int(waited * 1000)
+            if job.op == OP_BEGIN:
+                self._sessions.open(Session(job.session, job.routing_id, conn, job.owner_pid, now))
+                pool.move(conn, State.PINNED)
+            self._send(conn, job, now)
+        if waiting:
+            pool.grow(now, len(waiting))
+
+    def _connection_for(self, job: Job, now: float) -> PgConn | None:
+        """An idle connection, else, for a shareable job, the least loaded
+        shared pipeline whose head has not stalled.  While the pool can
+        still grow, only quick jobs go behind quick ones: N slow statements
+        at cap N run side by side."""
+        pool = self._pool
+        conn = pool.idle()
+        if conn is not None or not job.shareable:
+            return conn
+        only_quick = not pool.at_cap
+        if only_quick and not job.expected_fast:
+            return None
+        best, depth = None, PIPELINE_DEPTH
+        for conn in pool.shared():
+            if conn.in_flight < depth and now - conn.head_since < PIPELINE_STALL \
+                    and not conn.dirty and not (only_quick and conn.slow_in_flight):
+                best, depth = conn, conn.in_flight
+        return best
+
+    def _send(self, conn: PgConn, job: Job, now: float) -> None:
+        """Put ``job`` on ``conn``'s wire (flushed at the end of the turn)."""
+        query_timeout = self.settings.query_timeout
+        if query_timeout and now + query_timeout < job.deadline:
+            job.cancel_at = now + query_timeout
+            job.cancel_reason = self._query_timeout_reason
+        else:
+            job.cancel_at = job.deadline
+        guard = None
+        if conn.in_flight and not job.in_session and job.deadline - now < NO_DEADLINE / 2:
+            guard = job.deadline - now + time.time() + conn.clock_offset
+        if job.resets:
+            conn.dirty = True
+        try:
+            outcomes = conn.send(job, guard)
+        except Refusal as exc:
+            outcomes = [(job, False, replies.refusal(job.request_id, exc))]
+        except psycopg.Error as exc:
+            outcomes = conn.fail_all(exc)
+        if conn.state == State.IDLE:
+            self._pool.move(conn, State.SHARED if job.shareable else State.BUSY)
+        self._unflushed.add(conn)
+        if conn.in_flight > 1:
+            self.stats[S.REQUESTS_PIPELINED] += 1
+            self._pool.grow(now, 1)  # every connection is busy: more would help
+        self._on_outcomes(conn, outcomes, now)
+
+    # Outcomes
+
+    def _on_outcomes(self, conn: PgConn, outcomes: list[Outcome], now: float) -> None:
+        sessions = self._sessions
+        for job, ok, reply in outcomes:
+            if job.ran_for and job.shareable:
+                self._pool.ran(job.queries[0].key, job.ran_for)
+            if job.op == OP_RESET:
+                self._reset_done(conn, job, ok)
+                continue
+            self._finish(job)
+            if not ok:
+                self.stats[S.REQUESTS_ERRORS] += 1
+            if job.rerun:
+                self.stats[S.REQUESTS_RERUN] += 1
+            self._reply(job.routing_id, reply)
+            session = sessions.by_conn.get(conn.conn_id)
+            if session is not None:
+                if job.op in ENDING_OPS or (job.op == OP_BEGIN and not ok):
+                    sessions.close(session)
+                    self._pool.move(conn, State.RESETTING)
+                else:
+                    session.busy = False
+                    session.last_active = now
+        self._settle(conn, now)
+
+    def _reset_done(self, conn: PgConn, job: Job, ok: bool) -> None:
+        if not ok:
+            conn.broken = "its reset failed"
+        elif job.queries[0] is _DISCARD:
+            conn.dirty = False
+            conn.prepared.forget()  # DISCARD ALL dropped them
+            if conn.session_changed():
+                conn.broken = "a reported setting survived DISCARD ALL"
+
+    def _settle(self, conn: PgConn, now: float) -> None:
+        """Decide what ``conn`` does next, from its state and the server's word."""
+        pool = self._pool
+        if conn.broken:
+            self._close_conn(conn, now)
+            return
+        self._watch(conn)
+        if conn.in_flight or conn.copying:
+            if conn.state == State.SHARED and pool.waiting:
+                self._dispatch(now)  # room for one more behind the others
+            return
+        status = conn.transaction_status
+        session = self._sessions.by_conn.get(conn.conn_id)
+        if session is not None:
+            if status not in _IN_TRANSACTION and not session.busy:
+                self._end_session(session, "the transaction ended on the server")
+                self._settle(conn, now)
+            return
+        if status in _IN_TRANSACTION and conn.state == State.RESETTING:
+            self._send(conn, Job(OP_RESET, b"", 0, float("inf"), [_ROLLBACK]), now)
+            return
+        if status != pq.TransactionStatus.IDLE:
+            conn.broken = f"left in transaction status {status.name} outside a transaction"
+            self._close_conn(conn, now)
+            return
+        if conn.dirty or conn.session_changed():
+            if conn.state != State.RESETTING:
+                pool.move(conn, State.RESETTING)
+            self._send(conn, Job(OP_RESET, b"", 0, float("inf"), [_DISCARD]), now)
+            return
+        if self._stopping:
+            self._close_conn(conn, now)
+            return
+        pool.move(conn, State.IDLE)
+        if pool.waiting:
+            self._dispatch(now)
+
+    def _watch(self, conn: PgConn) -> None:
+        """Poll the socket unless a COPY TO waits for its client."""
+        fd = conn.fileno()
+        watched = fd in self._by_fd
+        if conn.wants_input != watched:
+            if watched:
+                del self._by_fd[fd]
+                self._poller.unregister(fd)
+            else:
+                self._by_fd[fd] = conn
+                self._poller.register(fd, zmq.POLLIN)
+
+    def _close_conn(self, conn: PgConn, now: float) -> None:
+        if conn.broken:
+            self.stats[S.CONNECTIONS_LOST] += 1
+            logger.warning("closing server connection %d: %s", conn.conn_id, conn.broken)
+        for job, _, reply in conn.fail_all(psycopg.OperationalError(conn.broken or "closed")):
+            self._finish(job)
+            self._reply(job.routing_id, reply)
+        session = self._sessions.by_conn.get(conn.conn_id)
+        if session is not None:
+            self._sessions.close(session, "the transaction's server connection was lost")
+        for fd, watched in list(self._by_fd.items()):
+            if watched is conn:
+                del self._by_fd[fd]
+                self._poller.unregister(fd)
+        self._unflushed.discard(conn)
+        self._pool.move(conn, State.CLOSED)
+        if self._pool.waiting:
+            self._pool.grow(now, len(self._pool.waiting))
+
+    def _on_opened(self, now: float) -> None:
+        pool = self._pool
+        ready, error = pool.opened(now)
+        for conn in ready:
+            self.stats[S.CONNECTIONS_NUM] += 1
+            pool.move(conn, State.IDLE)
+            self._watch(conn)
+        if error:
+            self.stats[S.CONNECTIONS_ERRORS] += 1
+            if not pool.conns:
+                # Nobody will free a connection: fail the queue now, clearly.
+                while pool.waiting:
+                    self._fail_waiting(pool.waiting.popleft(), ErrorKind.OPERATIONAL,
+                                       f"cannot connect to the database: {error}",
+                                       sqlstate="08006")
+        if pool.waiting:
+            self._dispatch(now)
+
+    # Sessions
+
+    def _end_session(self, session: Session, reason: str) -> None:
+        """Roll the transaction back on the broker's own initiative."""
+        self._sessions.close(session, reason)
+        conn = session.conn
+        self._pool.move(conn, State.RESETTING)
+        if session.busy and conn.head is not None and conn.head.op not in ENDING_OPS:
+            conn.cancel(conn.head)
+
+    def _expire(self, session: Session, reason: str, now: float) -> None:
+        self.stats[S.TRANSACTIONS_EXPIRED] += 1
+        logger.info("rolling back a transaction: %s", reason)
+        self._end_session(session, reason)
+        if not session.busy:
+            self._settle(session.conn, now)
+
+    # Bookkeeping
+
+    def _admit(self, job: Job) -> None:
+        routing_id = job.routing_id
+        self._in_flight[routing_id] = self._in_flight.get(routing_id, 0) + 1
+
+    def _finish(self, job: Job) -> None:
+        """The job was answered: it no longer counts against its client."""
+        routing_id = job.routing_id
+        left = self._in_flight.get(routing_id, 0) - 1
+        if left > 0:
+            self._in_flight[routing_id] = left
+        else:
+            self._in_flight.pop(routing_id, None)
+
+    def _fail_waiting(self, job: Job, kind: ErrorKind, message: str, **extra: Any) -> None:
+        self._finish(job)
+        self._reply_error(job.routing_id, job.request_id, kind, message, **extra)
+
+    def _abandon(self, job: Job, now: float) -> None:
+        self.stats[S.REQUESTS_ABANDONED] += 1
+        self._fail_waiting(
+            job, ErrorKind.POOL_TIMEOUT,
+            f"the request's deadline passed after {now - job.queued_at:.3f} s waiting for a "
+            "connection; the statement was not run")
+
+    # Replies
+
+    def _reply(self, routing_id: bytes, reply: bytes) -> None:
+        try:
+            self._router.send_multipart([routing_id, reply], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            # EHOSTUNREACH: the client is gone; EAGAIN: it stopped reading.
+            self.stats[S.REPLIES_UNDELIVERABLE] += 1
+
+    def _peer_connected(self, routing_id: bytes) -> bool:
+        """Whether the client's connection is up: a frozen or vanished peer
+        fails its heartbeats and its pipe is closed, so ROUTER_MANDATORY
+        refuses a message to it."""
+        try:
+            self._router.send_multipart([routing_id, _PROBE], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            return exc.errno != zmq.EHOSTUNREACH  # EAGAIN: up, just not reading
+        return True
+
+    def _reply_error(self, routing_id: bytes, request_id: Any, kind: ErrorKind, message: str,
+                     **extra: Any) -> None:
+        self.stats[S.REQUESTS_ERRORS] += 1
+        self._reply(routing_id, replies.error(request_id, error_payload(kind, message, **extra)))
+
+    def _malformed(self, routing_id: bytes, request_id: Any, why: str) -> None:
+        self.stats[S.MESSAGES_MALFORMED] += 1
+        now = time.monotonic()
+        if now >= self._malformed_log_at:
+            # At most one line a second: a hostile client must not flood the log.
+            self._malformed_log_at = now + MALFORMED_LOG_INTERVAL
+            suppressed, self._malformed_unlogged = self._malformed_unlogged, 0
+            logger.warning("malformed request: %s%s", why,
+                           f" ({suppressed} more since the last report)" if suppressed else "")
+        else:
+            self._malformed_unlogged += 1
+        self._reply_error(routing_id, request_id, ErrorKind.MESSAGE, why)
+
+    # Timers
+
+    def _housekeeping(self, now: float) -> None:
+        pool = self._pool
+        if pool.waiting:
+            self._expire_waiting(now)
+        for conn in list(pool.conns.values()):
+            job = conn.head
+            if job is not None and job.cancel_at <= now and not job.cancel_sent:
+                self.stats[S.REQUESTS_CANCELLED] += 1
+                conn.cancel(job)
+        idle_limit = self.settings.idle_transaction_timeout
+        check_owners = now >= self._next_owner_check
+        if check_owners:
+            self._next_owner_check = now + OWNER_CHECK_INTERVAL
+        probe_peers = now >= self._next_peer_probe
+        if probe_peers:
+            self._next_peer_probe = now + PEER_PROBE_INTERVAL
+        for session in list(self._sessions.by_conn.values()):
+            if self._stopping:
+                if not session.busy:
+                    self._expire(session, "the broker is shutting down", now)
+            elif check_owners and session.owner_pid and not pid_alive(session.owner_pid):
+                self._expire(session, f"its owner process {session.owner_pid} exited", now)
+            elif probe_peers and not self._peer_connected(session.routing_id):
+                self._expire(session, "its client's connection was lost (closed, or "
+                                      "no answer to transport heartbeats)", now)
+            elif idle_limit and not session.busy and now - session.last_active > idle_limit:
+                self._expire(session, (
+                    f"the transaction was idle for more than {idle_limit:g} s "
+                    "(idle_transaction_timeout) and was rolled back"), now)
+        if pool.waiting and not pool.count(State.IDLE):
+            pool.grow(now, len(pool.waiting))
+
+    def _expire_waiting(self, now: float) -> None:
+        pool_timeout = self.settings.pool_timeout
+        kept = []
+        for job in self._pool.waiting:
+            if job.deadline <= now:
+                self._abandon(job, now)
+            elif pool_timeout and now - job.queued_at > pool_timeout:
+                self.stats[S.REQUESTS_TIMEOUTS] += 1
+                self._fail_waiting(
+                    job, ErrorKind.POOL_TIMEOUT,
+                    f"no server connection became free within {now - job.queued_at:.1f} s "
+                    f"(pool_timeout={pool_timeout:g} s, max_connections="
+                    f"{self.settings.max_connections}); the statement was not run")
+            else:
+                kept.append(job)
+        self._pool.waiting.clear()
+        self._pool.waiting.extend(kept)
+
+    def _drained(self, now: float) -> bool:
+        pool = self._pool
+        if not self._drain_deadline:
+            self._drain_deadline = now + self.settings.drain_timeout
+            logger.info("shutting down: draining %d running statements",
+                        sum(c.in_flight for c in pool.conns.values()))
+            while pool.waiting:
+                self._fail_waiting(pool.waiting.popleft(), ErrorKind.BROKER_UNAVAILABLE,
+                                   "the broker is shutting down; the request was not run")
+            for conn in pool.in_state(State.IDLE):
+                self._close_conn(conn, now)
+        busy = [c for c in pool.conns.values() if c.in_flight or c.copying]
+        if now >= self._drain_deadline:
+            for conn in busy:
+                conn.cancel(conn.head)
+            return True
+        return not busy and not pool.count(State.OPENING) and not self._sessions.by_conn
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters plus gauges, for ``poolbroker stats``."""
+        pool = self._pool
+        result: dict[str, Any] = dict(self.stats)
+        result[S.POOL_MAX] = self.settings.max_connections
+        result[S.POOL_SIZE] = len(pool.conns)
+        result[S.POOL_AVAILABLE] = pool.count(State.IDLE)
+        result[S.REQUESTS_WAITING] = len(pool.waiting)
+        result[S.SESSIONS_ACTIVE] = len(self._sessions.by_conn)
+        result[S.CLIENTS_ACTIVE] = len(self._in_flight)
+        return result
+
+
+def prepare_ipc_directory(endpoint: str) -> None:
+    """Create the socket's directory 0700 and refuse one others can write."""
+    path = endpoint[len("ipc://"):]
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{directory} belongs to uid {st.st_uid}, not to this user")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{directory} is accessible to other users (mode {st.st_mode & 0o777:o}); "
+            "the broker's socket must live in a 0700 directory")
+
+

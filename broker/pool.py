@@ -1,0 +1,174 @@
+"""Server connections by state, the FIFO queue of jobs waiting for one, the cap.
+
+Each connection has one state (``PgConn.state``), changed only through
+``Pool.move``, which keeps the per-state sets the loop asks for.  Opening
+a connection blocks, so it happens on a short-lived thread that hands the
+finished connection back through a pipe the loop polls.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+
+import psycopg
+from psycopg.adapt import AdaptersMap
+
+from .config import Settings
+from .pgconn import PgConn
+from .redact import Redactor
+from .requests import Job
+
+logger = logging.getLogger("poolbroker.pool")
+
+CONNECT_BACKOFF_MIN = 0.1
+CONNECT_BACKOFF_MAX = 5.0
+QUICK_STATEMENT = 0.001
+"""Seconds of server time under which a statement counts as quick: only
+quick ones are pipelined behind others while the pool can still grow."""
+ESTIMATES_KEPT = 10_000
+
+
+class State(enum.StrEnum):
+    OPENING = "opening"
+    IDLE = "idle"
+    SHARED = "shared"  # running autocommit jobs of several clients; takes more
+    BUSY = "busy"  # running a job that runs alone
+    PINNED = "pinned"  # leased to a transaction
+    RESETTING = "resetting"  # rolling back / DISCARD ALL, for nobody
+    CLOSED = "closed"
+
+
+class Pool:
+    """Owns the server connections; the loop drives them."""
+
+    def __init__(self, settings: Settings, adapters: AdaptersMap, redact: Redactor) -> None:
+        self.settings = settings
+        self._adapters = adapters
+        self._redact = redact
+        self.conns: dict[int, PgConn] = {}
+        self._in: dict[State, dict[int, PgConn]] = {state: {} for state in State}
+        self.waiting: deque[Job] = deque()
+        self._next_id = 1
+        self._opened: queue.SimpleQueue = queue.SimpleQueue()
+        self.wakeup_fd, self._wakeup_write = os.pipe()
+        os.set_blocking(self.wakeup_fd, False)
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._durations: dict[tuple, float] = {}  # query key -> server seconds, smoothed
+
+    # States
+
+    def move(self, conn: PgConn, state: State) -> None:
+        del self._in[State(conn.state)][conn.conn_id]
+        conn.state = state
+        if state == State.CLOSED:
+            self.conns.pop(conn.conn_id, None)
+            conn.close()
+        else:
+            self._in[state][conn.conn_id] = conn
+
+    def count(self, state: State) -> int:
+        return len(self._in[state])
+
+    def in_state(self, state: State) -> list[PgConn]:
+        return list(self._in[state].values())
+
+    def idle(self) -> PgConn | None:
+        """The most recently used idle connection (its caches are warm)."""
+        idle = self._in[State.IDLE]
+        return next(reversed(idle.values())) if idle else None
+
+    def shared(self) -> list[PgConn]:
+        return list(self._in[State.SHARED].values())
+
+    @property
+    def at_cap(self) -> bool:
+        return len(self.conns) >= self.settings.max_connections
+
+    # Statement durations: what may be pipelined behind what
+
+    def is_quick(self, key: tuple) -> bool:
+        return self._durations.get(key, 1.0) < QUICK_STATEMENT
+
+    def ran(self, key: tuple, seconds: float) -> None:
+        durations = self._durations
+        if len(durations) >= ESTIMATES_KEPT and key not in durations:
+            durations.clear()
+        previous = durations.get(key)
+        durations[key] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+    # Growth
+
+    def grow(self, now: float, wanted: int) -> None:
+        """Open up to ``wanted`` more connections, never beyond the cap."""
+        if now < self._retry_at:
+            return
+        cap = self.settings.max_connections
+        opening = self.count(State.OPENING)
+        while len(self.conns) < cap and opening < wanted:
+            conn = PgConn(self._next_id, result_limit=self.settings.max_result_bytes,
+                          chunked=bool(self.settings.max_result_bytes))
+            self._next_id += 1
+            self.conns[conn.conn_id] = conn
+            self._in[State.OPENING][conn.conn_id] = conn
+            opening += 1
+            threading.Thread(target=self._open, args=(conn.conn_id,),
+                             name="poolbroker-connect", daemon=True).start()
+
+    def _open(self, conn_id: int) -> None:
+        s = self.settings
+        backstop_ms = int(s.idle_transaction_timeout * 2000) if s.idle_transaction_timeout else 0
+        try:
+            conn = psycopg.connect(
+                s.dsn, autocommit=True, prepare_threshold=None, context=self._adapters,
+                application_name=s.application_name, client_encoding="UTF8",
+                connect_timeout=max(1, int(s.connect_timeout)),
+                options=f"-c idle_in_transaction_session_timeout={backstop_ms}")
+            before = time.time()
+            server = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8") \
+                .fetchone()[0]
+            offset = server - (before + time.time()) / 2
+            self._opened.put((conn_id, conn, offset, ""))
+        except Exception as exc:
+            self._opened.put((conn_id, None, 0.0, self._redact(str(exc).strip())))
+        os.write(self._wakeup_write, b"x")
+
+    def opened(self, now: float) -> tuple[list[PgConn], str]:
+        """Connections opened since the last call, and the last connect error."""
+        try:
+            os.read(self.wakeup_fd, 4096)
+        except BlockingIOError:
+            pass
+        ready, error = [], ""
+        while True:
+            try:
+                conn_id, conn, offset, message = self._opened.get_nowait()
+            except queue.Empty:
+                return ready, error
+            pgconn = self.conns.get(conn_id)
+            if conn is None or pgconn is None:
+                if pgconn is not None:
+                    self.move(pgconn, State.CLOSED)
+                if conn is not None:
+                    conn.close()
+                error = message or error
+                self._backoff = min(CONNECT_BACKOFF_MAX,
+                                    max(CONNECT_BACKOFF_MIN, self._backoff * 2))
+                self._retry_at = now + self._backoff
+                logger.error("cannot connect to the database (retry in %.1f s): %s",
+                             self._backoff, message)
+                continue
+            self._backoff = 0.0
+            pgconn.attach(conn, offset, now)
+            ready.append(pgconn)
+
+    def close_all(self) -> None:
+        for conn in list(self.conns.values()):
+            if conn.state != State.OPENING:
+                self.move(conn, State.CLOSED)

@@ -1,0 +1,255 @@
+"""From a request's frames to a validated job, or a refusal.  Pure: no I/O.
+
+The header is checked first (it is small and bounded); the body is then
+decoded, its placeholders converted with psycopg's own rules, and each
+statement classified by PostgreSQL's parser (``statements.classify``,
+cached by text).  The policy below decides, per class, what may run where:
+
+================  =====================  ======================  ===================
+class             execute / executemany  batch                   in a transaction
+================  =====================  ======================  ===================
+PLAIN             shared pipeline        runs                    runs
+UTILITY           runs alone             runs                    runs
+SESSION           refused                runs, reset after       runs, reset at end
+OPAQUE (DO...)    runs alone, reset      runs, reset after       runs, reset at end
+COPY (STDIN/OUT)  refused: copy()        refused: copy()         refused: copy()
+TRANSACTION       refused                refused                 refused
+================  =====================  ======================  ===================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from client import protocol
+from client.protocol import (
+    HEADER_FIELDS, OP_BATCH, OP_BEGIN, OP_COMMIT, OP_COPY_FROM, OP_COPY_TO, OP_EXECUTE,
+    OP_EXECUTEMANY, OP_NAMES, OP_ROLLBACK, ErrorKind,
+)
+
+from .statements import Classification, Kind, classify
+
+NO_DEADLINE = 24 * 3600.0
+MAX_HEADER_BYTES = 4096
+
+OP_RESET = -1
+"""Internal: roll back what is open, and DISCARD ALL when needed; no reply."""
+
+ENDING_OPS = frozenset((OP_COMMIT, OP_ROLLBACK, OP_RESET))
+"""Operations after which a pinned connection leaves its session."""
+
+POOLED_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_BATCH, OP_BEGIN))
+"""Operations outside a transaction that need a server connection."""
+
+SESSION_OPS = frozenset((OP_EXECUTE, OP_EXECUTEMANY, OP_COMMIT, OP_ROLLBACK,
+                         OP_COPY_FROM, OP_COPY_TO))
+"""Operations allowed inside a transaction."""
+
+_COPY_HINT = "COPY FROM STDIN / TO STDOUT runs through client.copy(), not execute()"
+_TRANSACTION_HINT = ("transaction control statements are managed by the broker: "
+                     "use client.transaction() or client.batch()")
+_SESSION_HINT = (
+    "this statement changes session state ({reason}) which would leak to other "
+    "clients of the shared connection; run it inside client.transaction() (the "
+    "connection is reset afterwards) or use SET LOCAL / pg_advisory_xact_lock")
+
+
+class Refusal(Exception):
+    """A request the broker answers with an error without running it."""
+
+    def __init__(self, kind: ErrorKind, message: str, sqlstate: str | None = None,
+                 request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.sqlstate = sqlstate
+        self.request_id = request_id  # set when the header could not be trusted
+
+
+@dataclass(slots=True)
+class Query:
+    """One statement as libpq takes it: placeholders converted, parameters dumped."""
+
+    sql: bytes
+    params: list | None
+    types: tuple
+    formats: list | None
+
+    @property
+    def key(self) -> tuple:
+        """What the prepared cache and the duration estimates know it by."""
+        return (self.sql, self.types)
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One request on its way through the broker (or an internal step)."""
+
+    op: int
+    routing_id: bytes
+    request_id: int
+    deadline: float
+    queries: list[Query] = field(default_factory=list)
+    simple: bytes | None = None  # a multi-statement text, run with the simple protocol
+    session: bytes | None = None  # the transaction's token
+    in_session: bool = False
+    shareable: bool = False  # may share a pipeline with other clients' jobs
+    resets: bool = False  # the connection needs DISCARD ALL before anyone else gets it
+    copy_data: bytes = b""  # OP_COPY_FROM: the chunk to send
+    copy_end: bool = False  # OP_COPY_FROM: the last chunk
+    copy_max: int = 0  # OP_COPY_TO: bytes to return at most
+    owner_pid: int = 0
+    queued_at: float = 0.0
+    cancel_at: float = 0.0  # when the loop cancels it on the server
+    cancel_reason: str = ""  # why, when it is not the client's own deadline
+    cancel_sent: bool = False
+    rerun: bool = False  # sent a second time (see PgConn._rerun)
+    expected_fast: bool = False  # its statement is known to finish within PIPELINE_STALL
+    ran_for: float = 0.0  # seconds from reaching the head of its pipeline to its end
+
+
+def decode_header(header_bytes: bytes, now: float) -> tuple[int, int, float, bytes | None]:
+    """(request_id, op, deadline, session) of a request header, or raise a
+    Refusal (of kind MESSAGE, with the request id when it was readable)."""
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise _malformed(None, "header frame too large")
+    try:
+        header = protocol.unpack(header_bytes, MAX_HEADER_BYTES)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise _malformed(None, f"undecodable header: {exc}") from None
+    if not isinstance(header, list) or len(header) != HEADER_FIELDS:
+        raise _malformed(None, "header must be [request_id, op, timeout_ms, session]")
+    request_id, op, timeout_ms, session = header
+    if not isinstance(request_id, int) or not isinstance(op, int) or isinstance(op, bool):
+        raise _malformed(request_id if isinstance(request_id, int) else None,
+                         "request_id and op must be integers")
+    if op not in OP_NAMES:
+        raise _malformed(request_id, f"unknown operation {op}")
+    if timeout_ms is None:
+        deadline = now + NO_DEADLINE
+    elif isinstance(timeout_ms, int) and not isinstance(timeout_ms, bool) and timeout_ms > 0:
+        deadline = now + timeout_ms / 1000.0
+    else:
+        raise _malformed(request_id, "timeout_ms must be a positive integer or nil")
+    if session is not None and not isinstance(session, bytes):
+        raise _malformed(request_id, "session must be bytes or nil")
+    return request_id, op, deadline, session
+
+
+def _malformed(request_id: int | None, why: str) -> Refusal:
+    return Refusal(ErrorKind.MESSAGE, why, request_id=request_id)
+
+
+class Decoder:
+    """Turns request bodies into the queries of a job, by the policy above."""
+
+    def __init__(self, new_query: Callable[[], Any], max_bytes: int) -> None:
+        self._new_query = new_query  # psycopg's PostgresQuery over the broker's adapters
+        self._max_bytes = max_bytes
+
+    def fill(self, job: Job, body: bytes) -> None:
+        """Decode ``body`` into ``job`` (queries, sharing, reset), or raise Refusal."""
+        op = job.op
+        if op == OP_EXECUTE:
+            sql, params = self._args(job, body, 2)
+            self._statements(job, [(_text(sql), _params(params))], batch=False)
+        elif op == OP_EXECUTEMANY:
+            sql, seq = self._args(job, body, 2)
+            if not isinstance(seq, list):
+                raise Refusal(ErrorKind.MESSAGE, "executemany takes a list of parameter sets")
+            sql = _text(sql)
+            self._statements(job, [(sql, _params(p)) for p in seq], batch=False)
+        elif op == OP_BATCH:
+            (items,) = self._args(job, body, 1)
+            if not isinstance(items, list) or not items:
+                raise Refusal(ErrorKind.MESSAGE, "batch takes a non-empty list of [sql, params]")
+            pairs = []
+            for item in items:
+                if not isinstance(item, list) or len(item) != 2:
+                    raise Refusal(ErrorKind.MESSAGE, "each batch item is [sql, params]")
+                pairs.append((_text(item[0]), _params(item[1])))
+            self._statements(job, pairs, batch=True)
+        elif op == OP_COPY_FROM:
+            sql, data, end = self._args(job, body, 3)
+            if not isinstance(data, bytes) or not isinstance(end, bool):
+                raise Refusal(ErrorKind.MESSAGE, "copy_from takes [sql or nil, bytes, bool]")
+            job.copy_data, job.copy_end = data, end
+            if sql is not None:
+                self._copy(job, _text(sql), from_stdin=True)
+        elif op == OP_COPY_TO:
+            sql, max_bytes = self._args(job, body, 2)
+            if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
+                raise Refusal(ErrorKind.MESSAGE, "copy_to takes [sql or nil, positive int]")
+            job.copy_max = max_bytes
+            if sql is not None:
+                self._copy(job, _text(sql), from_stdin=False)
+
+    def _args(self, job: Job, body: bytes, arity: int) -> list:
+        try:
+            args = protocol.unpack(body, self._max_bytes)
+        except Exception as exc:
+            raise Refusal(ErrorKind.MESSAGE, f"undecodable body: {exc}") from None
+        if not isinstance(args, list) or len(args) != arity:
+            raise Refusal(ErrorKind.MESSAGE, f"{OP_NAMES[job.op]} takes {arity} arguments")
+        return args
+
+    def _convert(self, sql: str, params: Any) -> Query:
+        query = self._new_query()
+        try:
+            query.convert(sql, params)  # psycopg's placeholder rules and dumpers
+        except (TypeError, OverflowError) as exc:
+            raise Refusal(ErrorKind.DATA, str(exc)) from None
+        except Exception as exc:  # psycopg.ProgrammingError: placeholders vs params
+            raise Refusal(ErrorKind.PROGRAMMING, str(exc).strip()) from None
+        return Query(query.query, query.params, tuple(query.types), query.formats)
+
+    def _statements(self, job: Job, pairs: list[tuple[str, Any]], *, batch: bool) -> None:
+        queries = [self._convert(sql, params) for sql, params in pairs]
+        if not queries:  # executemany of nothing: like psycopg, nothing reaches the server
+            return
+        verdicts = {}
+        for query in queries:  # executemany: one text, classified once
+            if query.sql not in verdicts:
+                verdicts[query.sql] = classify(query.sql)
+        worst = max(verdicts.values(), key=lambda verdict: verdict.kind)
+        _check(worst, job.in_session, batch)
+        job.queries = queries
+        if worst.statements > 1 and len(queries) == 1 and queries[0].params is None:
+            job.simple = queries[0].sql  # several statements: the simple query protocol
+        job.resets = worst.kind >= Kind.SESSION
+        job.shareable = (worst.kind == Kind.PLAIN and not job.in_session
+                         and job.simple is None)
+
+    def _copy(self, job: Job, sql: str, *, from_stdin: bool) -> None:
+        verdict = classify(sql)
+        if verdict.kind != Kind.COPY or verdict.statements != 1 \
+                or verdict.copy_from_stdin != from_stdin:
+            direction = "COPY ... FROM STDIN" if from_stdin else "COPY ... TO STDOUT"
+            raise Refusal(ErrorKind.PROGRAMMING,
+                          f"copy() with {'data' if from_stdin else 'no data'} takes one "
+                          f"{direction} statement")
+        job.queries = [Query(sql.encode(), None, (), None)]
+
+
+def _check(verdict: Classification, in_session: bool, batch: bool) -> None:
+    kind = verdict.kind
+    if kind == Kind.TRANSACTION:
+        raise Refusal(ErrorKind.PROGRAMMING, _TRANSACTION_HINT)
+    if kind == Kind.COPY:
+        raise Refusal(ErrorKind.NOT_SUPPORTED, _COPY_HINT)
+    if kind == Kind.SESSION and not (in_session or batch):
+        raise Refusal(ErrorKind.SESSION_STATE_REFUSED,
+                      _SESSION_HINT.format(reason=verdict.reason or "session state"))
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Refusal(ErrorKind.MESSAGE, f"sql must be a string, got {type(value).__name__}")
+    return value
+
+
+def _params(value: Any) -> Any:
+    if value is not None and not isinstance(value, (list, dict)):
+        raise Refusal(ErrorKind.MESSAGE,
+                      f"params must be a list, a dict or None, got {type(value).__name__}")
+    return value

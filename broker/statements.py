@@ -1,0 +1,318 @@
+"""Classify SQL text by what it can do to the server session.
+
+Statements outside a transaction share connections with every other
+client, so anything that outlives its transaction (``SET``, ``LISTEN``,
+``PREPARE``, temp objects, session advisory locks...) must be refused or
+followed by a reset.  The text is parsed with PostgreSQL's own grammar
+(libpg_query, through pglast) rather than screened with regexes: quoted
+identifiers (``"set_config"``), ``E''`` escapes, nested comments, dollar
+quoting, ``SELECT ... INTO TEMP`` and ``pg_temp.`` names all hide session
+state from a text screen, while the parse tree states it plainly.
+
+The tree is read from libpg_query's JSON output rather than pglast's
+Python node objects: that is about five times faster, and pglast builds
+its nodes recursively in C, which overflows the stack (a segfault) on
+a chain of some 20,000 ``+``; the JSON output is depth-checked in C.
+A tree deeper than ``json`` will decode (about 450 chained operators) is
+classified OPAQUE.
+
+Out of reach of any parser: whatever runs inside user code.  A function,
+procedure, trigger, rule, view or column default that runs ``SET`` or
+``set_config``, creates a temp table or takes a session advisory lock is
+invisible here; the broker's backstop covers only what libpq reports
+afterwards (parameter status and transaction status).  ``currval`` and
+``lastval`` state left by ``nextval`` is not tracked at all.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from pglast import ast
+from pglast.parser import ParseError, parse_sql_json
+
+CACHE_MAX_BYTES = 8 * 1024 * 1024  # UTF-8 bytes of cached key text
+CACHE_MAX_TEXT = 64 * 1024  # longer texts are classified every time
+
+
+class Kind(enum.IntEnum):
+    """What a statement may do; a multi-statement text takes the max."""
+
+    PLAIN = 0  # queries and DML that roll back whole: may share a pipeline
+    UTILITY = 1  # no session effect: runs on a connection of its own
+    SESSION = 2  # outlives the transaction: only inside one, reset after
+    OPAQUE = 3  # can't be analysed (DO, CALL, unparsable): alone, reset after
+    COPY = 4  # COPY FROM STDIN / TO STDOUT: only through the copy API
+    TRANSACTION = 5  # transaction control: owned by the broker, refused
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    kind: Kind
+    statements: int  # statements in the text (0 if only comments/whitespace)
+    copy_from_stdin: bool  # the single statement is COPY ... FROM STDIN
+    reason: str  # what made it SESSION/OPAQUE/COPY/TRANSACTION; "" otherwise
+
+
+# Functions whose effect outlives the transaction.  Matched case-insensitively
+# on the last name component, in any schema: a user's wrapper with one of
+# these names is treated like the built-in.
+_SESSION_FUNCTIONS = frozenset({
+    "set_config",  # a GUC for the session, unless is_local is literally true
+    "pg_advisory_lock",  # session advisory locks are held past COMMIT and
+    "pg_advisory_lock_shared",  # ROLLBACK, until unlocked or disconnected;
+    "pg_try_advisory_lock",  # the unlock functions can release a lock that
+    "pg_try_advisory_lock_shared",  # someone else (the broker included) holds
+    "pg_advisory_unlock",  # on this connection
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "setseed",  # the seed of random() is per session
+    "dblink_connect",  # dblink: a named connection lasts as long as the session
+    "dblink_connect_u",
+    "dblink_open",  # a dblink cursor (and its remote transaction) stays open
+    "pg_replication_origin_session_setup",  # binds an origin to the session
+    "pg_backup_start",  # a non-exclusive backup belongs to the session
+    "pg_start_backup",  # (its name before PostgreSQL 15)
+    "pg_create_logical_replication_slot",  # a temporary slot lives as long
+    "pg_create_physical_replication_slot",  # as the session
+    "pg_copy_logical_replication_slot",  # so does a temporary copy of one
+    "pg_copy_physical_replication_slot",
+    "set_limit",  # pg_trgm: sets pg_trgm.similarity_threshold for the session
+})
+_SET_CONFIG_PARAMS = ("setting_name", "new_value", "is_local")
+
+_PLAIN_STATEMENTS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+_SESSION_STATEMENTS = {
+    "ListenStmt": "LISTEN",
+    "UnlistenStmt": "UNLISTEN",
+    "PrepareStmt": "PREPARE",
+    "DeallocateStmt": "DEALLOCATE",
+    "DiscardStmt": "DISCARD",
+    "LoadStmt": "LOAD",
+}
+_OPAQUE_STATEMENTS = {"DoStmt": "DO block", "CallStmt": "CALL"}
+_TRANSACTION_CONTROL = {  # SAVEPOINT, RELEASE and ROLLBACK TO stay UTILITY
+    "TRANS_STMT_BEGIN": "BEGIN",
+    "TRANS_STMT_START": "START TRANSACTION",
+    "TRANS_STMT_COMMIT": "COMMIT",
+    "TRANS_STMT_ROLLBACK": "ROLLBACK",
+    "TRANS_STMT_PREPARE": "PREPARE TRANSACTION",
+    "TRANS_STMT_COMMIT_PREPARED": "COMMIT PREPARED",
+    "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK PREPARED",
+}
+_CURSOR_OPT_HOLD = 0x0020  # DeclareCursorStmt.options bit for WITH HOLD
+_TEMP_SCHEMA = "pg_temp"  # prefix: also matches pg_temp_N
+# String fields naming a target schema (RangeVar.schemaname is checked apart).
+_SCHEMA_FIELDS = {"AlterObjectSchemaStmt": "newschema", "ImportForeignSchemaStmt": "local_schema"}
+_GENERIC_TYPES = frozenset({"Node", "Expr", "List"})
+_EMPTY = Classification(Kind.PLAIN, 0, False, "")
+
+Fields = dict[str, Any]  # one node's fields, as decoded from the JSON tree
+
+
+def _typed_fields() -> dict[str, dict[str, str]]:
+    """Per node type, the fields that hold a node of one fixed type.
+
+    libpg_query's JSON wraps a node as ``{"Type": {fields}}`` only where the
+    field may hold any node; a field of a fixed type (``CreateStmt.relation``
+    is a RangeVar) holds the bare fields.  pglast.ast records the C types.
+    """
+    table: dict[str, dict[str, str]] = {}
+    for name, cls in vars(ast).items():
+        if isinstance(cls, type) and issubclass(cls, ast.Node) and isinstance(cls.__slots__, dict):
+            fields = {field: info.c_type.removesuffix("*") for field, info in cls.__slots__.items()}
+            table[name] = {field: target for field, target in fields.items()
+                           if target not in _GENERIC_TYPES and isinstance(getattr(ast, target, None), type)}
+    return table
+
+
+_TYPED_FIELDS = _typed_fields()
+
+
+def _is_temp_schema(name: object) -> bool:
+    return isinstance(name, str) and name.lower().startswith(_TEMP_SCHEMA)
+
+
+def _name_part(node: object) -> str | None:
+    """The text of a String node (a component of a qualified name), else None."""
+    return node["String"].get("sval", "") if type(node) is dict and "String" in node else None
+
+
+def _literal(node: Fields | None) -> str | None:
+    """The text of a string literal, else None."""
+    text = None if node is None else node.get("A_Const", {}).get("sval")
+    return None if text is None else text.get("sval", "")
+
+
+def _may_name_temp_schema(node: Fields | None) -> bool:
+    """Whether a value (None: absent) might put pg_temp into search_path."""
+    text = _literal(node)
+    return text is None or _TEMP_SCHEMA in text.lower()
+
+
+def _set_config_reason(call: Fields) -> str:
+    args = call.get("args", [])
+    params = dict(zip(_SET_CONFIG_PARAMS, (a for a in args if "NamedArgExpr" not in a)))
+    params.update((a["NamedArgExpr"]["name"].lower(), a["NamedArgExpr"]["arg"])
+                  for a in args if "NamedArgExpr" in a)
+    is_local = params.get("is_local", {}).get("A_Const", {}).get("boolval")
+    if is_local is None:
+        return "set_config(..., <not a literal>)"
+    if is_local.get("boolval") is not True:
+        return "set_config(..., false)"
+    name = _literal(params.get("setting_name"))
+    if (name is None or name.lower() == "search_path") and _may_name_temp_schema(
+            params.get("new_value")):
+        return "set_config('search_path', <may be pg_temp>, true)"
+    return ""
+
+
+def _variable_set(stmt: Fields) -> tuple[Kind, str]:
+    if stmt.get("name") == "TRANSACTION":  # SET TRANSACTION: this transaction only
+        return Kind.UTILITY, ""
+    if stmt.get("is_local"):
+        # Unqualified CREATEs go to pg_temp when it comes first in search_path.
+        if stmt.get("name") == "search_path" and any(map(_may_name_temp_schema, stmt.get("args", []))):
+            return Kind.SESSION, "SET LOCAL search_path to pg_temp"
+        return Kind.UTILITY, ""
+    if stmt.get("kind") == "VAR_RESET_ALL":
+        return Kind.SESSION, "RESET ALL"
+    if stmt.get("kind") == "VAR_RESET":
+        return Kind.SESSION, "RESET (session-level)"
+    return Kind.SESSION, "SET (session-level)"
+
+
+def _creates(kind: str, stmt: Fields) -> bool:
+    """Whether the statement may create or alter objects (is not a plain query)."""
+    return kind not in _PLAIN_STATEMENTS or "intoClause" in stmt
+
+
+def _own_kind(kind: str, stmt: Fields) -> tuple[Kind, str]:
+    """What the statement's own type says, before looking inside it."""
+    if not _creates(kind, stmt):
+        return Kind.PLAIN, ""
+    if kind == "TransactionStmt":
+        label = _TRANSACTION_CONTROL.get(stmt.get("kind", ""))
+        return (Kind.TRANSACTION, label) if label else (Kind.UTILITY, "")
+    if kind == "VariableSetStmt":
+        return _variable_set(stmt)
+    if kind in _SESSION_STATEMENTS:
+        return Kind.SESSION, _SESSION_STATEMENTS[kind]
+    if kind in _OPAQUE_STATEMENTS:
+        return Kind.OPAQUE, _OPAQUE_STATEMENTS[kind]
+    if kind == "DeclareCursorStmt" and stmt.get("options", 0) & _CURSOR_OPT_HOLD:
+        return Kind.SESSION, "DECLARE ... WITH HOLD"
+    if kind == "CopyStmt" and "filename" not in stmt:  # PROGRAM also sets filename
+        return Kind.COPY, "COPY FROM STDIN" if stmt.get("is_from") else "COPY TO STDOUT"
+    if kind == "ExplainStmt":
+        [(inner, fields)] = stmt["query"].items()
+        return max((Kind.UTILITY, ""), _own_kind(inner, fields))
+    return Kind.UTILITY, ""
+
+
+def _nested_reason(kind: str, stmt: Fields) -> str:
+    """The first session effect found anywhere inside the statement, or ""."""
+    if kind == "ExplainStmt":
+        [(inner, fields)] = stmt["query"].items()
+        check_names = _creates(inner, fields)
+    else:
+        check_names = _creates(kind, stmt)  # reading pg_temp objects is harmless
+    stack: list[tuple[str, Any]] = [(kind, stmt)]
+    while stack:
+        kind, node = stack.pop()
+        if type(node) is not dict or kind == "A_Const":
+            continue
+        if kind == "FuncCall":
+            name = node["funcname"][-1]["String"]["sval"].lower()
+            if name in _SESSION_FUNCTIONS:
+                reason = _set_config_reason(node) if name == "set_config" else f"{name}()"
+                if reason:
+                    return reason
+        elif kind == "RangeVar":
+            if node.get("relpersistence") == "t":
+                return "temporary relation"
+            if check_names and _is_temp_schema(node.get("schemaname")):
+                return "object in pg_temp"
+        elif check_names and kind in _SCHEMA_FIELDS and _is_temp_schema(node.get(_SCHEMA_FIELDS[kind])):
+            return "object in pg_temp"
+        typed = _TYPED_FIELDS.get(kind, {})
+        for field, value in node.items():
+            if type(value) is list:
+                # A qualified name (function, type, DROP target...) in pg_temp.
+                if check_names and len(value) > 1 and _is_temp_schema(_name_part(value[0])):
+                    return "object in pg_temp"
+                stack.extend(pair for item in value if type(item) is dict for pair in item.items())
+            elif type(value) is dict:
+                if field in typed:
+                    stack.append((typed[field], value))
+                else:
+                    stack.extend(value.items())
+    return ""
+
+
+def _statement_kind(stmt: Fields) -> tuple[Kind, str]:
+    [(kind, fields)] = stmt.items()
+    own, reason = _own_kind(kind, fields)
+    if own < Kind.SESSION:
+        nested = _nested_reason(kind, fields)
+        if nested:
+            return Kind.SESSION, nested
+    return own, reason
+
+
+def _classify_text(sql: str | bytes) -> Classification:
+    try:
+        text = sql.decode() if isinstance(sql, bytes) else sql
+        if "\x00" in text:  # libpg_query would stop reading at the NUL
+            raise ValueError("NUL character in statement text")
+        statements = json.loads(parse_sql_json(text)).get("stmts", [])
+    except (ParseError, ValueError) as exc:  # UnicodeError is a ValueError
+        return Classification(Kind.OPAQUE, 1, False, f"cannot parse: {exc}")
+    except RecursionError:
+        return Classification(Kind.OPAQUE, 1, False, "cannot parse: nested too deeply")
+    if not statements:
+        return _EMPTY
+    kind, reason = max((_statement_kind(raw["stmt"]) for raw in statements), key=lambda kr: kr[0])
+    copy = statements[0]["stmt"].get("CopyStmt")
+    from_stdin = len(statements) == 1 and kind == Kind.COPY and copy is not None and bool(copy.get("is_from"))
+    return Classification(kind, len(statements), from_stdin, reason)
+
+
+# The cache evicts oldest-inserted first, by key bytes.  A hit is one dict
+# lookup and writes nothing, so it takes no lock; misses insert under one.
+_cache: dict[str | bytes, Classification] = {}
+_order: deque[tuple[str | bytes, int]] = deque()  # (key, UTF-8 bytes), oldest first
+_cache_bytes = 0
+_cache_lock = threading.Lock()
+
+
+def _remember(key: str | bytes, size: int, found: Classification) -> None:
+    global _cache_bytes
+    with _cache_lock:
+        if key in _cache:
+            return
+        _cache[key] = found
+        _order.append((key, size))
+        _cache_bytes += size
+        while _cache_bytes > CACHE_MAX_BYTES:
+            old, old_size = _order.popleft()
+            del _cache[old]
+            _cache_bytes -= old_size
+
+
+def classify(sql: str | bytes) -> Classification:
+    """Classify ``sql``; cached by its exact text (str and bytes apart)."""
+    found = _cache.get(sql)
+    if found is not None:
+        return found
+    found = _classify_text(sql)
+    if len(sql) <= CACHE_MAX_TEXT:  # a str has no more chars than UTF-8 bytes
+        size = len(sql) if isinstance(sql, bytes) else len(sql.encode("utf-8", "surrogatepass"))
+        if size <= CACHE_MAX_TEXT:
+            _remember(sql, size, found)
+    return found
