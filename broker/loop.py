@@ -33,7 +33,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from client import protocol
 from client.protocol import (
-    OP_BEGIN, OP_COMMIT, OP_EXECUTEMANY, OP_NAMES, OP_PING, OP_ROLLBACK, OP_STATS, STATUS_OK,
+    OP_BEGIN, OP_COMMIT, OP_COPY_FROM, OP_COPY_TO, OP_EXECUTEMANY, OP_NAMES, OP_PING, OP_ROLLBACK, OP_STATS, STATUS_OK,
     ErrorKind, error_payload,
 )
 
@@ -79,6 +79,7 @@ _ENDINGS = {OP_COMMIT: Query(b"COMMIT", None, (), None),
             OP_ROLLBACK: Query(b"ROLLBACK", None, (), None)}
 _ROLLBACK = _ENDINGS[OP_ROLLBACK]
 _DISCARD = Query(b"DISCARD ALL", None, (), None)
+_COPY_OPS = frozenset((OP_COPY_FROM, OP_COPY_TO))
 _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 
 
@@ -308,6 +309,9 @@ class Broker:
             return
         job.in_session = True
         job.session = token
+        if session.conn.copying and job.op not in _COPY_OPS:
+            self._interrupt_copy(session, job, now)
+            return
         if job.op in _ENDINGS:
             job.queries = [_ENDINGS[job.op]]
             del self._sessions.by_token[token]  # nothing more may join it
@@ -320,6 +324,18 @@ class Broker:
         session.last_active = now
         self._admit(job)
         self._send(session.conn, job, now)
+
+    def _interrupt_copy(self, session: Session, job: Job, now: float) -> None:
+        """A COPY cannot be left half done: ROLLBACK drops the connection (the
+        server rolls back), anything else is refused."""
+        if job.op != OP_ROLLBACK:
+            self._reply_error(job.routing_id, job.request_id, ErrorKind.INTERFACE,
+                              "a COPY is in progress in this transaction: finish it first")
+            return
+        self._sessions.close(session)
+        session.conn.broken = "its transaction was rolled back in the middle of a COPY"
+        self._close_conn(session.conn, now)
+        self._reply(job.routing_id, replies.ok(job.request_id, None))
 
     def _dispatch(self, now: float) -> None:
         pool = self._pool
@@ -433,6 +449,10 @@ class Broker:
             self._close_conn(conn, now)
             return
         self._watch(conn)
+        if conn.copying and conn.conn_id not in self._sessions.by_conn:
+            conn.broken = "its transaction ended in the middle of a COPY"
+            self._close_conn(conn, now)
+            return
         if conn.in_flight or conn.copying:
             if conn.state == State.SHARED and pool.waiting:
                 self._dispatch(now)  # room for one more behind the others

@@ -9,12 +9,11 @@ identifiers (``"set_config"``), ``E''`` escapes, nested comments, dollar
 quoting, ``SELECT ... INTO TEMP`` and ``pg_temp.`` names all hide session
 state from a text screen, while the parse tree states it plainly.
 
-The tree is read from libpg_query's JSON output rather than pglast's
-Python node objects: that is about five times faster, and pglast builds
-its nodes recursively in C, which overflows the stack (a segfault) on
-a chain of some 20,000 ``+``; the JSON output is depth-checked in C.
-A tree deeper than ``json`` will decode (about 450 chained operators) is
-classified OPAQUE.
+The tree is read from libpg_query's JSON output, not from pglast's Python
+nodes: that is about five times faster, and pglast builds its nodes by C
+recursion that overflows the stack (a segfault, *measured*) on a chain of
+some 20,000 ``+``, while the JSON writer checks its depth.  A tree deeper
+than ``json`` decodes (about 450 chained operators) is classified OPAQUE.
 
 Out of reach of any parser: whatever runs inside user code.  A function,
 procedure, trigger, rule, view or column default that runs ``SET`` or
@@ -106,7 +105,7 @@ _TRANSACTION_CONTROL = {  # SAVEPOINT, RELEASE and ROLLBACK TO stay UTILITY
     "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK PREPARED",
 }
 _CURSOR_OPT_HOLD = 0x0020  # DeclareCursorStmt.options bit for WITH HOLD
-_TEMP_SCHEMA = "pg_temp"  # prefix: also matches pg_temp_N
+_TEMP_SCHEMA = "pg_temp"  # a prefix: also matches pg_temp_N
 # String fields naming a target schema (RangeVar.schemaname is checked apart).
 _SCHEMA_FIELDS = {"AlterObjectSchemaStmt": "newschema", "ImportForeignSchemaStmt": "local_schema"}
 _GENERIC_TYPES = frozenset({"Node", "Expr", "List"})
@@ -127,7 +126,8 @@ def _typed_fields() -> dict[str, dict[str, str]]:
         if isinstance(cls, type) and issubclass(cls, ast.Node) and isinstance(cls.__slots__, dict):
             fields = {field: info.c_type.removesuffix("*") for field, info in cls.__slots__.items()}
             table[name] = {field: target for field, target in fields.items()
-                           if target not in _GENERIC_TYPES and isinstance(getattr(ast, target, None), type)}
+                           if target not in _GENERIC_TYPES
+                           and isinstance(getattr(ast, target, None), type)}
     return table
 
 
@@ -139,7 +139,7 @@ def _is_temp_schema(name: object) -> bool:
 
 
 def _name_part(node: object) -> str | None:
-    """The text of a String node (a component of a qualified name), else None."""
+    """The text of a String node (one part of a qualified name), else None."""
     return node["String"].get("sval", "") if type(node) is dict and "String" in node else None
 
 
@@ -165,10 +165,11 @@ def _set_config_reason(call: Fields) -> str:
         return "set_config(..., <not a literal>)"
     if is_local.get("boolval") is not True:
         return "set_config(..., false)"
+    # Unqualified CREATEs go to pg_temp when it comes first in search_path.
     name = _literal(params.get("setting_name"))
-    if (name is None or name.lower() == "search_path") and _may_name_temp_schema(
-            params.get("new_value")):
-        return "set_config('search_path', <may be pg_temp>, true)"
+    if name is None or name.lower() == "search_path":
+        if _may_name_temp_schema(params.get("new_value")):
+            return "set_config('search_path', <may be pg_temp>, true)"
     return ""
 
 
@@ -176,8 +177,8 @@ def _variable_set(stmt: Fields) -> tuple[Kind, str]:
     if stmt.get("name") == "TRANSACTION":  # SET TRANSACTION: this transaction only
         return Kind.UTILITY, ""
     if stmt.get("is_local"):
-        # Unqualified CREATEs go to pg_temp when it comes first in search_path.
-        if stmt.get("name") == "search_path" and any(map(_may_name_temp_schema, stmt.get("args", []))):
+        args = stmt.get("args", [])
+        if stmt.get("name") == "search_path" and any(map(_may_name_temp_schema, args)):
             return Kind.SESSION, "SET LOCAL search_path to pg_temp"
         return Kind.UTILITY, ""
     if stmt.get("kind") == "VAR_RESET_ALL":
@@ -217,11 +218,11 @@ def _own_kind(kind: str, stmt: Fields) -> tuple[Kind, str]:
 
 def _nested_reason(kind: str, stmt: Fields) -> str:
     """The first session effect found anywhere inside the statement, or ""."""
-    if kind == "ExplainStmt":
-        [(inner, fields)] = stmt["query"].items()
-        check_names = _creates(inner, fields)
-    else:
-        check_names = _creates(kind, stmt)  # reading pg_temp objects is harmless
+    target = stmt["query"] if kind == "ExplainStmt" else {kind: stmt}
+    [(target_kind, target_fields)] = target.items()
+    # pg_temp names count in statements that create or alter (reading is
+    # harmless); conservatively, any qualified name does, not only targets.
+    check_names = _creates(target_kind, target_fields)
     stack: list[tuple[str, Any]] = [(kind, stmt)]
     while stack:
         kind, node = stack.pop()
@@ -238,20 +239,19 @@ def _nested_reason(kind: str, stmt: Fields) -> str:
                 return "temporary relation"
             if check_names and _is_temp_schema(node.get("schemaname")):
                 return "object in pg_temp"
-        elif check_names and kind in _SCHEMA_FIELDS and _is_temp_schema(node.get(_SCHEMA_FIELDS[kind])):
+        elif check_names and _is_temp_schema(node.get(_SCHEMA_FIELDS.get(kind, ""))):
             return "object in pg_temp"
         typed = _TYPED_FIELDS.get(kind, {})
         for field, value in node.items():
             if type(value) is list:
-                # A qualified name (function, type, DROP target...) in pg_temp.
                 if check_names and len(value) > 1 and _is_temp_schema(_name_part(value[0])):
-                    return "object in pg_temp"
+                    return "object in pg_temp"  # a qualified name: function, type...
                 stack.extend(pair for item in value if type(item) is dict for pair in item.items())
             elif type(value) is dict:
                 if field in typed:
                     stack.append((typed[field], value))
                 else:
-                    stack.extend(value.items())
+                    stack.extend(value.items())  # {"Type": {fields}}
     return ""
 
 
@@ -277,9 +277,10 @@ def _classify_text(sql: str | bytes) -> Classification:
         return Classification(Kind.OPAQUE, 1, False, "cannot parse: nested too deeply")
     if not statements:
         return _EMPTY
-    kind, reason = max((_statement_kind(raw["stmt"]) for raw in statements), key=lambda kr: kr[0])
-    copy = statements[0]["stmt"].get("CopyStmt")
-    from_stdin = len(statements) == 1 and kind == Kind.COPY and copy is not None and bool(copy.get("is_from"))
+    kinds = [_statement_kind(raw["stmt"]) for raw in statements]
+    kind, reason = max(kinds, key=lambda kind_reason: kind_reason[0])  # the first of the worst
+    copy = statements[0]["stmt"].get("CopyStmt", {})
+    from_stdin = len(statements) == 1 and kind == Kind.COPY and bool(copy.get("is_from"))
     return Classification(kind, len(statements), from_stdin, reason)
 
 

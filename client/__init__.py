@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._client import (
-    DEFAULT_CHUNK_ROWS, DEFAULT_TIMEOUT, Client, Params, Result, RowStream, Transaction,
+    DEFAULT_CHUNK_ROWS, DEFAULT_TIMEOUT, Client, CopyOut, Params, Result, RowStream, Transaction,
 )
 from .errors import (
     BrokerUnavailable, DatabaseError, DataError, Diagnostic, Error, IntegrityError,
@@ -30,7 +30,7 @@ __all__ = [
     "OperationalError", "IntegrityError", "InternalError", "ProgrammingError",
     "NotSupportedError", "QueryCanceled", "PoolTimeout", "TooManyRequests",
     "BrokerUnavailable", "TransactionExpired", "SessionStateRefused",
-    "MessageError", "ResultTooLarge", "Diagnostic", "stream",
+    "MessageError", "ResultTooLarge", "Diagnostic", "stream", "copy", "CopyOut",
 ]
 
 _default: Client | None = None
@@ -79,6 +79,11 @@ def transaction(*, timeout: float | None = None) -> Transaction:
 def stream(sql: str, params: Params = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
            timeout: float | None = None) -> RowStream:
     return _client().stream(sql, params, chunk_rows=chunk_rows, timeout=timeout)
+
+
+def copy(sql: str, data: Iterable[Any] | None = None, *,
+         timeout: float | None = None) -> Result | CopyOut:
+    return _client().copy(sql, data, timeout=timeout)
 
 
 def stats(*, timeout: float | None = None) -> dict[str, Any]:

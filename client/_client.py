@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
@@ -15,7 +16,7 @@ import zmq
 
 from . import errors
 from .protocol import (
-    OP_BATCH, OP_BEGIN, OP_COMMIT, OP_EXECUTE, OP_EXECUTEMANY, OP_PING,
+    OP_BATCH, OP_BEGIN, OP_COMMIT, OP_COPY_FROM, OP_COPY_TO, OP_EXECUTE, OP_EXECUTEMANY, OP_PING,
     OP_ROLLBACK, OP_STATS, PROBE_REQUEST_ID, STATUS_OK, default_endpoint, pack, unpack,
 )
 
@@ -26,6 +27,9 @@ DEFAULT_TIMEOUT = 60.0
 
 DEFAULT_CHUNK_ROWS = 10_000
 """Rows per round trip of ``Client.stream()``."""
+
+COPY_CHUNK_BYTES = 256 * 1024
+"""Bytes per message of a COPY, either way: the broker holds at most one."""
 
 REPLY_GRACE = 1.0
 """The broker answers at the deadline itself (PoolTimeout, QueryCanceled);
@@ -267,6 +271,22 @@ class Client:
         """
         return RowStream(self, sql, params, chunk_rows, timeout)
 
+    def copy(self, sql: str, data: Iterable[Any] | None = None, *,
+             timeout: float | None = None) -> Result | CopyOut:
+        """Run ``COPY ... FROM STDIN`` with ``data``, or ``COPY ... TO STDOUT``.
+
+        ``data`` is an iterable of ``bytes`` or ``str`` chunks in COPY's own
+        format, or of row tuples (formatted as COPY text: None is NULL).
+        FROM STDIN returns a Result whose ``rowcount`` is the rows copied; TO
+        STDOUT returns an iterator of ``bytes`` chunks (a context manager:
+        leaving it early ends the COPY).  Either runs atomically in a
+        transaction of its own; inside ``transaction()`` use ``tx.copy``.
+        """
+        if data is None:
+            return CopyOut(self, None, sql, timeout)
+        with self.transaction(timeout=timeout) as tx:
+            return tx.copy(sql, data, timeout=timeout)
+
     def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The broker's counters and gauges (see ``broker.stats``)."""
         return self._request(OP_STATS, None, [], timeout)
@@ -336,6 +356,98 @@ class Transaction:
                     timeout: float | None = None) -> Result:
         return self._client._executemany(self._live_session(), sql, seq_of_params,
                                          timeout or self._timeout)
+
+    def copy(self, sql: str, data: Iterable[Any] | None = None, *,
+             timeout: float | None = None) -> Result | CopyOut:
+        """``Client.copy`` inside this transaction."""
+        if data is None:
+            return CopyOut(self._client, self, sql, timeout or self._timeout)
+        session, request = self._live_session(), self._client._request
+        first: str | None = sql
+        buffer = bytearray()
+        for item in data:
+            buffer += _copy_chunk(item)
+            if len(buffer) >= COPY_CHUNK_BYTES:
+                request(OP_COPY_FROM, session, [first, bytes(buffer), False],
+                        timeout or self._timeout)
+                first = None
+                buffer.clear()
+        payload = request(OP_COPY_FROM, session, [first, bytes(buffer), True],
+                          timeout or self._timeout)
+        return Result._from_wire(payload)
+
+
+class CopyOut:
+    """The output of ``COPY ... TO STDOUT``, as ``bytes`` chunks."""
+
+    def __init__(self, client: Client, transaction: Transaction | None, sql: str,
+                 timeout: float | None) -> None:
+        self._client = client
+        self._transaction = transaction
+        self._own: Transaction | None = None  # opened for this COPY alone
+        self._sql = sql
+        self._timeout = timeout
+        self._done = False
+
+    def __enter__(self) -> CopyOut:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        self.close(exc_type, exc, tb)
+
+    def close(self, exc_type: type | None = None, exc: BaseException | None = None,
+              tb: Any = None) -> None:
+        """End the COPY (what was not read is dropped) and its own transaction."""
+        own, self._own = self._own, None
+        if own is not None:
+            if not self._done and exc_type is None:  # stopped early: nothing to commit
+                exc_type, exc = GeneratorExit, GeneratorExit()
+            own.__exit__(exc_type, exc, tb)
+
+    def __iter__(self) -> Iterator[bytes]:
+        transaction = self._transaction
+        if transaction is None:
+            transaction = self._own = self._client.transaction(timeout=self._timeout).__enter__()
+        session = transaction._live_session()
+        sql: str | None = self._sql
+        try:
+            while not self._done:
+                data, self._done = self._client._request(
+                    OP_COPY_TO, session, [sql, COPY_CHUNK_BYTES], self._timeout)
+                sql = None
+                if data:
+                    yield data
+        except BaseException as exc:
+            self.close(type(exc), exc, exc.__traceback__)
+            raise
+        self.close()
+
+
+def _copy_chunk(item: Any) -> bytes:
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, str):
+        return item.encode()
+    if isinstance(item, (tuple, list)):
+        return ("\t".join(map(_copy_field, item)) + "\n").encode()
+    raise errors.InterfaceError(
+        f"copy data items are bytes, str or row tuples, got {type(item).__name__}")
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_field(value: Any) -> str:
+    """One value in COPY's text format."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\\\x" + bytes(value).hex()  # bytea's hex form, its backslash escaped
+    if isinstance(value, dict):
+        value = json.dumps(value)
+    return str(value).translate(_COPY_ESCAPES)
 
 
 class RowStream:
