@@ -36,7 +36,7 @@ from pglast import ast
 from pglast.parser import ParseError, parse_sql_json
 
 CACHE_MAX_BYTES = 8 * 1024 * 1024  # UTF-8 bytes of cached key text
-CACHE_MAX_TEXT = 64 * 1024  # longer texts are classified every time
+CACHE_MAX_TEXT = 64 * 1024  # longer texts are not parsed: OPAQUE
 
 
 class Kind(enum.IntEnum):
@@ -284,6 +284,9 @@ def _classify_text(sql: str | bytes) -> Classification:
     return Classification(kind, len(statements), from_stdin, reason)
 
 
+_TOO_LONG = Classification(Kind.OPAQUE, 1, False,
+                           f"not parsed: longer than {CACHE_MAX_TEXT} characters")
+
 # The cache evicts oldest-inserted first, by key bytes.  A hit is one dict
 # lookup and writes nothing, so it takes no lock; misses insert under one.
 _cache: dict[str | bytes, Classification] = {}
@@ -311,9 +314,12 @@ def classify(sql: str | bytes) -> Classification:
     found = _cache.get(sql)
     if found is not None:
         return found
+    if len(sql) > CACHE_MAX_TEXT:
+        # Walking the tree of a 1 MB INSERT holds the loop for over 0.5 s:
+        # a text this long is not parsed, and runs alone with a reset after.
+        return _TOO_LONG
     found = _classify_text(sql)
-    if len(sql) <= CACHE_MAX_TEXT:  # a str has no more chars than UTF-8 bytes
-        size = len(sql) if isinstance(sql, bytes) else len(sql.encode("utf-8", "surrogatepass"))
-        if size <= CACHE_MAX_TEXT:
-            _remember(sql, size, found)
+    size = len(sql) if isinstance(sql, bytes) else len(sql.encode("utf-8", "surrogatepass"))
+    if size <= CACHE_MAX_TEXT:  # a str may have fewer chars than UTF-8 bytes
+        _remember(sql, size, found)
     return found
