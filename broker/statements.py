@@ -82,6 +82,15 @@ _SESSION_FUNCTIONS = frozenset({
     "pg_copy_logical_replication_slot",  # so does a temporary copy of one
     "pg_copy_physical_replication_slot",
     "set_limit",  # pg_trgm: sets pg_trgm.similarity_threshold for the session
+    # Built-ins that run SQL given as text, which no parse of the outer
+    # statement sees (found by a probe: set_config inside query_to_xml).
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
+    "dblink",
+    "dblink_exec",
 })
 _SET_CONFIG_PARAMS = ("setting_name", "new_value", "is_local")
 

@@ -387,6 +387,7 @@ class CopyOut:
         self._own: Transaction | None = None  # opened for this COPY alone
         self._sql = sql
         self._timeout = timeout
+        self._started = False
         self._done = False
 
     def __enter__(self) -> CopyOut:
@@ -397,8 +398,16 @@ class CopyOut:
 
     def close(self, exc_type: type | None = None, exc: BaseException | None = None,
               tb: Any = None) -> None:
-        """End the COPY (what was not read is dropped) and its own transaction."""
+        """End the COPY (what was not read is dropped) and its own transaction.
+
+        Inside the caller's transaction the rest is read and dropped: a COPY
+        cannot be stopped half way without ending the transaction."""
         own, self._own = self._own, None
+        if own is None and self._started and not self._done and exc_type is None:
+            session = self._transaction._live_session()
+            while not self._done:
+                _, self._done = self._client._request(
+                    OP_COPY_TO, session, [None, COPY_CHUNK_BYTES], self._timeout)
         if own is not None:
             if not self._done and exc_type is None:  # stopped early: nothing to commit
                 exc_type, exc = GeneratorExit, GeneratorExit()
@@ -414,7 +423,7 @@ class CopyOut:
             while not self._done:
                 data, self._done = self._client._request(
                     OP_COPY_TO, session, [sql, COPY_CHUNK_BYTES], self._timeout)
-                sql = None
+                sql, self._started = None, True
                 if data:
                     yield data
         except BaseException as exc:

@@ -106,6 +106,10 @@ UTILITY = [
 ]
 
 SESSION = [
+    case("sql-text-query_to_xml", "SELECT query_to_xml('SELECT set_config(''app.x'', ''1'', "
+         "false)', true, true, '')", S, "query_to_xml()"),
+    case("sql-text-ts_stat", "SELECT ts_stat('SELECT set_config(''a'',''1'',false)::tsvector')",
+         S, "ts_stat()"),
     case("set", "SET search_path = a", S, "SET (session-level)"),
     case("set-to-list", "set search_path to a, b", S),
     case("set-session", "SET SESSION search_path = a", S),
