@@ -403,7 +403,8 @@ class CopyOut:
         Inside the caller's transaction the rest is read and dropped: a COPY
         cannot be stopped half way without ending the transaction."""
         own, self._own = self._own, None
-        if own is None and self._started and not self._done and exc_type is None:
+        if self._transaction is not None and self._started and not self._done \
+                and exc_type is None:
             session = self._transaction._live_session()
             while not self._done:
                 _, self._done = self._client._request(
