@@ -21,7 +21,6 @@ import logging
 import os
 import secrets
 import signal
-import sys
 import time
 from typing import Any
 

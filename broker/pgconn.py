@@ -23,7 +23,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg
 from psycopg import adapt, pq
@@ -123,7 +122,6 @@ class PgConn:
         self.dirty = False  # session state changed: DISCARD ALL before reuse
         self.head_since = 0.0  # when the job at the head got there
         self.slow_in_flight = 0  # jobs in flight not known to be quick
-        self.opened_at = 0.0
         self.clock_offset = 0.0  # the server's clock minus ours, measured at connect
         self.prepared = PreparedCache()
         self._conn: psycopg.Connection | None = None
@@ -144,7 +142,7 @@ class PgConn:
 
     # Life
 
-    def attach(self, conn: psycopg.Connection, clock_offset: float, now: float) -> None:
+    def attach(self, conn: psycopg.Connection, clock_offset: float) -> None:
         """Take over a connection opened (off the loop) by the pool."""
         self._conn = conn
         self._pgconn = conn.pgconn
@@ -153,7 +151,6 @@ class PgConn:
         self._transformer = adapt.Transformer(conn)
         self._baseline = self.reported_parameters()
         self.clock_offset = clock_offset
-        self.opened_at = now
 
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:

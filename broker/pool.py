@@ -165,7 +165,7 @@ class Pool:
                              self._backoff, message)
                 continue
             self._backoff = 0.0
-            pgconn.attach(conn, offset, now)
+            pgconn.attach(conn, offset)
             ready.append(pgconn)
 
     def close_all(self) -> None:

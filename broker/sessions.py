@@ -30,7 +30,6 @@ class Session:
     owner_pid: int
     last_active: float
     busy: bool = True  # a request of its own is running
-    ended: str = ""  # why the broker is ending it, if it is
 
 
 class Sessions:

@@ -195,6 +195,28 @@ class ConnectionSampler(threading.Thread):
         self.join()
 
 
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak since start) of a process, in kB."""
+    values = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                values[name] = int(rest.split()[0])
+    return values
+
+
+@contextlib.contextmanager
+def thread_client(endpoint: str, timeout: float) -> Iterator[client.Client]:
+    """A Client whose socket (of the calling thread) is closed when done: sockets
+    left to the garbage collector can collide with a new socket's monitor."""
+    c = client.Client(endpoint, timeout=timeout)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
 def _child(target: Callable, args: tuple, results: Any, index: int) -> None:
     try:
         results.put((index, True, target(*args)))

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 import client
-from conftest import BrokerProcess
+from conftest import BrokerProcess, memory_kb
 
 MB = 1024 * 1024
 
@@ -307,14 +307,6 @@ def test_copy_through_execute_batch_or_transaction_is_refused_and_the_broker_ser
 # Size: a million rows out, memory bounded
 
 
-def _memory_kb(pid: int) -> dict[str, int]:
-    values = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                values[name] = int(rest.split()[0])
-    return values
 
 
 def test_copy_a_million_rows_out_with_bounded_broker_memory(start_broker):
@@ -322,14 +314,14 @@ def test_copy_a_million_rows_out_with_bounded_broker_memory(start_broker):
     c = broker.client
     c.execute("SELECT 1")
     pid = broker.proc.pid
-    before_kb = _memory_kb(pid)["VmRSS"]
+    before_kb = memory_kb(pid)["VmRSS"]
     peak_rss_kb = before_kb
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak_rss_kb
         while not done.is_set():
-            peak_rss_kb = max(peak_rss_kb, _memory_kb(pid)["VmRSS"])
+            peak_rss_kb = max(peak_rss_kb, memory_kb(pid)["VmRSS"])
             done.wait(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -354,7 +346,7 @@ def test_copy_a_million_rows_out_with_bounded_broker_memory(start_broker):
         expected.update(b"".join(b"%d" % g + tail for g in range(start, start + 10_000)))
     assert total == 5_888_896 + (width + 2) * rows  # digits of 1..1e6, then tab, x*100, newline
     assert digest.hexdigest() == expected.hexdigest()
-    peak_kb = max(peak_rss_kb, _memory_kb(pid)["VmHWM"])
+    peak_kb = max(peak_rss_kb, memory_kb(pid)["VmHWM"])
     growth_mb = (peak_kb - before_kb) / 1024
     print(f"\n[copy out] {total / MB:.0f} MB in {n + 1} chunks: broker peak RSS "
           f"{peak_kb / 1024:.0f} MB, grew {growth_mb:.1f} MB")

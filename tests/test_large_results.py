@@ -6,32 +6,24 @@ from __future__ import annotations
 import pytest
 
 import client
+from conftest import memory_kb
 
 MB = 1024 * 1024
 
 
-def _memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS (now) and VmHWM (peak since start) of a process, in kB."""
-    values = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                values[name] = int(rest.split()[0])
-    return values
 
 
 def test_result_over_max_result_bytes_fails_and_memory_stays_bounded(start_broker, admin):
     broker = start_broker(max_connections=1, max_result_bytes=MB)
     c = broker.client
     c.execute("SELECT 1")
-    before = _memory_kb(broker.proc.pid)
+    before = memory_kb(broker.proc.pid)
     # About 550 MB if it were read whole.
     with pytest.raises(client.ResultTooLarge) as info:
         c.execute("SELECT g, repeat('x', 100) FROM generate_series(1, 5000000) g", timeout=60)
     assert info.value.sqlstate == "54000"
     assert "max_result_bytes" in str(info.value) and "client.stream()" in str(info.value)
-    peak_growth_mb = (_memory_kb(broker.proc.pid)["VmHWM"] - before["VmHWM"]) / 1024
+    peak_growth_mb = (memory_kb(broker.proc.pid)["VmHWM"] - before["VmHWM"]) / 1024
     print(f"\n[max_result_bytes] broker peak RSS grew {peak_growth_mb:.1f} MB "
           "refusing a ~550 MB result (limit 1 MB)")
     assert peak_growth_mb < 50
@@ -81,7 +73,7 @@ def test_empty_results_keep_their_columns(broker):
 def test_stream_returns_a_million_rows_with_bounded_broker_memory(broker):
     c = broker.client
     c.execute("SELECT 1")
-    before = _memory_kb(broker.proc.pid)
+    before = memory_kb(broker.proc.pid)
     expected = 1
     with c.stream("SELECT g, md5(g::text) AS h FROM generate_series(1, %s) g ORDER BY g",
                   [1_000_000], chunk_rows=20_000) as rows:
@@ -90,7 +82,7 @@ def test_stream_returns_a_million_rows_with_bounded_broker_memory(broker):
             expected += 1
         assert rows.columns == ["g", "h"]
     assert expected - 1 == 1_000_000
-    peak_growth_mb = (_memory_kb(broker.proc.pid)["VmHWM"] - before["VmHWM"]) / 1024
+    peak_growth_mb = (memory_kb(broker.proc.pid)["VmHWM"] - before["VmHWM"]) / 1024
     print(f"\n[stream] 1,000,000 rows in chunks of 20,000: broker peak RSS grew "
           f"{peak_growth_mb:.1f} MB")
     assert peak_growth_mb < 50  # the whole result would be about 60 MB packed

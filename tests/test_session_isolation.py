@@ -5,32 +5,22 @@ hidden in any syntax outside a transaction."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import psycopg
 import pytest
 
 import client
-from conftest import BrokerProcess
+from conftest import BrokerProcess, thread_client
 
 IDLE_IN_TRANSACTION = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
                        "AND state IN ('idle in transaction', 'idle in transaction (aborted)')")
 
-@contextlib.contextmanager
-def _thread_client(endpoint: str, timeout: float) -> Iterator[client.Client]:
-    """A Client whose socket (of the calling thread) is closed when done: sockets
-    left to the garbage collector can collide with a new socket's monitor."""
-    c = client.Client(endpoint, timeout=timeout)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 # Run through the broker at max_connections=1, so on the connection every
@@ -127,7 +117,7 @@ def shared(cap_one: CapOneBroker, admin: psycopg.Connection) -> CapOneBroker:
 @pytest.fixture
 def other(shared: CapOneBroker) -> client.Client:
     """Another client of the shared broker: the next one to get its only connection."""
-    with _thread_client(shared.broker.endpoint, 15) as c:
+    with thread_client(shared.broker.endpoint, 15) as c:
         yield c
 
 
@@ -506,7 +496,7 @@ def test_hidden_transaction_control_never_loses_an_acknowledged_write(start_brok
     not_refused: list[str] = []
 
     def writer(w: int) -> None:
-        with _thread_client(broker.endpoint, 10) as c:
+        with thread_client(broker.endpoint, 10) as c:
             for i in range(60):
                 key = w * 1000 + i
                 try:
@@ -516,7 +506,7 @@ def test_hidden_transaction_control_never_loses_an_acknowledged_write(start_brok
                     failed.append(f"{key}: {type(exc).__name__}: {exc}")
 
     def attacker() -> None:
-        with _thread_client(broker.endpoint, 10) as c:
+        with thread_client(broker.endpoint, 10) as c:
             for _ in range(3):
                 for sql in HIDDEN_BEGINS:
                     try:
