@@ -22,6 +22,7 @@ import os
 import secrets
 import signal
 import time
+from collections import OrderedDict
 from typing import Any
 
 import psycopg
@@ -71,6 +72,8 @@ REPLY_QUEUE_LIMIT = 1000
 dropped (counted as undeliverable), so a stuck client cannot grow the broker."""
 ROUTER_BATCH = 256
 """Requests read per turn before connections get their turn."""
+GONE_CLIENTS_KEPT = 10_000
+"""Client sockets remembered as gone, so that the backlog they left is dropped."""
 
 _PROBE = protocol.pack([protocol.PROBE_REQUEST_ID, STATUS_OK, None])
 _BEGIN = Query(b"BEGIN", None, (), None)
@@ -98,6 +101,7 @@ class Broker:
         self._by_fd: dict[int, PgConn] = {}
         self._unflushed: set[PgConn] = set()
         self._in_flight: dict[bytes, int] = {}  # routing id -> requests waiting or running
+        self._gone: OrderedDict[bytes, None] = OrderedDict()  # routing ids of dead clients
         self._query_timeout_reason = (
             f"the statement ran longer than query_timeout ({settings.query_timeout:g} s) "
             "and was cancelled on the server")
@@ -222,6 +226,10 @@ class Broker:
     def _on_request(self, frames: list[zmq.Frame], now: float) -> None:
         self.stats[S.REQUESTS_NUM] += 1
         routing_id = frames[0].bytes
+        if routing_id in self._gone:
+            # Queued in the socket before its client died: nobody waits for it.
+            self.stats[S.REQUESTS_DROPPED] += 1
+            return
         if len(frames) != 3:
             self._malformed(routing_id, None, f"expected 2 frames (header, body), got {len(frames) - 1}")
             return
@@ -635,15 +643,32 @@ class Broker:
                     self._expire(session, "the broker is shutting down", now)
             elif check_owners and session.owner_pid and not pid_alive(session.owner_pid):
                 self._expire(session, f"its owner process {session.owner_pid} exited", now)
+                self._forget_client(session.routing_id)
             elif probe_peers and not self._peer_connected(session.routing_id):
                 self._expire(session, "its client's connection was lost (closed, or "
                                       "no answer to transport heartbeats)", now)
+                self._forget_client(session.routing_id)
             elif idle_limit and not session.busy and now - session.last_active > idle_limit:
                 self._expire(session, (
                     f"the transaction was idle for more than {idle_limit:g} s "
                     "(idle_transaction_timeout) and was rolled back"), now)
         if pool.waiting and not pool.count(State.IDLE):
             pool.grow(now, len(pool.waiting))
+
+    def _forget_client(self, routing_id: bytes) -> None:
+        """Drop what a dead client queued (a BEGIN among it would pin a
+        connection to nobody) and whatever of its backlog arrives later."""
+        gone = self._gone
+        gone[routing_id] = None
+        while len(gone) > GONE_CLIENTS_KEPT:
+            gone.popitem(last=False)
+        waiting = self._pool.waiting
+        kept = [job for job in waiting if job.routing_id != routing_id]
+        if len(kept) != len(waiting):
+            self.stats[S.REQUESTS_DROPPED] += len(waiting) - len(kept)
+            waiting.clear()
+            waiting.extend(kept)
+        self._in_flight.pop(routing_id, None)
 
     def _expire_waiting(self, now: float) -> None:
         pool_timeout = self.settings.pool_timeout

@@ -19,6 +19,7 @@ REQUESTS_REFUSED = "requests_refused"  # TooManyRequests
 REQUESTS_CANCELLED = "requests_cancelled"  # cancelled on the server at their deadline
 REQUESTS_PIPELINED = "requests_pipelined"  # sent behind other clients' on a busy connection
 REQUESTS_RERUN = "requests_rerun"  # sent again: hit by a cancel meant for another, stale plan
+REQUESTS_DROPPED = "requests_dropped"  # from a client known to be gone: not run, not answered
 MESSAGES_MALFORMED = "messages_malformed"  # undecodable or ill-formed requests
 REPLIES_UNDELIVERABLE = "replies_undeliverable"  # the client was gone or not reading
 CONNECTIONS_NUM = "connections_num"  # server connections opened
@@ -29,7 +30,7 @@ TRANSACTIONS_EXPIRED = "transactions_expired"  # rolled back: idle, owner dead, 
 COUNTERS = (
     REQUESTS_NUM, REQUESTS_QUEUED, REQUESTS_WAIT_MS, REQUESTS_ERRORS,
     REQUESTS_TIMEOUTS, REQUESTS_ABANDONED, REQUESTS_REFUSED, REQUESTS_CANCELLED,
-    REQUESTS_PIPELINED, REQUESTS_RERUN,
+    REQUESTS_PIPELINED, REQUESTS_RERUN, REQUESTS_DROPPED,
     MESSAGES_MALFORMED, REPLIES_UNDELIVERABLE, CONNECTIONS_NUM,
     CONNECTIONS_ERRORS, CONNECTIONS_LOST, TRANSACTIONS_EXPIRED,
 )

@@ -101,6 +101,46 @@ def test_killed_worker_releases_its_lock_within_2s(broker, admin, accounts):
     print(f"lock obtained {waited:.2f} s after SIGKILL")
 
 
+def _pin_the_only_connection_then_queue_writes(endpoint: str, ready_w: int) -> None:
+    import zmq
+
+    socket = zmq.Context().socket(zmq.DEALER)
+    socket.connect(endpoint)
+    token = _raw_request(socket, protocol.OP_BEGIN, None, [])[2]
+    _raw_request(socket, protocol.OP_EXECUTE, token, ["SELECT 1", None])
+    for n in range(3):  # queued behind the pinned connection, with a minute to wait
+        socket.send_multipart([
+            protocol.pack([100 + n, protocol.OP_EXECUTE, 60_000, None]),
+            protocol.pack(["UPDATE accounts SET balance = balance + 1000 WHERE id = 2", None])])
+    os.write(ready_w, b"x")
+    time.sleep(60)
+
+
+def test_writes_queued_by_a_killed_worker_are_dropped_not_run(start_broker, admin, accounts):
+    broker = start_broker(max_connections=1, pool_timeout=60)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _pin_the_only_connection_then_queue_writes(broker.endpoint, ready_w)
+        finally:
+            os._exit(0)
+    assert os.read(ready_r, 1) == b"x"
+    deadline = time.monotonic() + 5
+    while broker.stats()["requests_waiting"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    # Nobody waits for those writes any more: once the broker sees the owner
+    # gone, its transaction is rolled back and its queue dropped.
+    assert broker.client.execute("SELECT 1", timeout=5).rows == [(1,)]
+    time.sleep(0.3)
+    assert _balances(admin) == {1: 100, 2: 100}
+    stats = broker.stats()
+    assert stats["requests_dropped"] == 3
+    assert stats["sessions_active"] == 0 and stats["requests_waiting"] == 0
+
+
 def test_idle_transaction_is_rolled_back(start_broker, admin, accounts):
     broker = start_broker(max_connections=2, idle_transaction_timeout=0.3)
     with pytest.raises(client.TransactionExpired) as excinfo:
