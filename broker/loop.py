@@ -72,6 +72,10 @@ REPLY_QUEUE_LIMIT = 1000
 dropped (counted as undeliverable), so a stuck client cannot grow the broker."""
 ROUTER_BATCH = 256
 """Requests read per turn before connections get their turn."""
+GUARD_MARGIN = 0.02
+"""Seconds past a pipelined job's deadline before its client is told it will
+not run: covers the error of the measured clock offset and a result still in
+transit, so the server cannot have started it (its guard) in time."""
 GONE_CLIENTS_KEPT = 10_000
 """Client sockets remembered as gone, so that the backlog they left is dropped."""
 
@@ -209,15 +213,15 @@ class Broker:
                         except zmq.Again:
                             break
                         self._on_request(frames, now)
-                if self._unflushed:
-                    for conn in self._unflushed:
-                        conn.flush()
-                    self._unflushed.clear()
                 if now >= self._next_housekeeping:
                     self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
                     self._housekeeping(now)
                     if self._stopping and self._drained(now):
                         break
+                if self._unflushed:
+                    for conn in self._unflushed:
+                        conn.flush()
+                    self._unflushed.clear()
         finally:
             self._close()
 
@@ -371,13 +375,13 @@ class Broker:
     def _connection_for(self, job: Job, now: float) -> PgConn | None:
         """An idle connection, else, for a shareable job, the least loaded
         shared pipeline whose head has not stalled.  While the pool can
-        still grow, only quick jobs go behind quick ones: N slow statements
-        at cap N run side by side."""
+        still grow, or a connection is still opening, only quick jobs go
+        behind quick ones: N slow statements at cap N run side by side."""
         pool = self._pool
         conn = pool.idle()
         if conn is not None or not job.shareable:
             return conn
-        only_quick = not pool.at_cap
+        only_quick = not pool.at_cap or pool.count(State.OPENING) > 0
         if only_quick and not job.expected_fast:
             return None
         best, depth = None, PIPELINE_DEPTH
@@ -423,6 +427,11 @@ class Broker:
                 self._pool.ran(job.queries[0].key, job.ran_for)
             if job.op == OP_RESET:
                 self._reset_done(conn, job, ok)
+                continue
+            if job.answered:  # refused at its deadline; its guard stopped it
+                if ok:
+                    logger.error("a statement refused at its deadline ran after all: "
+                                 "the clocks of the broker and the server disagree")
                 continue
             self._finish(job)
             if not ok:
@@ -630,6 +639,8 @@ class Broker:
             if job is not None and job.cancel_at <= now and not job.cancel_sent:
                 self.stats[S.REQUESTS_CANCELLED] += 1
                 conn.cancel(job)
+            if conn.in_flight > 1 and conn.guarded_past(now - GUARD_MARGIN):
+                self._refuse_behind_head(conn, now)
         idle_limit = self.settings.idle_transaction_timeout
         check_owners = now >= self._next_owner_check
         if check_owners:
@@ -654,6 +665,21 @@ class Broker:
                     "(idle_transaction_timeout) and was rolled back"), now)
         if pool.waiting and not pool.count(State.IDLE):
             pool.grow(now, len(pool.waiting))
+
+    def _refuse_behind_head(self, conn: PgConn, now: float) -> None:
+        """Answer the jobs pipelined behind a head that outlived their
+        deadline, now rather than when the head ends: their guards will
+        skip them.  What the server finished meanwhile is read first."""
+        self._unflushed.add(conn)  # a rerun or a DEALLOCATE may follow
+        self._on_outcomes(conn, conn.read(now), now)
+        for job in conn.guarded_past(now - GUARD_MARGIN):
+            job.answered = True
+            self.stats[S.REQUESTS_ABANDONED] += 1
+            self._fail_waiting(
+                job, ErrorKind.POOL_TIMEOUT,
+                f"the request's deadline passed after {now - job.queued_at:.3f} s while it "
+                "waited behind another client's statement on the server connection; "
+                "the statement was not run")
 
     def _forget_client(self, routing_id: bytes) -> None:
         """Drop what a dead client queued (a BEGIN among it would pin a

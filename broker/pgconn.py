@@ -209,6 +209,7 @@ class PgConn:
             self._read_in_chunks(pgconn)
             return []
         if wall_deadline is not None:
+            job.guard_at = wall_deadline
             guard = Query(GUARD.sql, [b"%.6f" % wall_deadline], GUARD.types, None)
             self._send_query(pgconn, run, guard, _GUARD_STEP)
         for query in job.queries:
@@ -217,6 +218,14 @@ class PgConn:
         if len(self._pipeline) == 1:
             self._read_head_in_chunks(run)
         return []
+
+    def guarded_past(self, deadline: float) -> list[Job]:
+        """Jobs behind the head, guarded, whose deadline is before ``deadline``:
+        the server has not started them, and will refuse to once its clock
+        passes their guard."""
+        return [run.job for run in list(self._pipeline)[1:]
+                if run.job is not None and run.job.guard_at and not run.job.answered
+                and run.job.deadline < deadline]
 
     def send_internal(self, sql: bytes) -> None:
         """A statement of the broker's own (DEALLOCATE ALL), with its Sync; no outcome."""
@@ -393,7 +402,7 @@ class PgConn:
         job.rerun = True
         if not job.expected_fast:
             self.slow_in_flight += 1
-        self.send(job)
+        self.send(job, job.guard_at or None)  # its client may have been told it will not run
         return True
 
     def _reply(self, run: _Run) -> tuple[bool, bytes]:

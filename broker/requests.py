@@ -103,6 +103,8 @@ class Job:
     cancel_at: float = 0.0  # when the loop cancels it on the server
     cancel_reason: str = ""  # why, when it is not the client's own deadline
     cancel_sent: bool = False
+    guard_at: float = 0.0  # sent behind others: the server's clock past which it will not run
+    answered: bool = False  # its client was told at its deadline; its outcome is not sent
     rerun: bool = False  # sent a second time (see PgConn._rerun)
     expected_fast: bool = False  # its statement is known to finish within PIPELINE_STALL
     ran_for: float = 0.0  # seconds from reaching the head of its pipeline to its end

@@ -15,8 +15,6 @@ import client
 from conftest import ConnectionSampler, thread_client
 
 
-
-
 def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -136,9 +134,6 @@ def test_a_statement_past_its_deadline_before_it_starts_is_never_run(
         assert admin.execute("SELECT v FROM deadline_lock").fetchone() == (1,)
 
 
-@pytest.mark.xfail(reason="known bug (issue 9 note): a job queued behind a blocked one is "
-                          "not answered at its deadline; its client hits BrokerUnavailable",
-                   strict=False)
 def test_statements_pipelined_right_behind_a_blocked_one_never_run_past_their_deadline(
         start_broker, admin, dsn, side_effects):
     """The blocked statement and the others arrive together, so the others are
@@ -209,8 +204,6 @@ SLOW = "SELECT clock_timestamp() AS started, pg_sleep(1) IS NULL AS slept, %s::i
 
 
 @pytest.mark.parametrize("cap", [4])
-@pytest.mark.xfail(reason="known bug (issue 9 note): the pool does not grow to the cap "
-                          "under a burst of slow statements", strict=False)
 def test_a_burst_of_slow_statements_runs_side_by_side_up_to_the_cap(start_broker, dsn, cap):
     broker = start_broker(max_connections=cap)
     started: dict[tuple[int, int], Any] = {}
