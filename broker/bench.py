@@ -59,7 +59,7 @@ COUNT_SERVER_CONNECTIONS = (
 @dataclass
 class Row:
     workload: str
-    target: str  # broker, broker-tx, pgbouncer, direct
+    target: str  # broker, broker-tx, baseline-broker(-tx), pgbouncer, direct
     processes: int
     threads: int
     seconds: float
@@ -258,13 +258,19 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 @contextmanager
-def _running_broker(dsn: str, cap: int, workdir: str) -> Iterator[tuple[str, int]]:
+def _running_broker(dsn: str, cap: int, workdir: str,
+                    source: str | None = None) -> Iterator[tuple[str, int]]:
+    """This broker, or with ``source`` the one in that checkout (its own
+    ``.venv`` when it has one): the same clients drive both."""
+    tree = Path(source or Path(__file__).resolve().parent.parent)
+    python = tree / ".venv" / "bin" / "python"
     endpoint = f"ipc://{workdir}/broker/b.sock"  # the broker makes the directory 0700
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "serve", "--dsn", dsn, "--endpoint", endpoint,
+        [str(python) if source and python.exists() else sys.executable,
+         "-m", "broker.cli", "serve", "--dsn", dsn, "--endpoint", endpoint,
          "--max-connections", str(cap), "--log-level", "WARNING",
          "--max-waiting", "100000"],
-        cwd=Path(__file__).resolve().parent.parent)
+        cwd=tree)
     try:
         import client
 
@@ -384,6 +390,7 @@ class Plan:
     scale: int = 1
     dsn: str | None = None
     pgbouncer: str | None = None
+    baseline: str | None = None  # a checkout of another poolbroker, run after "broker"
 
 
 def run(plan: Plan) -> list[Row]:
@@ -408,15 +415,15 @@ def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row
     rows: list[Row] = []
     for target in plan.targets:
         if target == "broker":
-            broker_variants = [("broker", False)]
-            if workload == "txn":
-                broker_variants.append(("broker-tx", True))
-            for name, interactive in broker_variants:
-                with _running_broker(dsn, plan.cap, workdir) as (endpoint, pid):
-                    result = _drive(row(name), lambda e=endpoint, i=interactive:
-                                    _BrokerSession(e, i), dsn, plan.scale)
-                    result.broker_peak_rss_mb = round(_peak_rss_mb(pid), 1)
-                rows.append(result)
+            brokers = [("", None)] + ([("baseline-", plan.baseline)] if plan.baseline else [])
+            variants = [(False, "broker")] + ([(True, "broker-tx")] if workload == "txn" else [])
+            for interactive, name in variants:
+                for prefix, source in brokers:  # A/B: each variant, back to back
+                    with _running_broker(dsn, plan.cap, workdir, source) as (endpoint, pid):
+                        result = _drive(row(prefix + name), lambda e=endpoint, i=interactive:
+                                        _BrokerSession(e, i), dsn, plan.scale)
+                        result.broker_peak_rss_mb = round(_peak_rss_mb(pid), 1)
+                    rows.append(result)
         elif target == "pgbouncer":
             binary = find_pgbouncer(plan.pgbouncer)
             if binary is None:

@@ -87,7 +87,8 @@ def _bench(args: argparse.Namespace) -> int:
         targets=choices(args.targets, bench.TARGETS, "target"),
         processes=args.processes, threads=args.threads, cap=args.cap,
         duration=args.duration, scale=args.scale,
-        dsn=args.dsn or os.environ.get("POOLBROKER_DSN"), pgbouncer=args.pgbouncer)
+        dsn=args.dsn or os.environ.get("POOLBROKER_DSN"), pgbouncer=args.pgbouncer,
+        baseline=args.baseline)
     rows = bench.run(plan)
     print(bench.format_table(rows))
     if args.json:
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per run (5)")
     bench.add_argument("--scale", type=int, default=1, help="pgbench scale factor (1)")
     bench.add_argument("--pgbouncer", help="path of the pgbouncer binary (found on PATH)")
+    bench.add_argument("--baseline", metavar="DIR",
+                       help="also run the broker of this checkout (say, a git worktree of "
+                            "an older commit), right after this one: an A/B in one run")
     bench.add_argument("--json", help="also write the results to this file")
     bench.set_defaults(func=_bench)
 

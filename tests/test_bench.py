@@ -50,3 +50,12 @@ def test_missing_pgbouncer_is_reported_not_fatal(dsn):
     assert rows[0].skipped.startswith("pgbouncer not installed")
     assert rows[1].operations > 0 and rows[1].vs_pgbouncer is None
     assert "not run: pgbouncer not installed" in bench.format_table(rows)
+
+
+def test_baseline_checkout_runs_right_after_this_broker(dsn):
+    # This checkout as its own baseline: the A/B machinery, not a comparison.
+    plan = bench.Plan(workloads=("select1",), targets=("broker",), processes=1,
+                      duration=0.2, cap=CAP, dsn=dsn, baseline=str(REPO))
+    rows = bench.run(plan)
+    assert [r.target for r in rows] == ["broker", "baseline-broker"]
+    assert all(r.operations > 0 and r.errors == 0 for r in rows)
