@@ -65,7 +65,7 @@ class Pool:
     # States
 
     def move(self, conn: PgConn, state: State) -> None:
-        del self._in[State(conn.state)][conn.conn_id]
+        del self._in[conn.state][conn.conn_id]  # a StrEnum: "opening" finds State.OPENING
         conn.state = state
         if state == State.CLOSED:
             self.conns.pop(conn.conn_id, None)
