@@ -44,6 +44,14 @@ class Settings:
     0 lifts the limit: results are read whole, with no bound on memory."""
     max_client_requests: int = 100
     """Requests one client socket may have queued or running at once."""
+    max_queued_bytes: int = 256 * 1024 * 1024
+    """Bytes of requests (as received, plus their decoded parameters) waiting or
+    running at once, over every client; beyond it new ones fail with TooManyRequests."""
+    max_clients: int = 0
+    """Client sockets connected at once; beyond it the broker stops accepting
+    until some leave.  0: sized from the open-files limit."""
+    allowed_uids: tuple = ()
+    """Over ipc, the uids besides the broker's own whose processes may send requests."""
     query_timeout: float = 0.0
     """Seconds a statement may run before it is cancelled on the server (0: no limit)."""
     application_name: str = "poolbroker"
@@ -68,6 +76,14 @@ _ENV = {
 
 def _coerce(name: str, kind: Any, value: Any, origin: str) -> Any:
     try:
+        if kind == "tuple":  # a TOML list, or a comma-separated string
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise TypeError(value)
+            result = tuple(int(item) for item in items if str(item).strip())
+            if any(item < 0 for item in result):
+                raise ValueError(value)
+            return result
         if kind in (bool, "bool"):
             if isinstance(value, str):
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no"):

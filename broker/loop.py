@@ -41,6 +41,7 @@ from . import replies
 from . import stats as S
 from ._psycopg import placeholder_query
 from .adapters import build_adapters
+from .clients import ClientGate, default_max_clients, peer_credentials, raise_open_files_limit
 from .config import ConfigError, Settings
 from .pgconn import Outcome, PgConn
 from .pool import Pool, State
@@ -49,7 +50,7 @@ from .requests import (
     ENDING_OPS, NO_DEADLINE, OP_RESET, POOLED_OPS, SESSION_OPS, Decoder, Job, Query, Refusal,
     decode_header,
 )
-from .sessions import Session, Sessions, peer_pid, pid_alive
+from .sessions import Session, Sessions, pid_alive
 
 logger = logging.getLogger("poolbroker")
 
@@ -87,6 +88,7 @@ _ROLLBACK = _ENDINGS[OP_ROLLBACK]
 _DISCARD = Query(b"DISCARD ALL", None, (), None)
 _COPY_OPS = frozenset((OP_COPY_FROM, OP_COPY_TO))
 _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+_POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: Flag arithmetic is slow
 
 
 class Broker:
@@ -105,11 +107,14 @@ class Broker:
         self._by_fd: dict[int, PgConn] = {}
         self._unflushed: set[PgConn] = set()
         self._in_flight: dict[bytes, int] = {}  # routing id -> requests waiting or running
+        self._queued_bytes = 0  # Job.size of every request waiting or running
         self._gone: OrderedDict[bytes, None] = OrderedDict()  # routing ids of dead clients
         self._query_timeout_reason = (
             f"the statement ran longer than query_timeout ({settings.query_timeout:g} s) "
             "and was cancelled on the server")
         self._authenticator: ThreadAuthenticator | None = None
+        self._gate: ClientGate | None = None
+        self._reload_requested = False
         self._stopping = False
         self._drain_deadline = 0.0
         self._next_housekeeping = 0.0
@@ -141,8 +146,13 @@ class Broker:
         router.setsockopt(zmq.RCVHWM, 100_000)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        open_files = raise_open_files_limit()
+        max_clients = s.max_clients or default_max_clients(open_files, s.max_connections)
         router.bind(endpoint)
-        logger.info("listening on %s, max_connections=%d", endpoint, s.max_connections)
+        self._gate = ClientGate(router, max_clients=max_clients,
+                                ipc=endpoint.startswith("ipc://"), allowed_uids=s.allowed_uids)
+        logger.info("listening on %s, max_connections=%d, max_clients=%d (open files: %d)",
+                    endpoint, s.max_connections, max_clients, open_files)
 
     def _enable_curve(self) -> None:
         """Encrypt the transport and admit only clients on the allow-list."""
@@ -168,12 +178,30 @@ class Broker:
         """Begin a graceful shutdown (safe from a signal handler)."""
         self._stopping = True
 
+    def reload(self) -> None:
+        """Re-read what can change live (safe from a signal handler)."""
+        self._reload_requested = True
+
     def _install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload())
+
+    def _reload(self) -> None:
+        self._reload_requested = False
+        if self._authenticator is not None:
+            # A key removed from the directory is refused on its next connection.
+            self._authenticator.configure_curve(domain="*",
+                                                location=self.settings.curve_allowed_clients)
+            logger.info("SIGHUP: CURVE allow-list reloaded from %s",
+                        self.settings.curve_allowed_clients)
+        else:
+            logger.info("SIGHUP: nothing to reload")
 
     def _close(self) -> None:
         self._pool.close_all()
+        if self._gate is not None:
+            self._gate.close()
         # Give the last replies (answers to drained statements) a moment to
         # leave; a client that stopped reading cannot hold the exit longer.
         self._router.close(linger=REPLY_FLUSH_MS)
@@ -190,7 +218,10 @@ class Broker:
         self.bind()
         router, poller, by_fd = self._router, self._poller, self._by_fd
         wakeup = self._pool.wakeup_fd
-        poller.register(router, zmq.POLLIN)
+        gate = self._gate
+        monitor = gate.monitor
+        poller.register(monitor, zmq.POLLIN)  # first: a socket beyond max_clients goes
+        poller.register(router, zmq.POLLIN)   # before its requests are read, if it can
         poller.register(wakeup, zmq.POLLIN)
         timeout_ms = int(HOUSEKEEPING_INTERVAL * 1000)
         try:
@@ -203,6 +234,8 @@ class Broker:
                         requests = True
                     elif what == wakeup:
                         self._on_opened(now)
+                    elif what is monitor:
+                        gate.on_events()
                     elif (conn := by_fd.get(what)) is not None:
                         self._unflushed.add(conn)  # a rerun or a DEALLOCATE may follow
                         self._on_outcomes(conn, conn.read(now), now)
@@ -215,21 +248,23 @@ class Broker:
                         self._on_request(frames, now)
                 if now >= self._next_housekeeping:
                     self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+                    if self._reload_requested:
+                        self._reload()
                     self._housekeeping(now)
                     if self._stopping and self._drained(now):
                         break
                 if self._unflushed:
-                    for conn in self._unflushed:
-                        conn.flush()
-                    self._unflushed.clear()
+                    self._flush(now)
         finally:
             self._close()
 
     # Requests
 
     def _on_request(self, frames: list[zmq.Frame], now: float) -> None:
-        self.stats[S.REQUESTS_NUM] += 1
         routing_id = frames[0].bytes
+        if not self._gate.allowed(routing_id, frames[-1]):
+            return  # another user's process: not a word back
+        self.stats[S.REQUESTS_NUM] += 1
         if routing_id in self._gone:
             # Queued in the socket before its client died: nobody waits for it.
             self.stats[S.REQUESTS_DROPPED] += 1
@@ -270,7 +305,8 @@ class Broker:
             return
         if op == OP_BEGIN:
             job.session = secrets.token_bytes(16)
-            job.owner_pid = peer_pid(frames[1])
+            credentials = peer_credentials(frames[1])
+            job.owner_pid = credentials[1] if credentials else 0
             job.queries = [_BEGIN]
         elif not self._decode(job, frames[2].bytes):
             return
@@ -293,14 +329,27 @@ class Broker:
     def _decode(self, job: Job, body: bytes) -> bool:
         """Fill ``job`` from its body; False if it was refused (and answered)."""
         try:
-            self._decoder.fill(job, body)
+            self._check_room(len(body))  # before decoding: that is where memory goes
+            self._decoder.fill(job, body, self.settings.max_queued_bytes - self._queued_bytes
+                               if self.settings.max_queued_bytes else 1 << 62)
+            self._check_room(job.size)
         except Refusal as exc:
+            if exc.kind == ErrorKind.TOO_MANY_REQUESTS:
+                self.stats[S.REQUESTS_REFUSED] += 1
             self.stats[S.REQUESTS_ERRORS] += 1
             self._reply(job.routing_id, replies.refusal(job.request_id, exc))
             return False
         if job.shareable:
             job.expected_fast = self._pool.is_quick(job.queries[0].key)
         return True
+
+    def _check_room(self, size: int) -> None:
+        limit = self.settings.max_queued_bytes
+        if limit and self._queued_bytes + size > limit:
+            raise Refusal(
+                ErrorKind.TOO_MANY_REQUESTS,
+                f"the broker already holds {self._queued_bytes} bytes of requests waiting or "
+                f"running (max_queued_bytes={limit}); this one ({size} bytes) was not run")
 
     def _on_session_request(self, job: Job, token: bytes, body: bytes, now: float) -> None:
         session = self._sessions.by_token.get(token)
@@ -499,25 +548,39 @@ class Broker:
         if pool.waiting:
             self._dispatch(now)
 
+    def _flush(self, now: float) -> None:
+        unflushed = list(self._unflushed)
+        self._unflushed.clear()
+        for conn in unflushed:
+            conn.flush()
+            if conn.broken:
+                self._close_conn(conn, now)
+            elif conn.sending != bool(conn.polled & _POLLOUT):
+                self._watch(conn)
+
     def _watch(self, conn: PgConn) -> None:
-        """Poll the socket unless a COPY TO waits for its client."""
+        """Poll the socket for input unless a COPY TO waits for its client,
+        and for room to write while libpq holds output."""
+        mask = (_POLLIN if conn.wants_input else 0) | (_POLLOUT if conn.sending else 0)
+        if mask == conn.polled:
+            return
         fd = conn.fileno()
-        watched = fd in self._by_fd
-        if conn.wants_input != watched:
-            if watched:
-                del self._by_fd[fd]
-                self._poller.unregister(fd)
-            else:
-                self._by_fd[fd] = conn
-                self._poller.register(fd, zmq.POLLIN)
+        if mask:
+            self._by_fd[fd] = conn
+            self._poller.register(fd, mask)  # registered already: the mask changes
+        else:
+            del self._by_fd[fd]
+            self._poller.unregister(fd)
+        conn.polled = mask
 
     def _close_conn(self, conn: PgConn, now: float) -> None:
         if conn.broken:
             self.stats[S.CONNECTIONS_LOST] += 1
             logger.warning("closing server connection %d: %s", conn.conn_id, conn.broken)
         for job, _, reply in conn.fail_all(psycopg.OperationalError(conn.broken or "closed")):
-            self._finish(job)
-            self._reply(job.routing_id, reply)
+            if job.routing_id and not job.answered:  # not a reset, not refused already
+                self._finish(job)
+                self._reply(job.routing_id, reply)
         session = self._sessions.by_conn.get(conn.conn_id)
         if session is not None:
             self._sessions.close(session, "the transaction's server connection was lost")
@@ -525,6 +588,7 @@ class Broker:
             if watched is conn:
                 del self._by_fd[fd]
                 self._poller.unregister(fd)
+        conn.polled = 0
         self._unflushed.discard(conn)
         self._pool.move(conn, State.CLOSED)
         if self._pool.waiting:
@@ -570,9 +634,11 @@ class Broker:
     def _admit(self, job: Job) -> None:
         routing_id = job.routing_id
         self._in_flight[routing_id] = self._in_flight.get(routing_id, 0) + 1
+        self._queued_bytes += job.size
 
     def _finish(self, job: Job) -> None:
         """The job was answered: it no longer counts against its client."""
+        self._queued_bytes -= job.size
         routing_id = job.routing_id
         left = self._in_flight.get(routing_id, 0) - 1
         if left > 0:
@@ -689,12 +755,16 @@ class Broker:
         while len(gone) > GONE_CLIENTS_KEPT:
             gone.popitem(last=False)
         waiting = self._pool.waiting
-        kept = [job for job in waiting if job.routing_id != routing_id]
+        kept = []
+        for job in waiting:
+            if job.routing_id != routing_id:
+                kept.append(job)
+            else:
+                self.stats[S.REQUESTS_DROPPED] += 1
+                self._finish(job)
         if len(kept) != len(waiting):
-            self.stats[S.REQUESTS_DROPPED] += len(waiting) - len(kept)
             waiting.clear()
             waiting.extend(kept)
-        self._in_flight.pop(routing_id, None)
 
     def _expire_waiting(self, now: float) -> None:
         pool_timeout = self.settings.pool_timeout
@@ -742,12 +812,20 @@ class Broker:
         result[S.REQUESTS_WAITING] = len(pool.waiting)
         result[S.SESSIONS_ACTIVE] = len(self._sessions.by_conn)
         result[S.CLIENTS_ACTIVE] = len(self._in_flight)
+        result[S.QUEUED_BYTES] = self._queued_bytes
+        if self._gate is not None:
+            result[S.CLIENTS_CONNECTED] = self._gate.connected
+            result[S.CLIENTS_MAX] = self._gate.max_clients
+            result[S.CLIENTS_REFUSED] = self._gate.refused
+            result[S.MESSAGES_REJECTED] = self._gate.rejected
         return result
 
 
 def prepare_ipc_directory(endpoint: str) -> None:
     """Create the socket's directory 0700 and refuse one others can write."""
     path = endpoint[len("ipc://"):]
+    if path.startswith("@"):
+        return  # abstract: no file, no directory; peers are checked by uid
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, mode=0o700, exist_ok=True)
     st = os.stat(directory)

@@ -123,6 +123,8 @@ class PgConn:
         self.head_since = 0.0  # when the job at the head got there
         self.slow_in_flight = 0  # jobs in flight not known to be quick
         self.clock_offset = 0.0  # the server's clock minus ours, measured at connect
+        self.sending = False  # libpq holds output the kernel has not taken yet
+        self.polled = 0  # owned by the loop: the poll events its socket is registered for
         self.prepared = PreparedCache()
         self._conn: psycopg.Connection | None = None
         self._pgconn: pq.PGconn | None = None
@@ -178,8 +180,7 @@ class PgConn:
         return self._pgconn.transaction_status
 
     def reported_parameters(self) -> tuple:
-        status = self._pgconn.parameter_status
-        return tuple(status(name) for name in REPORTED_PARAMETERS)
+        return tuple(map(self._pgconn.parameter_status, REPORTED_PARAMETERS))
 
     def session_changed(self) -> bool:
         """A reported setting differs from what the connection started with."""
@@ -256,11 +257,10 @@ class PgConn:
         run.steps.append(step)
 
     def flush(self) -> None:
-        """Send what libpq buffered; the loop calls it once per turn."""
-        pgconn = self._pgconn
+        """Send what libpq buffered, as much as the kernel takes now; while
+        ``sending``, the loop also waits for the socket to be writable."""
         try:
-            while pgconn.flush():  # large parameters: wait until the kernel takes them
-                select.poll().poll(1000)
+            self.sending = self._pgconn.flush() == 1
         except psycopg.Error as exc:
             self.broken = f"sending failed: {exc}"
 
@@ -475,7 +475,7 @@ class PgConn:
         try:
             if job.copy_data:
                 while not pgconn.put_copy_data(job.copy_data):
-                    select.poll().poll(100)  # libpq's buffer is full: let the kernel take it
+                    self._wait_writable(pgconn)  # the server reads COPY data as it comes
             if job.copy_end:
                 pgconn.put_copy_end()
         except psycopg.Error:
@@ -490,6 +490,12 @@ class PgConn:
         run.job = None
         self._set_head(None)
         return [(job, True, replies.ok(job.request_id, None))]
+
+    @staticmethod
+    def _wait_writable(pgconn: pq.PGconn) -> None:
+        poller = select.poll()
+        poller.register(pgconn.socket, select.POLLOUT)
+        poller.poll(100)
 
     def _start_copy(self, pgconn: pq.PGconn, run: _Run, result: pq.PGresult,
                     now: float) -> list[Outcome]:

@@ -32,6 +32,11 @@ from .statements import Classification, Kind, classify
 
 NO_DEADLINE = 24 * 3600.0
 MAX_HEADER_BYTES = 4096
+QUERY_BYTES = 256
+"""What one decoded statement costs in memory, besides its text and parameters."""
+PARAMETER_BYTES = 64
+"""What one decoded parameter costs, besides its bytes: a one-byte msgpack
+value becomes a Python object and a psycopg-dumped bytes object."""
 
 OP_RESET = -1
 """Internal: roll back what is open, and DISCARD ALL when needed; no reply."""
@@ -99,6 +104,7 @@ class Job:
     copy_end: bool = False  # OP_COPY_FROM: the last chunk
     copy_max: int = 0  # OP_COPY_TO: bytes to return at most
     owner_pid: int = 0
+    size: int = 0  # bytes it holds while waiting or running (max_queued_bytes)
     queued_at: float = 0.0
     cancel_at: float = 0.0  # when the loop cancels it on the server
     cancel_reason: str = ""  # why, when it is not the client's own deadline
@@ -149,28 +155,16 @@ class Decoder:
         self._new_query = new_query  # psycopg's PostgresQuery over the broker's adapters
         self._max_bytes = max_bytes
 
-    def fill(self, job: Job, body: bytes) -> None:
-        """Decode ``body`` into ``job`` (queries, sharing, reset), or raise Refusal."""
+    def fill(self, job: Job, body: bytes, room: int) -> None:
+        """Decode ``body`` into ``job`` (queries, sharing, reset), or raise
+        Refusal; TooManyRequests once the job would hold more than ``room`` bytes."""
         op = job.op
+        job.size = len(body)
         if op == OP_EXECUTE:
             sql, params = self._args(job, body, 2)
-            self._statements(job, [(_text(sql), _params(params))], batch=False)
-        elif op == OP_EXECUTEMANY:
-            sql, seq = self._args(job, body, 2)
-            if not isinstance(seq, list):
-                raise Refusal(ErrorKind.MESSAGE, "executemany takes a list of parameter sets")
-            sql = _text(sql)
-            self._statements(job, [(sql, _params(p)) for p in seq], batch=False)
-        elif op == OP_BATCH:
-            (items,) = self._args(job, body, 1)
-            if not isinstance(items, list) or not items:
-                raise Refusal(ErrorKind.MESSAGE, "batch takes a non-empty list of [sql, params]")
-            pairs = []
-            for item in items:
-                if not isinstance(item, list) or len(item) != 2:
-                    raise Refusal(ErrorKind.MESSAGE, "each batch item is [sql, params]")
-                pairs.append((_text(item[0]), _params(item[1])))
-            self._statements(job, pairs, batch=True)
+            self._statements(job, [self._convert(_text(sql), _params(params))], batch=False)
+        elif op == OP_EXECUTEMANY or op == OP_BATCH:
+            self._statements(job, self._stream(job, body, room), batch=op == OP_BATCH)
         elif op == OP_COPY_FROM:
             sql, data, end = self._args(job, body, 3)
             if not isinstance(data, bytes) or not isinstance(end, bool):
@@ -195,27 +189,78 @@ class Decoder:
             raise Refusal(ErrorKind.MESSAGE, f"{OP_NAMES[job.op]} takes {arity} arguments")
         return args
 
-    def _convert(self, sql: str, params: Any) -> Query:
-        query = self._new_query()
+    def _stream(self, job: Job, body: bytes, room: int) -> list[Query]:
+        """The queries of an executemany or a batch, decoded one parameter set
+        at a time and converted at once: the decoded message never exists
+        whole, and decoding stops as soon as the job outgrows ``room``."""
+        many = job.op == OP_EXECUTEMANY
+        usage = ("executemany takes [sql, list of parameter sets]" if many
+                 else "batch takes [non-empty list of [sql, params]]")
+        queries: list[Query] = []
         try:
-            query.convert(sql, params)  # psycopg's placeholder rules and dumpers
+            reader = protocol.unpacker(body)
+            if reader.read_array_header() != (2 if many else 1):
+                raise Refusal(ErrorKind.MESSAGE, usage)
+            if many:
+                template = self._new_query()
+                sql = _text(reader.unpack())
+            count = reader.read_array_header()
+            if not (many or count):
+                raise Refusal(ErrorKind.MESSAGE, usage)
+            for _ in range(count):
+                if many:
+                    queries.append(self._convert(sql, _params(reader.unpack()), template,
+                                                 reuse=bool(queries)))
+                else:
+                    item = reader.unpack()
+                    if not isinstance(item, list) or len(item) != 2:
+                        raise Refusal(ErrorKind.MESSAGE, "each batch item is [sql, params]")
+                    queries.append(self._convert(_text(item[0]), _params(item[1])))
+                job.size += _held(queries[-1])
+                if job.size > room:
+                    raise Refusal(
+                        ErrorKind.TOO_MANY_REQUESTS,
+                        f"the request holds more than the {room} bytes left of "
+                        "max_queued_bytes once decoded; it was not run: send it in "
+                        "smaller parts, or use copy() for bulk loads")
+            if reader.tell() != len(body):
+                raise Refusal(ErrorKind.MESSAGE, "extra data after the body")
+        except Refusal:
+            raise
+        except Exception as exc:  # msgpack raises many types on garbage
+            raise Refusal(ErrorKind.MESSAGE, f"undecodable body: {exc}") from None
+        return queries
+
+    def _convert(self, sql: str, params: Any, query: Any = None, reuse: bool = False) -> Query:
+        """psycopg's placeholder rules and dumpers; ``reuse`` dumps another
+        parameter set into an already converted ``query`` (executemany)."""
+        query = query or self._new_query()
+        try:
+            if reuse:
+                query.dump(params)
+            else:
+                query.convert(sql, params)
         except (TypeError, OverflowError) as exc:
             raise Refusal(ErrorKind.DATA, str(exc)) from None
         except Exception as exc:  # psycopg.ProgrammingError: placeholders vs params
             raise Refusal(ErrorKind.PROGRAMMING, str(exc).strip()) from None
         return Query(query.query, query.params, tuple(query.types), query.formats)
 
-    def _statements(self, job: Job, pairs: list[tuple[str, Any]], *, batch: bool) -> None:
-        queries = [self._convert(sql, params) for sql, params in pairs]
+    def _statements(self, job: Job, queries: list[Query], *, batch: bool) -> None:
         if not queries:  # executemany of nothing: like psycopg, nothing reaches the server
             return
-        verdicts = {}
-        for query in queries:  # executemany: one text, classified once
-            if query.sql not in verdicts:
-                verdicts[query.sql] = classify(query.sql)
-        worst = max(verdicts.values(), key=lambda verdict: verdict.kind)
+        if len(queries) == 1:
+            worst = classify(queries[0].sql)
+        else:
+            verdicts = {}
+            for query in queries:  # executemany: one text, classified once
+                if query.sql not in verdicts:
+                    verdicts[query.sql] = classify(query.sql)
+            worst = max(verdicts.values(), key=lambda verdict: verdict.kind)
         _check(worst, job.in_session, batch)
         job.queries = queries
+        if job.op == OP_EXECUTE:
+            job.size += _held(queries[0])
         if worst.statements > 1 and len(queries) == 1 and queries[0].params is None:
             job.simple = queries[0].sql  # several statements: the simple query protocol
         job.resets = worst.kind >= Kind.SESSION
@@ -231,6 +276,12 @@ class Decoder:
                           f"copy() with {'data' if from_stdin else 'no data'} takes one "
                           f"{direction} statement")
         job.queries = [Query(sql.encode(), None, (), None)]
+
+
+def _held(query: Query) -> int:
+    """Bytes a decoded query holds, estimated."""
+    params = query.params
+    return QUERY_BYTES + (len(params) * PARAMETER_BYTES if params else 0)
 
 
 def _check(verdict: Classification, in_session: bool, batch: bool) -> None:

@@ -13,8 +13,6 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import zmq
-
 from .pgconn import PgConn
 
 EXPIRED_SESSIONS_KEPT = 10_000
@@ -30,7 +28,6 @@ class Session:
     owner_pid: int
     last_active: float
     busy: bool = True  # a request of its own is running
-
 
 class Sessions:
     """The open sessions by token and by connection, and the recently ended."""
@@ -55,17 +52,6 @@ class Sessions:
 
     def why_ended(self, token: bytes) -> str | None:
         return self._ended.get(token)
-
-
-def peer_pid(frame: zmq.Frame) -> int:
-    """The sender's pid over ipc ("localhost:UID:GID:PID"), else 0."""
-    try:
-        address = frame.get("Peer-Address")
-    except zmq.ZMQError:
-        return 0
-    tail = address.rpartition(":")[2] if address else ""
-    return int(tail) if tail.isdigit() and address.count(":") >= 3 else 0
-
 
 def pid_alive(pid: int) -> bool:
     try:

@@ -7,6 +7,13 @@ POOL_AVAILABLE = "pool_available"  # open and idle
 REQUESTS_WAITING = "requests_waiting"  # queued for a connection now
 SESSIONS_ACTIVE = "sessions_active"  # pinned transactions open now
 CLIENTS_ACTIVE = "clients_active"  # client sockets with requests waiting or running
+CLIENTS_CONNECTED = "clients_connected"  # client sockets connected now
+CLIENTS_MAX = "clients_max"  # max_clients, as set or sized from the open-files limit
+QUEUED_BYTES = "queued_bytes"  # bytes of requests waiting or running now
+
+# Counters kept by the client gate, reported as counters.
+CLIENTS_REFUSED = "clients_refused"  # sockets shut down at once: max_clients reached
+MESSAGES_REJECTED = "messages_rejected"  # dropped: sent over ipc by a uid not allowed
 
 # Counters since start.
 REQUESTS_NUM = "requests_num"  # requests received

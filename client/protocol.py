@@ -208,6 +208,14 @@ def _unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
     return msgpack.unpackb(data, ext_hook=_decode_ext, raw=False)
 
 
+def unpacker(data: bytes) -> msgpack.Unpacker:
+    """A streaming reader over ``data``: a large message is decoded one item
+    at a time, so its decoded form never has to exist whole."""
+    reader = msgpack.Unpacker(ext_hook=_decode_ext, raw=False, max_buffer_size=len(data) or 1)
+    reader.feed(data)
+    return reader
+
+
 def pack(obj: Any) -> bytes:
     """Serialize a message, encoding non-native values as ext types."""
     return _pack(obj)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,7 @@ class BrokerProcess:
                  **settings: Any) -> None:
         self.dir = short_tempdir()
         self.endpoint = settings.pop("endpoint", f"ipc://{self.dir}/b.sock")
+        self.open_files = settings.pop("open_files", None)  # the soft RLIMIT_NOFILE it starts with
         self.application_name = f"pbtest-{uuid.uuid4().hex[:8]}"
         self.max_connections = settings.get("max_connections", 10)
         settings.setdefault("application_name", self.application_name)
@@ -99,10 +101,15 @@ class BrokerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "broker.cli", "serve", "--config", str(self.config),
                  "--dsn", self.dsn, "--endpoint", self.endpoint],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=self._limit_files)
         if wait:
             self.wait_ready()
         return self
+
+    def _limit_files(self) -> None:
+        if self.open_files is not None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, hard))
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout

@@ -100,3 +100,95 @@ def test_tcp_without_curve_or_consent_refuses_to_start():
                          capture_output=True, text=True, timeout=30, cwd=REPO)
     assert out.returncode == 2
     assert "needs CURVE" in out.stderr and "--insecure-tcp" in out.stderr
+
+
+def _ping_as(uid: int, endpoint: str) -> bool:
+    """Whether a process of ``uid`` gets an answer to a ping at ``endpoint``."""
+    import os
+
+    import zmq
+
+    from client import protocol
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        answered = b"0"
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            ctx = zmq.Context()
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            s.send_multipart([protocol.pack([1, protocol.OP_PING, 5000, None]),
+                              protocol.pack([])])
+            answered = b"1" if s.poll(2000) else b"0"
+        finally:
+            os.write(write_end, answered)
+            os._exit(0)
+    os.close(write_end)
+    answered = os.read(read_end, 1) == b"1"
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return answered
+
+
+NOBODY = 65534
+
+
+@pytest.mark.parametrize("kind", ["filesystem", "abstract"])
+def test_another_local_user_is_refused_over_ipc(start_broker, kind):
+    import os
+    import uuid
+
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root (CI runs as root)")
+    endpoint = None if kind == "filesystem" else f"ipc://@pbtest-{uuid.uuid4().hex[:12]}"
+    options = {} if endpoint is None else {"endpoint": endpoint}
+    broker = start_broker(max_connections=1, **options)
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
+    assert not _ping_as(NOBODY, broker.endpoint)
+    stats = broker.stats()
+    if kind == "abstract":  # no directory to stop it: the broker drops its messages
+        assert stats["messages_rejected"] >= 1
+        assert "dropping requests from uid 65534" in broker.log()
+    assert broker.client.execute("SELECT 2").rows == [(2,)]
+
+
+def test_allowed_uids_admits_another_local_user(start_broker):
+    import os
+    import uuid
+
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root (CI runs as root)")
+    broker = start_broker(max_connections=1, allowed_uids=[NOBODY],
+                          endpoint=f"ipc://@pbtest-{uuid.uuid4().hex[:12]}")
+    assert _ping_as(NOBODY, broker.endpoint)
+    assert broker.stats()["messages_rejected"] == 0
+
+
+def test_a_revoked_curve_key_is_refused_after_sighup(start_broker, certificates):
+    import signal
+    import time
+
+    keys, allowed = certificates
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    worker = {"curve_server_key": str(keys / "broker.key"),
+              "curve_client_cert": str(keys / "worker.key_secret")}
+    broker = start_broker(
+        endpoint=endpoint, max_connections=1, client_options=worker,
+        curve_secret_key_file=str(keys / "broker.key_secret"),
+        curve_allowed_clients=str(allowed))
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
+    broker.client.close()
+    (allowed / "worker.key").unlink()
+    broker.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "CURVE allow-list reloaded" not in broker.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert broker.proc.poll() is None  # SIGHUP reloads; it does not kill
+    after = client.Client(endpoint, timeout=1, **worker)
+    with pytest.raises(client.BrokerUnavailable):
+        after.execute("SELECT 2")
+    after.close()

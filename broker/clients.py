@@ -1,0 +1,151 @@
+"""Who may talk to the broker: how many client sockets, and which local users.
+
+Descriptors are the broker's scarcest resource: every client socket holds
+one, and a process out of them cannot open a server connection (libzmq
+aborts on some paths).  So the open-files limit is raised to its hard
+limit at start, and beyond ``max_clients`` connected sockets each newly
+accepted one is shut down at once: its client sees the connection drop,
+retries with libzmq's reconnect backoff, and gets in once others leave.
+
+Over ipc, the kernel tells libzmq the peer's credentials; a message from a
+uid other than the broker's own or ``allowed_uids`` is dropped unread.
+This holds for abstract endpoints (``ipc://@name``), which have no
+directory whose mode could protect them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import time
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+logger = logging.getLogger("poolbroker")
+
+DESCRIPTORS_RESERVED = 64
+"""Descriptors kept for the broker's own use (libzmq, pipes, logs) besides
+three per server connection (its socket, a cancel, a reconnect)."""
+REFUSED_LOG_INTERVAL = 10.0
+UID_CACHE_MAX = 100_000
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-files limit from %d to %d: %s",
+                           soft, hard, exc)
+    return soft
+
+
+def default_max_clients(open_files: int, max_connections: int) -> int:
+    return max(16, open_files - DESCRIPTORS_RESERVED - 3 * max_connections)
+
+
+def peer_credentials(frame: zmq.Frame) -> tuple[int, int] | None:
+    """(uid, pid) of an ipc sender, from libzmq's Peer-Address
+    ("localhost:UID:GID:PID"); None over tcp."""
+    try:
+        address = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return None
+    parts = address.split(":") if address else ()
+    if len(parts) < 4 or not (parts[-3].isdigit() and parts[-1].isdigit()):
+        return None
+    return int(parts[-3]), int(parts[-1])
+
+
+class ClientGate:
+    """Counts the client sockets of one ROUTER and admits them, and their users."""
+
+    def __init__(self, router: zmq.Socket, *, max_clients: int, ipc: bool,
+                 allowed_uids: tuple[int, ...]) -> None:
+        self.max_clients = max_clients
+        self.connected = 0
+        self.refused = 0  # sockets shut down beyond max_clients
+        self.rejected = 0  # messages dropped from a uid not allowed
+        self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._check_uids = ipc
+        self._uids = frozenset((os.getuid(), *allowed_uids))
+        self._verdicts: dict[bytes, bool] = {}  # routing id -> its uid is allowed
+        self._refused_log_at = 0.0
+
+    def close(self) -> None:
+        self.monitor.close(linger=0)
+
+    def on_events(self) -> None:
+        """Count what connected and left; refuse what came beyond the limit."""
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.connected -= 1
+                continue
+            self.connected += 1
+            if self.connected > self.max_clients:
+                self._refuse(int(event["value"]), event["endpoint"])
+
+    def _refuse(self, fd: int, endpoint: bytes) -> None:
+        # shutdown(), never close(): the descriptor stays libzmq's, which
+        # sees the end of the stream and closes it itself.  A duplicate is
+        # used so that the check and the shutdown cannot hit another socket
+        # that reused the number: only one accepted on this endpoint matches.
+        try:
+            duplicate = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return  # already gone
+        with duplicate:
+            try:
+                if not _accepted_on(duplicate, endpoint.decode()):
+                    return
+                duplicate.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                return
+        self.refused += 1
+        now = time.monotonic()
+        if now >= self._refused_log_at:
+            self._refused_log_at = now + REFUSED_LOG_INTERVAL
+            logger.warning(
+                "refusing new client sockets: %d are connected (max_clients=%d); "
+                "they retry, and get in as others leave (%d refused so far)",
+                self.connected - 1, self.max_clients, self.refused)
+
+    def allowed(self, routing_id: bytes, frame: zmq.Frame) -> bool:
+        """Whether the sender's uid may use the broker (always, outside ipc)."""
+        if not self._check_uids:
+            return True
+        verdict = self._verdicts.get(routing_id)
+        if verdict is None:
+            credentials = peer_credentials(frame)
+            uid = credentials[0] if credentials else None
+            verdict = uid in self._uids
+            if len(self._verdicts) >= UID_CACHE_MAX:
+                self._verdicts.clear()
+            self._verdicts[routing_id] = verdict  # a routing id names one connection
+            if not verdict:
+                logger.warning("dropping requests from uid %s: not the broker's own uid "
+                               "nor in allowed_uids", uid)
+        if not verdict:
+            self.rejected += 1
+        return verdict
+
+
+def _accepted_on(sock: socket.socket, endpoint: str) -> bool:
+    local = sock.getsockname()
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        if path.startswith("@"):  # abstract: the kernel names it with a leading NUL
+            return local in (b"\0" + path[1:].encode(), "\0" + path[1:])
+        return local == path
+    port = endpoint.rpartition(":")[2]
+    return isinstance(local, tuple) and str(local[1]) == port
