@@ -82,7 +82,12 @@ class _ThreadSocket:
     def __init__(self, pid: int, socket: zmq.Socket) -> None:
         self.pid = pid
         self.socket = socket
-        self.monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # pyzmq names the monitor after the socket's descriptor, which a
+        # socket dropped by an ended thread frees before libzmq releases
+        # the name: a new socket reusing the number then failed with
+        # "Address already in use".  A counter never repeats.
+        self.monitor = socket.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED, f"inproc://poolbroker-monitor-{next(_monitor_ids)}")
         # Most replies arrive within FAST_REPLY_WAIT: wait for them with a
         # plain blocking recv (measured: polling both sockets cost ~5 us of
         # CPU per request), and only then poll the socket and its monitor.
@@ -98,9 +103,17 @@ class _ThreadSocket:
             monitor.recv_multipart()
 
     def close(self) -> None:
+        if self.socket.closed:
+            return
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
         self.socket.close(linger=0)
+
+    def __del__(self) -> None:
+        # A thread that ends without close() leaves its socket here; one
+        # inherited across fork belongs to the parent and is never touched.
+        if self.pid == os.getpid():
+            self.close()
 
 
 class Client:
@@ -534,6 +547,8 @@ _context_lock = threading.Lock()
 # Contexts and sockets inherited across fork, kept alive so that the
 # garbage collector never closes them in the child.
 _abandoned: list[Any] = []
+
+_monitor_ids = itertools.count(1)
 
 
 def _process_context(pid: int) -> zmq.Context:

@@ -1,8 +1,9 @@
 """Failures reach the caller at once, typed: a database that refuses
-connections."""
+connections; and no failure where there should be none."""
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import Any
@@ -18,6 +19,35 @@ def _rows_or_error(c: client.Client) -> Any:
         return c.execute("SELECT 1").rows
     except client.Error as exc:
         return exc
+
+
+# Client side
+
+
+def test_many_short_lived_thread_clients_without_close(broker):
+    """Each thread's socket is left to the garbage collector when the thread
+    ends: their monitors' names must never collide with a new socket's.
+    (pyzmq named a monitor after its socket's descriptor, reused while the
+    old name was still bound: a few "Address already in use" per thousand.)"""
+    failures: list[BaseException] = []
+
+    def one_shot(n: int) -> None:
+        try:
+            c = client.Client(broker.endpoint, timeout=10)
+            assert c.execute("SELECT %s::int", [n]).rows == [(n,)]
+        except BaseException as exc:  # noqa: BLE001 - any failure is the finding
+            failures.append(exc)
+
+    running: collections.deque[threading.Thread] = collections.deque()
+    for n in range(5000):
+        thread = threading.Thread(target=one_shot, args=(n,))
+        thread.start()
+        running.append(thread)
+        if len(running) >= 16:  # threads end while others start, as in a server
+            running.popleft().join()
+    for thread in running:
+        thread.join()
+    assert failures == []
 
 
 # Broker side: a database that refuses connections
