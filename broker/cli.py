@@ -99,8 +99,21 @@ def _bench(args: argparse.Namespace) -> int:
 def _keygen(args: argparse.Namespace) -> int:
     import zmq.auth
 
-    os.makedirs(args.directory, mode=0o700, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(args.directory, args.name)
+    try:
+        os.makedirs(args.directory, mode=0o700, exist_ok=True)
+        # zmq.auth writes with open(): a new file gets the umask's mode (0644
+        # in a 0755 directory) and an existing one keeps its own.  Make the
+        # secret's file private before the key is written into it.
+        secret_path = os.path.join(args.directory, f"{args.name}.key_secret")
+        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        public, secret = zmq.auth.create_certificates(args.directory, args.name)
+    except OSError as exc:
+        print(f"poolbroker: cannot write the certificates: {exc}", file=sys.stderr)
+        return 1
     print(f"public certificate: {public}\nsecret certificate: {secret} (keep it private)")
     return 0
 

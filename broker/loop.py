@@ -44,7 +44,7 @@ from .adapters import build_adapters
 from .clients import ClientGate, default_max_clients, peer_credentials, raise_open_files_limit
 from .config import ConfigError, Settings
 from .pgconn import Outcome, PgConn
-from .pool import Pool, State
+from .pool import ConnectError, Pool, State
 from .redact import Redactor
 from .requests import (
     ENDING_OPS, NO_DEADLINE, OP_RESET, POOLED_OPS, SESSION_OPS, Decoder, Job, Query, Refusal,
@@ -314,6 +314,9 @@ class Broker:
             self._reply(routing_id, replies.ok(request_id, [None, [], 0]))
             return
         pool = self._pool
+        if not pool.conns and (error := pool.unreachable(now)) is not None:
+            self._cannot_connect(job, error)
+            return
         if len(pool.waiting) >= self.settings.max_waiting and not pool.count(State.IDLE):
             self.stats[S.REQUESTS_REFUSED] += 1
             self._reply_error(
@@ -591,26 +594,37 @@ class Broker:
         conn.polled = 0
         self._unflushed.discard(conn)
         self._pool.move(conn, State.CLOSED)
+        self._fail_if_unreachable(now)
         if self._pool.waiting:
             self._pool.grow(now, len(self._pool.waiting))
 
     def _on_opened(self, now: float) -> None:
         pool = self._pool
-        ready, error = pool.opened(now)
+        ready, failed = pool.opened(now)
         for conn in ready:
             self.stats[S.CONNECTIONS_NUM] += 1
             pool.move(conn, State.IDLE)
             self._watch(conn)
-        if error:
-            self.stats[S.CONNECTIONS_ERRORS] += 1
-            if not pool.conns:
-                # Nobody will free a connection: fail the queue now, clearly.
-                while pool.waiting:
-                    self._fail_waiting(pool.waiting.popleft(), ErrorKind.OPERATIONAL,
-                                       f"cannot connect to the database: {error}",
-                                       sqlstate="08006")
+        self.stats[S.CONNECTIONS_ERRORS] += len(failed)
+        self._fail_if_unreachable(now)
         if pool.waiting:
             self._dispatch(now)
+
+    def _fail_if_unreachable(self, now: float) -> None:
+        """Fail the queue at once when no connection is left to serve it and
+        the database refused the last attempt: the backoff delays the next
+        attempt, it must not delay telling the clients."""
+        pool = self._pool
+        if pool.waiting and (error := pool.unreachable(now)) is not None:
+            while pool.waiting:
+                job = pool.waiting.popleft()
+                self._finish(job)
+                self._cannot_connect(job, error)
+
+    def _cannot_connect(self, job: Job, error: ConnectError) -> None:
+        self._reply_error(job.routing_id, job.request_id, ErrorKind.OPERATIONAL,
+                          f"cannot connect to the database: {error.message}",
+                          sqlstate=error.sqlstate)
 
     # Sessions
 

@@ -12,9 +12,11 @@ import enum
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
+from typing import NamedTuple
 
 import psycopg
 from psycopg.adapt import AdaptersMap
@@ -32,6 +34,42 @@ QUICK_STATEMENT = 0.001
 """Seconds of server time under which a statement counts as quick: only
 quick ones are pipelined behind others while the pool can still grow."""
 ESTIMATES_KEPT = 10_000
+UNREACHABLE_SQLSTATE = "08006"
+"""connection_failure: what clients are told when nothing better is known."""
+
+# libpq hands psycopg a refused connection's reason as text only (the
+# exception's sqlstate is None), so PostgreSQL's own FATAL messages are
+# recognised here: a client can then tell a full database (53300) from a
+# missing one or a server going down.  A server that reports in another
+# language falls back to UNREACHABLE_SQLSTATE.
+_REFUSALS = tuple((re.compile(pattern), sqlstate) for pattern, sqlstate in (
+    (r"too many clients already|remaining connection slots are reserved"
+     r"|too many connections for (role|database)", "53300"),  # too_many_connections
+    (r"the database system is (starting up|shutting down|in recovery mode"
+     r"|not (yet )?accepting connections)", "57P03"),  # cannot_connect_now
+    (r'database ".*" does not exist', "3D000"),  # invalid_catalog_name
+    (r"password authentication failed", "28P01"),  # invalid_password
+    (r'role ".*" does not exist|no pg_hba\.conf entry|is not permitted to log in',
+     "28000"),  # invalid_authorization_specification
+    (r'database ".*" is not currently accepting connections', "55000"),
+    (r"permission denied for database", "42501"),  # insufficient_privilege
+))
+
+
+class ConnectError(NamedTuple):
+    """Why a connection attempt failed, as clients are told."""
+
+    message: str
+    sqlstate: str
+
+
+def connect_error(exc: Exception, message: str) -> ConnectError:
+    """``exc`` (with its password already masked in ``message``) for clients."""
+    sqlstate = getattr(exc, "sqlstate", None)  # set when the server answered a query
+    if not sqlstate:
+        sqlstate = next((code for pattern, code in _REFUSALS if pattern.search(message)),
+                        UNREACHABLE_SQLSTATE)
+    return ConnectError(message, sqlstate)
 
 
 class State(enum.StrEnum):
@@ -60,6 +98,7 @@ class Pool:
         os.set_blocking(self.wakeup_fd, False)
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._connect_error: ConnectError | None = None  # of the last attempt, if it failed
         self._durations: dict[tuple, float] = {}  # query key -> server seconds, smoothed
 
     # States
@@ -134,39 +173,54 @@ class Pool:
             server = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8") \
                 .fetchone()[0]
             offset = server - (before + time.time()) / 2
-            self._opened.put((conn_id, conn, offset, ""))
+            self._opened.put((conn_id, conn, offset, None))
         except Exception as exc:
-            self._opened.put((conn_id, None, 0.0, self._redact(str(exc).strip())))
+            error = connect_error(exc, self._redact(str(exc).strip()))
+            self._opened.put((conn_id, None, 0.0, error))
         os.write(self._wakeup_write, b"x")
 
-    def opened(self, now: float) -> tuple[list[PgConn], str]:
-        """Connections opened since the last call, and the last connect error."""
+    def opened(self, now: float) -> tuple[list[PgConn], list[ConnectError]]:
+        """Connections opened since the last call, and the attempts that failed."""
         try:
             os.read(self.wakeup_fd, 4096)
         except BlockingIOError:
             pass
-        ready, error = [], ""
+        ready: list[PgConn] = []
+        failed: list[ConnectError] = []
         while True:
             try:
-                conn_id, conn, offset, message = self._opened.get_nowait()
+                conn_id, conn, offset, error = self._opened.get_nowait()
             except queue.Empty:
-                return ready, error
+                return ready, failed
             pgconn = self.conns.get(conn_id)
             if conn is None or pgconn is None:
                 if pgconn is not None:
                     self.move(pgconn, State.CLOSED)
                 if conn is not None:
                     conn.close()
-                error = message or error
+                if error is None:
+                    continue
+                failed.append(error)
+                self._connect_error = error
                 self._backoff = min(CONNECT_BACKOFF_MAX,
                                     max(CONNECT_BACKOFF_MIN, self._backoff * 2))
                 self._retry_at = now + self._backoff
                 logger.error("cannot connect to the database (retry in %.1f s): %s",
-                             self._backoff, message)
+                             self._backoff, error.message)
                 continue
             self._backoff = 0.0
+            self._connect_error = None
             pgconn.attach(conn, offset)
             ready.append(pgconn)
+
+    def unreachable(self, now: float) -> ConnectError | None:
+        """The last connect error while it is every request's fate: no
+        connection is open, none is opening that might succeed, and the
+        backoff holds the next attempt.  Requests are told at once; waiting
+        would only delay the same error by up to CONNECT_BACKOFF_MAX."""
+        if self.conns or now >= self._retry_at:
+            return None
+        return self._connect_error
 
     def close_all(self) -> None:
         for conn in list(self.conns.values()):

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._client import (
-    DEFAULT_CHUNK_ROWS, DEFAULT_TIMEOUT, Client, CopyOut, Params, Result, RowStream, Transaction,
+    DEFAULT_CHUNK_ROWS, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Client, CopyOut, Params, Result,
+    RowStream, Transaction,
 )
 from .errors import (
     BrokerUnavailable, DatabaseError, DataError, Diagnostic, Error, IntegrityError,
@@ -25,6 +26,7 @@ from .protocol import Json
 
 __all__ = [
     "Client", "Result", "Transaction", "RowStream", "Json", "DEFAULT_TIMEOUT",
+    "DEFAULT_CONNECT_TIMEOUT",
     "configure", "execute", "executemany", "batch", "transaction", "stats",
     "Error", "Warning", "InterfaceError", "DatabaseError", "DataError",
     "OperationalError", "IntegrityError", "InternalError", "ProgrammingError",
@@ -37,15 +39,17 @@ _default: Client | None = None
 _default_lock = threading.Lock()
 
 
-def configure(endpoint: str | None = None, timeout: float | None = None) -> Client:
-    """Set the endpoint and default timeout used by the module-level functions.
+def configure(endpoint: str | None = None, timeout: float | None = None, *,
+              connect_timeout: float | None = None) -> Client:
+    """Set the endpoint and timeouts used by the module-level functions.
 
     Optional: without it the first call uses ``POOLBROKER_ENDPOINT`` or the
-    default ipc endpoint, and a 60 s timeout.
+    default ipc endpoint, a 60 s timeout, and ``POOLBROKER_CLIENT_CONNECT_TIMEOUT``
+    or a 2 s connect timeout.
     """
     global _default
     with _default_lock:
-        _default = Client(endpoint, timeout=timeout)
+        _default = Client(endpoint, timeout=timeout, connect_timeout=connect_timeout)
         return _default
 
 

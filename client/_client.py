@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -24,6 +25,12 @@ logger = logging.getLogger("poolbroker.client")
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds a request may take end to end (queueing included) by default."""
+
+DEFAULT_CONNECT_TIMEOUT = 2.0
+"""Seconds a request waits for a broker to connect to before it fails with
+BrokerUnavailable, never sent (env POOLBROKER_CLIENT_CONNECT_TIMEOUT).  Short, so
+that a missing broker fails a worker long before gunicorn's 30 s worker
+timeout kills it; long enough to ride out a broker restarted by supervisord."""
 
 DEFAULT_CHUNK_ROWS = 10_000
 """Rows per round trip of ``Client.stream()``."""
@@ -79,17 +86,47 @@ class _ThreadSocket:
 
     __slots__ = ("monitor", "pid", "poller", "socket")
 
-    def __init__(self, pid: int, socket: zmq.Socket) -> None:
+    def __init__(self, pid: int, socket: zmq.Socket, monitor: zmq.Socket) -> None:
         self.pid = pid
         self.socket = socket
-        self.monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        # Most replies arrive within FAST_REPLY_WAIT: wait for them with a
-        # plain blocking recv (measured: polling both sockets cost ~5 us of
-        # CPU per request), and only then poll the socket and its monitor.
-        socket.setsockopt(zmq.RCVTIMEO, int(FAST_REPLY_WAIT * 1000))
+        self.monitor = monitor
         self.poller = zmq.Poller()
         self.poller.register(socket, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
+        self.poller.register(monitor, zmq.POLLIN)
+
+    @classmethod
+    def connect(cls, pid: int, endpoint: str,
+                curve: tuple[bytes, bytes, bytes] | None) -> _ThreadSocket:
+        socket = _process_context(pid).socket(zmq.DEALER)
+        try:
+            socket.setsockopt(zmq.IMMEDIATE, 1)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+            # Most replies arrive within FAST_REPLY_WAIT: wait for them with a
+            # plain blocking recv (measured: polling both sockets cost ~5 us of
+            # CPU per request), and only then poll the socket and its monitor.
+            socket.setsockopt(zmq.RCVTIMEO, int(FAST_REPLY_WAIT * 1000))
+            if curve is not None:
+                socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = curve
+            # pyzmq names the monitor after the socket's descriptor, which a
+            # socket dropped by an ended thread frees before libzmq releases
+            # the name: a new socket reusing the number then failed with
+            # "Address already in use".  A counter never repeats.
+            monitor = socket.get_monitor_socket(
+                zmq.EVENT_DISCONNECTED, f"inproc://poolbroker-monitor-{next(_monitor_ids)}")
+        except BaseException:
+            socket.close(linger=0)
+            raise
+        owned = cls(pid, socket, monitor)
+        try:
+            socket.connect(endpoint)
+        except zmq.ZMQError as exc:
+            owned.close()
+            raise errors.InterfaceError(
+                f"invalid broker endpoint {endpoint!r}: {zmq.strerror(exc.errno)} (expected "
+                "ipc:///path/to/socket, ipc://@name or tcp://host:port)") from None
+        return owned
 
     def forget_disconnections(self) -> None:
         """Drop disconnections that happened before this request was sent."""
@@ -98,9 +135,17 @@ class _ThreadSocket:
             monitor.recv_multipart()
 
     def close(self) -> None:
+        if self.socket.closed:
+            return
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
         self.socket.close(linger=0)
+
+    def __del__(self) -> None:
+        # A thread that ends without close() leaves its socket here; one
+        # inherited across fork belongs to the parent and is never touched.
+        if self.pid == os.getpid():
+            self.close()
 
 
 class Client:
@@ -111,14 +156,26 @@ class Client:
     """
 
     def __init__(self, endpoint: str | None = None, *, timeout: float | None = None,
+                 connect_timeout: float | None = None,
                  curve_server_key: str | None = None,
                  curve_client_cert: str | None = None) -> None:
-        """``curve_server_key`` is the broker's public certificate file and
-        ``curve_client_cert`` this client's secret certificate file (env
-        POOLBROKER_CURVE_SERVER_KEY / POOLBROKER_CURVE_CLIENT_CERT); both
-        are needed to reach a broker on a CURVE tcp endpoint."""
+        """``timeout`` is each request's whole budget (DEFAULT_TIMEOUT);
+        ``connect_timeout`` how long a request waits for the broker to be
+        connected before it fails unsent (env POOLBROKER_CLIENT_CONNECT_TIMEOUT,
+        DEFAULT_CONNECT_TIMEOUT).  ``curve_server_key`` is the broker's
+        public certificate file and ``curve_client_cert`` this client's
+        secret certificate file (env POOLBROKER_CURVE_SERVER_KEY /
+        POOLBROKER_CURVE_CLIENT_CERT); both are needed to reach a broker on
+        a CURVE tcp endpoint."""
+        if endpoint is not None and not isinstance(endpoint, str):
+            raise errors.InterfaceError(f"the endpoint must be a string, got {endpoint!r}")
         self.endpoint = endpoint or default_endpoint()
-        self.timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else _seconds("timeout", timeout)
+        if connect_timeout is None:
+            connect_timeout = _seconds(
+                "POOLBROKER_CLIENT_CONNECT_TIMEOUT",
+                os.environ.get("POOLBROKER_CLIENT_CONNECT_TIMEOUT") or DEFAULT_CONNECT_TIMEOUT)
+        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
         self._curve = _load_curve_keys(
             curve_server_key or os.environ.get("POOLBROKER_CURVE_SERVER_KEY"),
             curve_client_cert or os.environ.get("POOLBROKER_CURVE_CLIENT_CERT"))
@@ -137,56 +194,72 @@ class Client:
         owned = getattr(self._local, "owned", None)
         if owned is not None and owned.pid == pid:
             return owned
-        socket = _process_context(pid).socket(zmq.DEALER)
-        socket.setsockopt(zmq.IMMEDIATE, 1)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-        if self._curve is not None:
-            socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = self._curve
-        owned = _ThreadSocket(pid, socket)
-        socket.connect(self.endpoint)
-        self._local.owned = owned
+        owned = self._local.owned = _ThreadSocket.connect(pid, self.endpoint, self._curve)
         return owned
 
     def _request(self, op: int, session: bytes | None, body: list, timeout: float | None) -> Any:
-        timeout = self.timeout if timeout is None else float(timeout)
-        if timeout <= 0:
-            raise errors.InterfaceError(f"timeout must be positive, got {timeout}")
+        timeout = self.timeout if timeout is None else _seconds("timeout", timeout)
+        request_id = next(self._ids)
         try:
             body_bytes = pack(body)
+            header = pack([request_id, op, int(timeout * 1000), session])
         except (TypeError, ValueError, OverflowError) as exc:
             raise errors.InterfaceError(f"cannot send parameters: {exc}") from exc
-        request_id = next(self._ids)
-        header = pack([request_id, op, int(timeout * 1000), session])
-        owned = self._socket()
-        deadline = time.monotonic() + timeout
-        owned.forget_disconnections()
-        self._send(owned.socket, [header, body_bytes], deadline, timeout)
-        return self._wait_reply(owned, request_id, deadline + REPLY_GRACE, timeout)
+        try:
+            owned = self._socket()
+            deadline = time.monotonic() + timeout
+            owned.forget_disconnections()
+            self._send(owned.socket, [header, body_bytes], deadline, timeout)
+        except zmq.ZMQError as exc:
+            raise self._transport_failed(exc, outcome_unknown=False) from exc
+        try:
+            return self._wait_reply(owned, request_id, deadline + REPLY_GRACE, timeout)
+        except zmq.ZMQError as exc:
+            raise self._transport_failed(exc, outcome_unknown=True) from exc
+
+    def _transport_failed(self, exc: zmq.ZMQError, *,
+                          outcome_unknown: bool) -> errors.BrokerUnavailable:
+        """The transport itself failed (no descriptor left, a socket closed
+        under us): drop this thread's socket so that the next call starts
+        afresh."""
+        self.close()
+        outcome = ("the statement may have run (outcome unknown)" if outcome_unknown
+                   else "the request was never sent")
+        return errors.BrokerUnavailable(
+            f"ZeroMQ failed talking to the broker at {self.endpoint}: {exc}; {outcome}",
+            outcome_unknown=outcome_unknown)
 
     def _send(self, socket: zmq.Socket, frames: list[bytes], deadline: float, timeout: float) -> None:
+        give_up_at = 0.0
         while True:
             try:
                 socket.send_multipart(frames, flags=zmq.NOBLOCK)
                 return
             except zmq.Again:
-                # IMMEDIATE: no connected broker, so nothing was queued.
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise errors.BrokerUnavailable(
-                        f"no broker reachable at {self.endpoint} within {timeout:g} s; "
-                        "the request was never sent",
-                        outcome_unknown=False,
-                    ) from None
-                socket.poll(max(1, int(remaining * 1000)), zmq.POLLOUT)
+                # IMMEDIATE: no broker connected, so nothing was queued.  Wait
+                # for one only connect_timeout: with no broker at the endpoint
+                # a worker must fail now, not at the end of its whole budget.
+                now = time.monotonic()
+                if not give_up_at:
+                    give_up_at = min(deadline, now + self.connect_timeout)
+                if now >= give_up_at:
+                    raise self._never_sent(timeout) from None
+                socket.poll(max(1, int((give_up_at - now) * 1000)), zmq.POLLOUT)
+
+    def _never_sent(self, timeout: float) -> errors.BrokerUnavailable:
+        within = (f"connect_timeout ({self.connect_timeout:g} s)"
+                  if self.connect_timeout < timeout else f"the request's timeout ({timeout:g} s)")
+        return errors.BrokerUnavailable(
+            f"no broker answered at {self.endpoint} within {within}: none is running "
+            "there, or it does not accept this client; the request was never sent",
+            outcome_unknown=False)
 
     def _wait_reply(self, owned: _ThreadSocket, request_id: int, deadline: float,
                     timeout: float) -> Any:
         socket = owned.socket
         while True:
             try:
-                reply = unpack(socket.recv())
+                reply_id, status, payload = unpack(socket.recv())
             except zmq.Again:  # no reply within FAST_REPLY_WAIT
                 remaining = deadline - time.monotonic()
                 ready = dict(owned.poller.poll(max(1, int(remaining * 1000)))) if remaining > 0 else {}
@@ -198,19 +271,26 @@ class Client:
                         "the request was in flight; the statement may have run "
                         "(outcome unknown)",
                         outcome_unknown=True,
-                    )
+                    ) from None
                 raise errors.BrokerUnavailable(
                     f"no reply from the broker at {self.endpoint} within {timeout:g} s; "
                     "the statement may have run (outcome unknown)",
                     outcome_unknown=True,
-                )
-            if reply[0] != request_id:
-                if reply[0] != PROBE_REQUEST_ID:
+                ) from None
+            except (ValueError, TypeError) as exc:
+                # Not poolbroker's wire format: whoever listens there is not a
+                # broker of this version.
+                raise errors.InterfaceError(
+                    f"undecodable reply from {self.endpoint} ({exc}): is a poolbroker of "
+                    "this version listening there? The statement may have run "
+                    "(outcome unknown)") from None
+            if reply_id != request_id:
+                if reply_id != PROBE_REQUEST_ID:
                     self._stale_replies += 1  # a late reply to a request we gave up on
                 continue
-            if reply[1] == STATUS_OK:
-                return reply[2]
-            raise errors.from_payload(reply[2])
+            if status == STATUS_OK:
+                return payload
+            raise errors.from_payload(payload)
 
     # Public API
 
@@ -294,6 +374,17 @@ class Client:
     def ping(self, *, timeout: float | None = None) -> None:
         """Raise BrokerUnavailable unless the broker answers."""
         self._request(OP_PING, None, [], timeout)
+
+
+def _seconds(name: str, value: Any) -> float:
+    """``value`` as a positive, finite number of seconds, else InterfaceError."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 < seconds < math.inf:  # NaN fails too
+        raise errors.InterfaceError(f"{name} must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def _load_curve_keys(server_key_file: str | None,
@@ -534,6 +625,8 @@ _context_lock = threading.Lock()
 # Contexts and sockets inherited across fork, kept alive so that the
 # garbage collector never closes them in the child.
 _abandoned: list[Any] = []
+
+_monitor_ids = itertools.count(1)
 
 
 def _process_context(pid: int) -> zmq.Context:

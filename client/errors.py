@@ -101,7 +101,9 @@ class TooManyRequests(OperationalError):
 
 
 class BrokerUnavailable(OperationalError):
-    """No reply from the broker within the request's timeout.
+    """No answer from the broker: none connected within ``connect_timeout``,
+    the connection was lost, the transport failed, or no reply came within
+    the request's timeout.
 
     ``outcome_unknown`` is True when the request was handed to the
     transport: the statement may or may not have run.  False means it
@@ -141,8 +143,10 @@ class MessageError(InterfaceError):
 _BY_NAME: dict[str, type[Error]] = {kind.value: globals()[kind.value] for kind in ErrorKind}
 
 
-def from_payload(payload: dict[str, Any]) -> Error:
+def from_payload(payload: Any) -> Error:
     """Build the exception a STATUS_ERROR reply describes."""
+    if not isinstance(payload, dict):  # not from a poolbroker of this version
+        return InterfaceError(f"malformed error reply from the broker: {payload!r:.200}")
     cls = _BY_NAME.get(payload.get("kind", ""), DatabaseError)
     message = payload.get("message") or "unknown error"
     if cls is BrokerUnavailable:

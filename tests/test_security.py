@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 
@@ -65,6 +67,26 @@ def certificates(tmp_path):
                        check=True, capture_output=True, cwd=REPO)
     shutil.copy(keys / "worker.key", allowed / "worker.key")
     return keys, allowed
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_keygen_writes_the_secret_key_0600_even_into_an_existing_0755_directory(tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    keys.chmod(0o755)
+    (keys / "old.key_secret").write_text("a secret someone left readable\n")
+    (keys / "old.key_secret").chmod(0o644)
+    for name in ("fresh", "old"):
+        out = subprocess.run([sys.executable, "-m", "broker.cli", "keygen", str(keys), name],
+                             capture_output=True, text=True, timeout=30, cwd=REPO, umask=0o022)
+        assert out.returncode == 0, out.stderr
+        assert _mode(keys / f"{name}.key_secret") == 0o600
+        assert _mode(keys / f"{name}.key") == 0o644  # public: meant to be copied around
+    assert "secret-key" in (keys / "old.key_secret").read_text()
+    assert _mode(keys) == 0o755  # an existing directory is the user's business
 
 
 def test_curve_admits_only_allowed_client_keys(start_broker, certificates):
