@@ -76,6 +76,7 @@ class ClientGate:
         self._check_uids = ipc
         self._uids = frozenset((os.getuid(), *allowed_uids))
         self._verdicts: dict[bytes, bool] = {}  # routing id -> its uid is allowed
+        self._shut: set[int] = set()  # descriptors refused, until libzmq closes them
         self._refused_log_at = 0.0
 
     def close(self) -> None:
@@ -90,6 +91,7 @@ class ClientGate:
                 return
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected -= 1
+                self._shut.discard(int(event["value"]))
                 continue
             self.connected += 1
             if self.connected > self.max_clients:
@@ -111,6 +113,7 @@ class ClientGate:
                 duplicate.shutdown(socket.SHUT_RDWR)
             except OSError:
                 return
+        self._shut.add(fd)
         self.refused += 1
         now = time.monotonic()
         if now >= self._refused_log_at:
@@ -121,7 +124,11 @@ class ClientGate:
                 self.connected - 1, self.max_clients, self.refused)
 
     def allowed(self, routing_id: bytes, frame: zmq.Frame) -> bool:
-        """Whether the sender's uid may use the broker (always, outside ipc)."""
+        """Whether the sender may use the broker: not on a socket refused
+        (a request can arrive between its accept and its shutdown) and, over
+        ipc, of an allowed uid."""
+        if self._shut and frame.get(zmq.SRCFD) in self._shut:
+            return False
         if not self._check_uids:
             return True
         verdict = self._verdicts.get(routing_id)
