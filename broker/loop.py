@@ -37,6 +37,7 @@ from client.protocol import (
     ErrorKind, error_payload,
 )
 
+from . import endpoint as endpoints
 from . import replies
 from . import stats as S
 from ._psycopg import placeholder_query
@@ -110,6 +111,7 @@ class Broker:
             f"the statement ran longer than query_timeout ({settings.query_timeout:g} s) "
             "and was cancelled on the server")
         self._authenticator: ThreadAuthenticator | None = None
+        self._claim: endpoints.Claim | None = None
         self._stopping = False
         self._drain_deadline = 0.0
         self._next_housekeeping = 0.0
@@ -122,17 +124,19 @@ class Broker:
     # Set-up and teardown
 
     def bind(self) -> None:
+        """Claim the endpoint and listen on it; ConfigError (EndpointInUse
+        included) when it cannot be ours."""
         s = self.settings
         endpoint = s.endpoint
-        if endpoint.startswith("ipc://"):
-            prepare_ipc_directory(endpoint)
-        if s.curve_secret_key_file:
-            self._enable_curve()
-        elif endpoint.startswith("tcp://") and not s.insecure_tcp:
+        if endpoint.startswith("tcp://") and not s.curve_secret_key_file and not s.insecure_tcp:
             raise ConfigError(
                 "a tcp endpoint needs CURVE: set curve_secret_key_file and "
                 "curve_allowed_clients (make keys with 'poolbroker keygen'), or pass "
                 "--insecure-tcp on a network you trust")
+        endpoints.prepare_ipc_directory(endpoint)
+        self._claim = endpoints.claim(endpoint)
+        if s.curve_secret_key_file:
+            self._enable_curve()
         router = self._router
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.LINGER, 0)
@@ -141,7 +145,7 @@ class Broker:
         router.setsockopt(zmq.RCVHWM, 100_000)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-        router.bind(endpoint)
+        endpoints.bind(router, endpoint)
         logger.info("listening on %s, max_connections=%d", endpoint, s.max_connections)
 
     def _enable_curve(self) -> None:
@@ -174,20 +178,29 @@ class Broker:
 
     def _close(self) -> None:
         self._pool.close_all()
+        self._close_transport()
+        logger.info("stopped")
+
+    def _close_transport(self) -> None:
         # Give the last replies (answers to drained statements) a moment to
         # leave; a client that stopped reading cannot hold the exit longer.
         self._router.close(linger=REPLY_FLUSH_MS)
         if self._authenticator is not None:
             self._authenticator.stop()
         self._context.term()
-        logger.info("stopped")
+        if self._claim is not None:
+            self._claim.release()  # last: the socket is closed, a successor may bind
 
     # The loop
 
     def run(self, *, install_signal_handlers: bool = True) -> None:
         if install_signal_handlers:
             self._install_signal_handlers()
-        self.bind()
+        try:
+            self.bind()
+        except BaseException:
+            self._close_transport()
+            raise
         router, poller, by_fd = self._router, self._poller, self._by_fd
         wakeup = self._pool.wakeup_fd
         poller.register(router, zmq.POLLIN)
@@ -743,19 +756,4 @@ class Broker:
         result[S.SESSIONS_ACTIVE] = len(self._sessions.by_conn)
         result[S.CLIENTS_ACTIVE] = len(self._in_flight)
         return result
-
-
-def prepare_ipc_directory(endpoint: str) -> None:
-    """Create the socket's directory 0700 and refuse one others can write."""
-    path = endpoint[len("ipc://"):]
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    st = os.stat(directory)
-    if st.st_uid != os.getuid():
-        raise ConfigError(f"{directory} belongs to uid {st.st_uid}, not to this user")
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"{directory} is accessible to other users (mode {st.st_mode & 0o777:o}); "
-            "the broker's socket must live in a 0700 directory")
-
 

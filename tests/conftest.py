@@ -144,10 +144,10 @@ def _toml(value: Any) -> str:
 def start_broker(dsn: str) -> Callable[..., BrokerProcess]:
     started: list[BrokerProcess] = []
 
-    def start(**settings: Any) -> BrokerProcess:
+    def start(wait: bool = True, **settings: Any) -> BrokerProcess:
         broker = BrokerProcess(settings.pop("dsn", dsn), **settings)
         started.append(broker)
-        return broker.start()
+        return broker.start(wait=wait)
 
     yield start
     for broker in started:
