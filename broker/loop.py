@@ -146,7 +146,9 @@ class Broker:
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         endpoints.bind(router, endpoint)
-        logger.info("listening on %s, max_connections=%d", endpoint, s.max_connections)
+        logger.info("listening on %s, max_connections=%d, server connections marked "
+                    "application_name=%s", endpoint, s.max_connections,
+                    self._pool.application_name)
 
     def _enable_curve(self) -> None:
         """Encrypt the transport and admit only clients on the allow-list."""

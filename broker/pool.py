@@ -19,7 +19,9 @@ from collections import deque
 import psycopg
 from psycopg.adapt import AdaptersMap
 
+from . import predecessors
 from .config import Settings
+from .endpoint import canonical
 from .pgconn import PgConn
 from .redact import Redactor
 from .requests import Job
@@ -61,6 +63,9 @@ class Pool:
         self._backoff = 0.0
         self._retry_at = 0.0
         self._durations: dict[tuple, float] = {}  # query key -> server seconds, smoothed
+        self._marked = predecessors.marked_prefix(settings.application_name,
+                                                  canonical(settings.endpoint))
+        self.application_name = f"{self._marked}{os.getpid()}"
 
     # States
 
@@ -124,12 +129,16 @@ class Pool:
     def _open(self, conn_id: int) -> None:
         s = self.settings
         backstop_ms = int(s.idle_transaction_timeout * 2000) if s.idle_transaction_timeout else 0
+        options = f"-c idle_in_transaction_session_timeout={backstop_ms}"
+        if s.connection_check_interval:
+            # A backend whose broker died ends its statement instead of running it out.
+            options += (" -c client_connection_check_interval="
+                        f"{max(1, int(s.connection_check_interval * 1000))}")
         try:
             conn = psycopg.connect(
                 s.dsn, autocommit=True, prepare_threshold=None, context=self._adapters,
-                application_name=s.application_name, client_encoding="UTF8",
-                connect_timeout=max(1, int(s.connect_timeout)),
-                options=f"-c idle_in_transaction_session_timeout={backstop_ms}")
+                application_name=self.application_name, client_encoding="UTF8",
+                connect_timeout=max(1, int(s.connect_timeout)), options=options)
             before = time.time()
             server = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8") \
                 .fetchone()[0]

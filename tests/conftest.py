@@ -21,6 +21,11 @@ import pytest
 
 import client
 from broker.embedded import Cluster
+from broker.predecessors import MARK
+
+OF_APPLICATION = f"split_part(application_name, '{MARK}', 1) = %s"
+"""SQL: the backend belongs to the application named by the parameter; brokers
+append their mark (``~...``) to the configured application_name."""
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,9 +86,9 @@ class BrokerProcess:
                  **settings: Any) -> None:
         self.dir = short_tempdir()
         self.endpoint = settings.pop("endpoint", f"ipc://{self.dir}/b.sock")
-        self.application_name = f"pbtest-{uuid.uuid4().hex[:8]}"
+        self.application_name = settings.setdefault("application_name",
+                                                    f"pbtest-{uuid.uuid4().hex[:8]}")
         self.max_connections = settings.get("max_connections", 10)
-        settings.setdefault("application_name", self.application_name)
         settings.setdefault("log_level", "DEBUG")
         self.config = Path(self.dir, "poolbroker.toml")
         self.config.write_text("[poolbroker]\n" + "".join(
@@ -128,7 +133,7 @@ class BrokerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def server_connections(self, conn: psycopg.Connection) -> int:
-        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+        return conn.execute(f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION}",
                             [self.application_name]).fetchone()[0]
 
 
@@ -174,7 +179,7 @@ class ConnectionSampler(threading.Thread):
 
     def run(self) -> None:
         # Reconnects: some tests restart the database under the sampler.
-        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        query = f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION}"
         while not self._done.is_set():
             try:
                 with psycopg.connect(self._dsn, autocommit=True, connect_timeout=2) as conn:
