@@ -47,9 +47,9 @@ def ipc_path(endpoint: str) -> str | None:
 
 
 def canonical(endpoint: str) -> str:
-    """The endpoint as one string whoever spells it: ipc paths made absolute."""
+    """The endpoint as one string however it is spelt: ipc paths resolved."""
     path = ipc_path(endpoint)
-    return f"ipc://{path}" if path is not None else endpoint
+    return f"ipc://{os.path.realpath(path)}" if path is not None else endpoint
 
 
 def prepare_ipc_directory(endpoint: str) -> None:

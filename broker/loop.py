@@ -44,7 +44,7 @@ from ._psycopg import placeholder_query
 from .adapters import build_adapters
 from .config import ConfigError, Settings
 from .pgconn import Outcome, PgConn
-from .pool import Pool, State
+from .pool import FOREIGN_RECHECK_INTERVAL, Pool, State
 from .redact import Redactor
 from .requests import (
     ENDING_OPS, NO_DEADLINE, OP_RESET, POOLED_OPS, SESSION_OPS, Decoder, Job, Query, Refusal,
@@ -117,6 +117,7 @@ class Broker:
         self._next_housekeeping = 0.0
         self._next_owner_check = 0.0
         self._next_peer_probe = 0.0
+        self._next_foreign_check = 0.0
         self._malformed_log_at = 0.0
         self._malformed_unlogged = 0
         self.stats: dict[str, int] = dict.fromkeys(S.COUNTERS, 0)
@@ -209,6 +210,8 @@ class Broker:
         poller.register(wakeup, zmq.POLLIN)
         timeout_ms = int(HOUSEKEEPING_INTERVAL * 1000)
         try:
+            # Requests queue in the socket meanwhile: none is served before it.
+            self._pool.open_first(lambda: self._stopping)
             while True:
                 events = poller.poll(timeout_ms)
                 now = time.monotonic()
@@ -680,6 +683,23 @@ class Broker:
                     "(idle_transaction_timeout) and was rolled back"), now)
         if pool.waiting and not pool.count(State.IDLE):
             pool.grow(now, len(pool.waiting))
+        if pool.foreign and now >= self._next_foreign_check:
+            self._next_foreign_check = now + FOREIGN_RECHECK_INTERVAL
+            self._recheck_foreign(now)
+
+    def _recheck_foreign(self, now: float) -> None:
+        """Learn whether a dead predecessor's connections have ended, so the
+        cap they hold comes back: a connection that opens looks.  At the cap,
+        an idle connection makes way for a new one."""
+        pool = self._pool
+        if pool.count(State.OPENING):
+            return  # it will look
+        if pool.at_cap:
+            conn = pool.idle()
+            if conn is None:
+                return
+            self._close_conn(conn, now)
+        pool.grow(now, 1)
 
     def _refuse_behind_head(self, conn: PgConn, now: float) -> None:
         """Answer the jobs pipelined behind a head that outlived their
@@ -757,5 +777,6 @@ class Broker:
         result[S.REQUESTS_WAITING] = len(pool.waiting)
         result[S.SESSIONS_ACTIVE] = len(self._sessions.by_conn)
         result[S.CLIENTS_ACTIVE] = len(self._in_flight)
+        result[S.POOL_PREDECESSORS] = len(pool.foreign)
         return result
 

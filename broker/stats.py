@@ -7,6 +7,7 @@ POOL_AVAILABLE = "pool_available"  # open and idle
 REQUESTS_WAITING = "requests_waiting"  # queued for a connection now
 SESSIONS_ACTIVE = "sessions_active"  # pinned transactions open now
 CLIENTS_ACTIVE = "clients_active"  # client sockets with requests waiting or running
+POOL_PREDECESSORS = "pool_predecessors"  # a dead broker's connections counted against the cap
 
 # Counters since start.
 REQUESTS_NUM = "requests_num"  # requests received
