@@ -12,7 +12,12 @@ from psycopg.conninfo import conninfo_to_dict
 
 from client.protocol import DEFAULT_MAX_MESSAGE_BYTES, default_endpoint
 
+from .predecessors import MARK, MARK_BYTES
 from .redact import Redactor
+
+NAMEDATALEN = 64
+"""PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes."""
+APPLICATION_NAME_MAX = NAMEDATALEN - 1 - MARK_BYTES
 
 
 class ConfigError(ValueError):
@@ -55,7 +60,11 @@ class Settings:
     query_timeout: float = 0.0
     """Seconds a statement may run before it is cancelled on the server (0: no limit)."""
     application_name: str = "poolbroker"
-    """application_name of server connections."""
+    """application_name of server connections; the broker appends its mark
+    (``~<host and endpoint hash>.<pid>``) to tell its connections from others'."""
+    connection_check_interval: float = 1.0
+    """Seconds between the server's checks that the broker is still connected,
+    even mid-statement (client_connection_check_interval; PostgreSQL 14+, 0: off)."""
     connect_timeout: float = 10.0
     """Seconds to wait for one server connection to open."""
     curve_secret_key_file: str = ""
@@ -133,6 +142,13 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
         raise ConfigError("max_connections must be at least 1")
     if bool(settings.curve_secret_key_file) != bool(settings.curve_allowed_clients):
         raise ConfigError("CURVE needs both curve_secret_key_file and curve_allowed_clients")
+    name = settings.application_name
+    if not (name.isascii() and name.isprintable()) or MARK in name \
+            or len(name) > APPLICATION_NAME_MAX:
+        raise ConfigError(
+            f"application_name must be printable ASCII without {MARK!r}, at most "
+            f"{APPLICATION_NAME_MAX} characters (the broker appends its mark and PostgreSQL "
+            f"keeps {NAMEDATALEN - 1} bytes), got {name!r}")
     if not settings.dsn:
         raise ConfigError("no database: give --dsn, POOLBROKER_DSN or dsn in the config file")
     try:

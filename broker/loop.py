@@ -37,6 +37,7 @@ from client.protocol import (
     ErrorKind, error_payload,
 )
 
+from . import endpoint as endpoints
 from . import replies
 from . import stats as S
 from ._psycopg import placeholder_query
@@ -44,7 +45,7 @@ from .adapters import build_adapters
 from .clients import ClientGate, default_max_clients, peer_credentials, raise_open_files_limit
 from .config import ConfigError, Settings
 from .pgconn import Outcome, PgConn
-from .pool import ConnectError, Pool, State
+from .pool import FOREIGN_RECHECK_INTERVAL, ConnectError, Pool, State
 from .redact import Redactor
 from .requests import (
     ENDING_OPS, NO_DEADLINE, OP_RESET, POOLED_OPS, SESSION_OPS, Decoder, Job, Query, Refusal,
@@ -115,11 +116,13 @@ class Broker:
         self._authenticator: ThreadAuthenticator | None = None
         self._gate: ClientGate | None = None
         self._reload_requested = False
+        self._claim: endpoints.Claim | None = None
         self._stopping = False
         self._drain_deadline = 0.0
         self._next_housekeeping = 0.0
         self._next_owner_check = 0.0
         self._next_peer_probe = 0.0
+        self._next_foreign_check = 0.0
         self._malformed_log_at = 0.0
         self._malformed_unlogged = 0
         self.stats: dict[str, int] = dict.fromkeys(S.COUNTERS, 0)
@@ -127,17 +130,19 @@ class Broker:
     # Set-up and teardown
 
     def bind(self) -> None:
+        """Claim the endpoint and listen on it; ConfigError (EndpointInUse
+        included) when it cannot be ours."""
         s = self.settings
         endpoint = s.endpoint
-        if endpoint.startswith("ipc://"):
-            prepare_ipc_directory(endpoint)
-        if s.curve_secret_key_file:
-            self._enable_curve()
-        elif endpoint.startswith("tcp://") and not s.insecure_tcp:
+        if endpoint.startswith("tcp://") and not s.curve_secret_key_file and not s.insecure_tcp:
             raise ConfigError(
                 "a tcp endpoint needs CURVE: set curve_secret_key_file and "
                 "curve_allowed_clients (make keys with 'poolbroker keygen'), or pass "
                 "--insecure-tcp on a network you trust")
+        endpoints.prepare_ipc_directory(endpoint)
+        self._claim = endpoints.claim(endpoint)
+        if s.curve_secret_key_file:
+            self._enable_curve()
         router = self._router
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.LINGER, 0)
@@ -148,11 +153,12 @@ class Broker:
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         open_files = raise_open_files_limit()
         max_clients = s.max_clients or default_max_clients(open_files, s.max_connections)
-        router.bind(endpoint)
+        endpoints.bind(router, endpoint)
         self._gate = ClientGate(router, max_clients=max_clients,
                                 ipc=endpoint.startswith("ipc://"), allowed_uids=s.allowed_uids)
-        logger.info("listening on %s, max_connections=%d, max_clients=%d (open files: %d)",
-                    endpoint, s.max_connections, max_clients, open_files)
+        logger.info("listening on %s, max_connections=%d, max_clients=%d (open files: %d), "
+                    "server connections marked application_name=%s", endpoint,
+                    s.max_connections, max_clients, open_files, self._pool.application_name)
 
     def _enable_curve(self) -> None:
         """Encrypt the transport and admit only clients on the allow-list."""
@@ -200,6 +206,10 @@ class Broker:
 
     def _close(self) -> None:
         self._pool.close_all()
+        self._close_transport()
+        logger.info("stopped")
+
+    def _close_transport(self) -> None:
         if self._gate is not None:
             self._gate.close()
         # Give the last replies (answers to drained statements) a moment to
@@ -208,14 +218,19 @@ class Broker:
         if self._authenticator is not None:
             self._authenticator.stop()
         self._context.term()
-        logger.info("stopped")
+        if self._claim is not None:
+            self._claim.release()  # last: the socket is closed, a successor may bind
 
     # The loop
 
     def run(self, *, install_signal_handlers: bool = True) -> None:
         if install_signal_handlers:
             self._install_signal_handlers()
-        self.bind()
+        try:
+            self.bind()
+        except BaseException:
+            self._close_transport()
+            raise
         router, poller, by_fd = self._router, self._poller, self._by_fd
         wakeup = self._pool.wakeup_fd
         gate = self._gate
@@ -225,6 +240,8 @@ class Broker:
         poller.register(wakeup, zmq.POLLIN)
         timeout_ms = int(HOUSEKEEPING_INTERVAL * 1000)
         try:
+            # Requests queue in the socket meanwhile: none is served before it.
+            self._pool.open_first(lambda: self._stopping)
             while True:
                 events = poller.poll(timeout_ms)
                 now = time.monotonic()
@@ -745,6 +762,23 @@ class Broker:
                     "(idle_transaction_timeout) and was rolled back"), now)
         if pool.waiting and not pool.count(State.IDLE):
             pool.grow(now, len(pool.waiting))
+        if pool.foreign and now >= self._next_foreign_check:
+            self._next_foreign_check = now + FOREIGN_RECHECK_INTERVAL
+            self._recheck_foreign(now)
+
+    def _recheck_foreign(self, now: float) -> None:
+        """Learn whether a dead predecessor's connections have ended, so the
+        cap they hold comes back: a connection that opens looks.  At the cap,
+        an idle connection makes way for a new one."""
+        pool = self._pool
+        if pool.count(State.OPENING):
+            return  # it will look
+        if pool.at_cap:
+            conn = pool.idle()
+            if conn is None:
+                return
+            self._close_conn(conn, now)
+        pool.grow(now, 1)
 
     def _refuse_behind_head(self, conn: PgConn, now: float) -> None:
         """Answer the jobs pipelined behind a head that outlived their
@@ -827,27 +861,11 @@ class Broker:
         result[S.SESSIONS_ACTIVE] = len(self._sessions.by_conn)
         result[S.CLIENTS_ACTIVE] = len(self._in_flight)
         result[S.QUEUED_BYTES] = self._queued_bytes
+        result[S.POOL_PREDECESSORS] = len(pool.foreign)
         if self._gate is not None:
             result[S.CLIENTS_CONNECTED] = self._gate.connected
             result[S.CLIENTS_MAX] = self._gate.max_clients
             result[S.CLIENTS_REFUSED] = self._gate.refused
             result[S.MESSAGES_REJECTED] = self._gate.rejected
         return result
-
-
-def prepare_ipc_directory(endpoint: str) -> None:
-    """Create the socket's directory 0700 and refuse one others can write."""
-    path = endpoint[len("ipc://"):]
-    if path.startswith("@"):
-        return  # abstract: no file, no directory; peers are checked by uid
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    st = os.stat(directory)
-    if st.st_uid != os.getuid():
-        raise ConfigError(f"{directory} belongs to uid {st.st_uid}, not to this user")
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"{directory} is accessible to other users (mode {st.st_mode & 0o777:o}); "
-            "the broker's socket must live in a 0700 directory")
-
 

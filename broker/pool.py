@@ -4,6 +4,11 @@ Each connection has one state (``PgConn.state``), changed only through
 ``Pool.move``, which keeps the per-state sets the loop asks for.  Opening
 a connection blocks, so it happens on a short-lived thread that hands the
 finished connection back through a pipe the loop polls.
+
+The first connection opens before the broker serves, and ends a dead
+predecessor's connections (``predecessors.sweep``).  The cap counts those
+it could not end (``foreign``); every connection that opens later looks
+again which of them are left.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ import re
 import threading
 import time
 from collections import deque
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import psycopg
 from psycopg.adapt import AdaptersMap
 
+from . import predecessors
 from .config import Settings
+from .endpoint import canonical
 from .pgconn import PgConn
+from .predecessors import Backend
 from .redact import Redactor
 from .requests import Job
 
@@ -34,6 +42,11 @@ QUICK_STATEMENT = 0.001
 """Seconds of server time under which a statement counts as quick: only
 quick ones are pipelined behind others while the pool can still grow."""
 ESTIMATES_KEPT = 10_000
+SWEEP_CONNECT_TIMEOUT = 2
+"""Seconds the first connection, opened before serving, may take: a database
+that is down or unreachable must not hold the broker's start (libpq's minimum)."""
+FOREIGN_RECHECK_INTERVAL = 1.0
+"""Seconds between looks at a dead predecessor's connections still counted."""
 UNREACHABLE_SQLSTATE = "08006"
 """connection_failure: what clients are told when nothing better is known."""
 
@@ -72,6 +85,7 @@ def connect_error(exc: Exception, message: str) -> ConnectError:
     return ConnectError(message, sqlstate)
 
 
+
 class State(enum.StrEnum):
     OPENING = "opening"
     IDLE = "idle"
@@ -100,6 +114,11 @@ class Pool:
         self._retry_at = 0.0
         self._connect_error: ConnectError | None = None  # of the last attempt, if it failed
         self._durations: dict[tuple, float] = {}  # query key -> server seconds, smoothed
+        self._marked = predecessors.marked_prefix(settings.application_name,
+                                                  canonical(settings.endpoint))
+        self.application_name = f"{self._marked}{os.getpid()}"
+        self.foreign: frozenset[Backend] = frozenset()  # a dead predecessor's, counted
+        self._sweep_pending = True  # no connection opens beside the one that sweeps
 
     # States
 
@@ -128,7 +147,7 @@ class Pool:
 
     @property
     def at_cap(self) -> bool:
-        return len(self.conns) >= self.settings.max_connections
+        return len(self.conns) + len(self.foreign) >= self.settings.max_connections
 
     # Statement durations: what may be pipelined behind what
 
@@ -148,36 +167,102 @@ class Pool:
         """Open up to ``wanted`` more connections, never beyond the cap."""
         if now < self._retry_at:
             return
-        cap = self.settings.max_connections
+        room = self.settings.max_connections - len(self.foreign)
         opening = self.count(State.OPENING)
-        while len(self.conns) < cap and opening < wanted:
-            conn = PgConn(self._next_id, result_limit=self.settings.max_result_bytes,
-                          chunked=bool(self.settings.max_result_bytes))
-            self._next_id += 1
-            self.conns[conn.conn_id] = conn
-            self._in[State.OPENING][conn.conn_id] = conn
+        if self._sweep_pending:
+            # The first connection could not open: the next one sweeps, alone.
+            # Until it has ended a predecessor's connections, they and it may
+            # add up to one more than the cap (the database was unreachable
+            # when the broker started, not when the predecessor died).
+            wanted = 1
+        while len(self.conns) < room and opening < wanted:
             opening += 1
-            threading.Thread(target=self._open, args=(conn.conn_id,),
+            threading.Thread(target=self._open,
+                             args=(self._add_opening(), self._sweep_pending, self.foreign),
                              name="poolbroker-connect", daemon=True).start()
 
-    def _open(self, conn_id: int) -> None:
+    def _add_opening(self) -> int:
+        conn = PgConn(self._next_id, result_limit=self.settings.max_result_bytes,
+                      chunked=bool(self.settings.max_result_bytes))
+        self._next_id += 1
+        self.conns[conn.conn_id] = conn
+        self._in[State.OPENING][conn.conn_id] = conn
+        return conn.conn_id
+
+    def _connect(self, connect_timeout: float) -> psycopg.Connection:
         s = self.settings
         backstop_ms = int(s.idle_transaction_timeout * 2000) if s.idle_transaction_timeout else 0
+        options = f"-c idle_in_transaction_session_timeout={backstop_ms}"
+        if s.connection_check_interval:
+            # A backend whose broker died ends its statement instead of running it out.
+            options += (" -c client_connection_check_interval="
+                        f"{max(1, int(s.connection_check_interval * 1000))}")
+        return psycopg.connect(
+            s.dsn, autocommit=True, prepare_threshold=None, context=self._adapters,
+            application_name=self.application_name, client_encoding="UTF8",
+            connect_timeout=max(1, int(connect_timeout)), options=options)
+
+    def _open(self, conn_id: int, sweep: bool, foreign: frozenset[Backend],
+              connect_timeout: float | None = None,
+              stopping: Callable[[], bool] | None = None) -> None:
+        """Open a connection (on a thread of its own, but for the first);
+        first end a dead predecessor's connections (``sweep``), or look
+        which of those still counted (``foreign``) are left."""
+        conn = None
         try:
-            conn = psycopg.connect(
-                s.dsn, autocommit=True, prepare_threshold=None, context=self._adapters,
-                application_name=s.application_name, client_encoding="UTF8",
-                connect_timeout=max(1, int(s.connect_timeout)),
-                options=f"-c idle_in_transaction_session_timeout={backstop_ms}")
+            conn = self._connect(connect_timeout or self.settings.connect_timeout)
             before = time.time()
             server = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8") \
                 .fetchone()[0]
             offset = server - (before + time.time()) / 2
-            self._opened.put((conn_id, conn, offset, None))
+            left: frozenset[Backend] | None = None
+            if sweep:
+                left = frozenset(predecessors.sweep(conn, self._marked))
+                if stopping is not None:
+                    left = self._wait_for_room(conn, left, stopping)
+            elif foreign:
+                left = foreign & predecessors.listed(conn, self._marked)
+            self._opened.put((conn_id, conn, offset, left, sweep, None))
         except Exception as exc:
+            if conn is not None:
+                conn.close()
             error = connect_error(exc, self._redact(str(exc).strip()))
-            self._opened.put((conn_id, None, 0.0, error))
+            self._opened.put((conn_id, None, 0.0, None, sweep, error))
         os.write(self._wakeup_write, b"x")
+
+    def open_first(self, stopping: Callable[[], bool]) -> None:
+        """Open the first connection before serving, and end a dead
+        predecessor's connections on it: from the first request on, the
+        application holds at most the cap.  A database that is down or
+        unreachable does not hold the start: the next connection that
+        opens sweeps instead, and none other opens meanwhile."""
+        self._open(self._add_opening(), True, frozenset(),
+                   min(self.settings.connect_timeout, SWEEP_CONNECT_TIMEOUT), stopping)
+
+    def _wait_for_room(self, conn: psycopg.Connection, left: frozenset[Backend],
+                       stopping: Callable[[], bool]) -> frozenset[Backend]:
+        """Before serving: while connections that cannot be ended leave no
+        room beside ``conn``, nothing could be served anyway."""
+        if len(left) >= self.settings.max_connections:
+            logger.warning("a dead broker's server connections fill max_connections: "
+                           "waiting for them to end before serving")
+        while len(left) >= self.settings.max_connections and not stopping():
+            time.sleep(FOREIGN_RECHECK_INTERVAL)
+            left &= predecessors.listed(conn, self._marked)
+        return left
+
+    def _update_foreign(self, left: frozenset[Backend] | None, swept: bool) -> None:
+        """What a connection that opened saw of a dead predecessor's."""
+        if left is None:
+            return
+        before = len(self.foreign)
+        if swept:
+            self.foreign = left
+            self._sweep_pending = False
+        else:
+            self.foreign &= left
+        if before and not self.foreign:
+            logger.info("a dead broker's server connections have ended: the whole cap is ours")
 
     def opened(self, now: float) -> tuple[list[PgConn], list[ConnectError]]:
         """Connections opened since the last call, and the attempts that failed."""
@@ -189,7 +274,7 @@ class Pool:
         failed: list[ConnectError] = []
         while True:
             try:
-                conn_id, conn, offset, error = self._opened.get_nowait()
+                conn_id, conn, offset, left, swept, error = self._opened.get_nowait()
             except queue.Empty:
                 return ready, failed
             pgconn = self.conns.get(conn_id)
@@ -210,6 +295,7 @@ class Pool:
                 continue
             self._backoff = 0.0
             self._connect_error = None
+            self._update_foreign(left, swept)
             pgconn.attach(conn, offset)
             ready.append(pgconn)
 

@@ -22,6 +22,11 @@ import pytest
 
 import client
 from broker.embedded import Cluster
+from broker.predecessors import MARK
+
+OF_APPLICATION = f"split_part(application_name, '{MARK}', 1) = %s"
+"""SQL: the backend belongs to the application named by the parameter; brokers
+append their mark (``~...``) to the configured application_name."""
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,9 +88,9 @@ class BrokerProcess:
         self.dir = short_tempdir()
         self.endpoint = settings.pop("endpoint", f"ipc://{self.dir}/b.sock")
         self.open_files = settings.pop("open_files", None)  # the soft RLIMIT_NOFILE it starts with
-        self.application_name = f"pbtest-{uuid.uuid4().hex[:8]}"
+        self.application_name = settings.setdefault("application_name",
+                                                    f"pbtest-{uuid.uuid4().hex[:8]}")
         self.max_connections = settings.get("max_connections", 10)
-        settings.setdefault("application_name", self.application_name)
         settings.setdefault("log_level", "DEBUG")
         self.config = Path(self.dir, "poolbroker.toml")
         self.config.write_text("[poolbroker]\n" + "".join(
@@ -135,7 +140,7 @@ class BrokerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def server_connections(self, conn: psycopg.Connection) -> int:
-        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+        return conn.execute(f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION}",
                             [self.application_name]).fetchone()[0]
 
 
@@ -151,10 +156,10 @@ def _toml(value: Any) -> str:
 def start_broker(dsn: str) -> Callable[..., BrokerProcess]:
     started: list[BrokerProcess] = []
 
-    def start(**settings: Any) -> BrokerProcess:
+    def start(wait: bool = True, **settings: Any) -> BrokerProcess:
         broker = BrokerProcess(settings.pop("dsn", dsn), **settings)
         started.append(broker)
-        return broker.start()
+        return broker.start(wait=wait)
 
     yield start
     for broker in started:
@@ -181,7 +186,7 @@ class ConnectionSampler(threading.Thread):
 
     def run(self) -> None:
         # Reconnects: some tests restart the database under the sampler.
-        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        query = f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION}"
         while not self._done.is_set():
             try:
                 with psycopg.connect(self._dsn, autocommit=True, connect_timeout=2) as conn:

@@ -37,6 +37,9 @@ def test_shipped_config_parses_and_matches_the_defaults():
     ("[poolbroker]\nmax_connections = 0\n", "at least 1"),
     ("[poolbroker]\npool_timeout = -1\n", "negative"),
     ("[poolbroker\n", "cannot read"),
+    ("[poolbroker]\napplication_name = 'app~1'\n", "application_name must be"),
+    ("[poolbroker]\napplication_name = 'caf\u00e9'\n", "application_name must be"),
+    (f"[poolbroker]\napplication_name = '{'x' * 47}'\n", "at most 46"),
 ])
 def test_bad_settings_are_refused(tmp_path, text, message):
     config = tmp_path / "pb.toml"

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 import client
-from conftest import BrokerProcess, memory_kb
+from conftest import OF_APPLICATION, BrokerProcess, memory_kb
 
 MB = 1024 * 1024
 
@@ -50,7 +50,7 @@ def _broker_backends(admin: psycopg.Connection, broker: BrokerProcess, condition
                      settle: float = 5.0) -> int:
     """How many of the broker's server connections match ``condition``, once
     settled: a connection the broker has just closed may linger a moment."""
-    query = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND "
+    query = (f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION} AND "
              + condition)
     deadline = time.monotonic() + settle
     while True:

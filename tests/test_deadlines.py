@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 import client
-from conftest import ConnectionSampler, thread_client
+from conftest import OF_APPLICATION, ConnectionSampler, thread_client
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -72,7 +72,7 @@ class Blocker:
                 "pinned_transaction": "state = 'idle in transaction'",
             }[self.kind]
             return self.admin.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND "
+                f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION} AND "
                 + condition, [self.broker.application_name]).fetchone()[0] == 1
 
         _wait_for(busy)

@@ -13,6 +13,7 @@ import zmq
 
 import client
 from client import protocol
+from conftest import OF_APPLICATION
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def test_query_timeout_cancels_on_the_server(start_broker, admin):
     # The only connection is free again, and nothing is left running.
     assert c.execute("SELECT 1").rows == [(1,)]
     running = admin.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+        f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION} "
         "AND state = 'active'", [broker.application_name]).fetchone()[0]
     assert running == 0
     assert broker.stats()["requests_cancelled"] == 2

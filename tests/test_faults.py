@@ -22,7 +22,7 @@ import zmq
 import client
 from broker.embedded import Cluster
 from client import protocol
-from conftest import BrokerProcess, ConnectionSampler, throwaway_cluster
+from conftest import OF_APPLICATION, BrokerProcess, ConnectionSampler, throwaway_cluster
 
 CAP = 4
 
@@ -145,7 +145,7 @@ def test_terminated_connection_fails_its_statement_with_sqlstate(own_pg, own_bro
         while not killed and time.monotonic() < deadline:
             killed = admin.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = %s AND query LIKE 'SELECT pg_sleep%%'",
+                f"WHERE {OF_APPLICATION} AND query LIKE 'SELECT pg_sleep%%'",
                 [broker.application_name]).fetchone()[0]
             time.sleep(0.05)
         thread.join(timeout=20)

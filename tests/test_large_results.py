@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import client
-from conftest import memory_kb
+from conftest import OF_APPLICATION, memory_kb
 
 MB = 1024 * 1024
 
@@ -30,7 +30,7 @@ def test_result_over_max_result_bytes_fails_and_memory_stays_bounded(start_broke
     # The statement was cancelled and the only connection serves again.
     assert c.execute("SELECT 1").rows == [(1,)]
     running = admin.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+        f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION} "
         "AND query LIKE '%%generate_series(1, 5000000)%%' AND state = 'active'",
         [broker.application_name]).fetchone()[0]
     assert running == 0

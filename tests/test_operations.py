@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import client
-from conftest import REPO, ConnectionSampler, short_tempdir, stop_process
+from conftest import OF_APPLICATION, REPO, ConnectionSampler, short_tempdir, stop_process
 
 BIN = Path(sys.executable).parent
 CAP = 4
@@ -210,7 +210,7 @@ def test_broker_killed_under_supervisord(supervised, admin):
             thread = threading.Thread(target=long_statement)
             thread.start()
             while not admin.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                    f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION} "
                     "AND query = 'SELECT pg_sleep(20)'",
                     [supervised.application_name]).fetchone()[0]:
                 time.sleep(0.02)

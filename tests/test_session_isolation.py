@@ -16,9 +16,9 @@ import psycopg
 import pytest
 
 import client
-from conftest import BrokerProcess, thread_client
+from conftest import OF_APPLICATION, BrokerProcess, thread_client
 
-IDLE_IN_TRANSACTION = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+IDLE_IN_TRANSACTION = (f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION} "
                        "AND state IN ('idle in transaction', 'idle in transaction (aborted)')")
 
 

@@ -7,7 +7,7 @@ import threading
 import time
 
 import client
-from conftest import run_in_processes
+from conftest import OF_APPLICATION, run_in_processes
 
 WRITERS = 6
 
@@ -73,6 +73,6 @@ def test_sigterm_under_load_loses_no_acknowledged_write(start_broker, admin):
     assert stored <= acked | unknown  # no phantom writes
     assert "shutting down" in broker.log() and "stopped" in broker.log()
     with admin.cursor() as cur:
-        left = cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+        left = cur.execute(f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION}",
                            [broker.application_name]).fetchone()[0]
     assert left == 0

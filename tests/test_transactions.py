@@ -12,6 +12,7 @@ import pytest
 
 import client
 from client import protocol
+from conftest import OF_APPLICATION
 
 
 @pytest.fixture
@@ -193,7 +194,7 @@ def test_terminated_idle_connections_are_replaced(start_broker, admin):
         c.execute("SELECT 1")
     killed = admin.execute(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE application_name = %s", [broker.application_name]).fetchone()[0]
+        f"WHERE {OF_APPLICATION}", [broker.application_name]).fetchone()[0]
     assert killed == 2
     time.sleep(0.2)
     # Never sent to a dead connection: found dead on hand-out, run on a new one.
