@@ -69,9 +69,11 @@ PIPELINE_DEPTH = 16
 PIPELINE_STALL = 0.001
 """A connection whose job at the head has run this long (seconds) takes no
 more jobs behind it."""
-REPLY_QUEUE_LIMIT = 1000
-"""Replies queued for one client that is not reading; beyond it they are
-dropped (counted as undeliverable), so a stuck client cannot grow the broker."""
+REPLY_QUEUE_SLACK = 16
+"""Replies queued for a client that is not reading, beyond its
+max_client_requests (stale replies, probes).  Past that they are dropped
+(counted as undeliverable): a client that never reads holds at most
+(max_client_requests + REPLY_QUEUE_SLACK) x max_result_bytes of the broker."""
 ROUTER_BATCH = 256
 """Requests read per turn before connections get their turn."""
 GUARD_MARGIN = 0.02
@@ -147,7 +149,9 @@ class Broker:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)
-        router.setsockopt(zmq.SNDHWM, REPLY_QUEUE_LIMIT)
+        # libzmq bounds a peer's queue in messages, not bytes: a client that
+        # reads its replies never has more than max_client_requests pending.
+        router.setsockopt(zmq.SNDHWM, s.max_client_requests + REPLY_QUEUE_SLACK)
         router.setsockopt(zmq.RCVHWM, 100_000)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)

@@ -113,7 +113,7 @@ class Pool:
         self._backoff = 0.0
         self._retry_at = 0.0
         self._connect_error: ConnectError | None = None  # of the last attempt, if it failed
-        self._durations: dict[tuple, float] = {}  # query key -> server seconds, smoothed
+        self._durations: dict[int, float] = {}  # hash of a query key -> server seconds, smoothed
         self._marked = predecessors.marked_prefix(settings.application_name,
                                                   canonical(settings.endpoint))
         self.application_name = f"{self._marked}{os.getpid()}"
@@ -152,9 +152,12 @@ class Pool:
     # Statement durations: what may be pipelined behind what
 
     def is_quick(self, key: tuple) -> bool:
-        return self._durations.get(key, 1.0) < QUICK_STATEMENT
+        return self._durations.get(hash(key), 1.0) < QUICK_STATEMENT
 
     def ran(self, key: tuple, seconds: float) -> None:
+        # By hash: the estimates must not keep statement texts alive, and a
+        # collision only blurs an estimate.
+        key = hash(key)
         durations = self._durations
         if len(durations) >= ESTIMATES_KEPT and key not in durations:
             durations.clear()

@@ -35,7 +35,10 @@ from typing import Any
 from pglast import ast
 from pglast.parser import ParseError, parse_sql_json
 
-CACHE_MAX_BYTES = 8 * 1024 * 1024  # UTF-8 bytes of cached key text
+CACHE_MAX_BYTES = 8 * 1024 * 1024  # memory of the cache: key texts plus ENTRY_BYTES each
+ENTRY_BYTES = 256
+"""What a cache entry costs besides its text (measured about 215 B: the key
+object, the dict slot, the order deque's tuple): short texts count too."""
 CACHE_MAX_TEXT = 64 * 1024  # longer texts are not parsed: OPAQUE
 
 
@@ -310,6 +313,7 @@ def _remember(key: str | bytes, size: int, found: Classification) -> None:
         if key in _cache:
             return
         _cache[key] = found
+        size += ENTRY_BYTES
         _order.append((key, size))
         _cache_bytes += size
         while _cache_bytes > CACHE_MAX_BYTES:

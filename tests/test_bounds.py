@@ -207,3 +207,36 @@ def test_a_huge_executemany_is_refused_while_decoding_not_after(start_broker):
     assert grown < 4 * limit // 1024, grown
     assert c.execute("SELECT 2").rows == [(2,)]
     assert broker.stats()["queued_bytes"] == 0
+
+
+def test_a_client_that_never_reads_holds_a_bounded_amount_of_the_brokers_memory(start_broker):
+    # A result of 1 MB, asked for 2,000 times by a socket that reads nothing:
+    # the broker keeps at most max_client_requests + 16 replies for it.
+    broker = start_broker(max_connections=2, max_client_requests=10)
+    c = broker.client
+    c.execute("SELECT 1")
+    before = memory_kb(broker.proc.pid)["VmRSS"]
+    ctx = zmq.Context()
+    greedy = ctx.socket(zmq.DEALER)
+    greedy.setsockopt(zmq.RCVHWM, 1)
+    greedy.setsockopt(zmq.RCVBUF, 4096)
+    greedy.setsockopt(zmq.LINGER, 0)
+    greedy.connect(broker.endpoint)
+    body = protocol.pack(["SELECT repeat('x', 1000000)", None])
+    try:
+        for request_id in range(2000):
+            greedy.send_multipart([protocol.pack([request_id, protocol.OP_EXECUTE, 60_000, None]),
+                                   body])
+            if request_id % 100 == 0:
+                time.sleep(0.05)  # let the broker answer: replies pile up, not requests
+        assert _wait_for(lambda: broker.stats()["clients_active"] <= 1, 30)
+        stats = broker.stats()
+        grown_mb = (memory_kb(broker.proc.pid)["VmHWM"] - before) / 1024
+        print(f"\n[never reads] {stats['replies_undeliverable']} replies dropped, "
+              f"{stats['requests_refused']} requests refused; broker peak RSS +{grown_mb:.0f} MB")
+        assert stats["replies_undeliverable"] + stats["requests_refused"] >= 2000 - 26
+        assert grown_mb < 120, grown_mb  # (10 + 16) x 1 MB queued, plus the one being read
+        assert c.execute("SELECT 2").rows == [(2,)]
+    finally:
+        greedy.close(linger=0)
+        ctx.term()

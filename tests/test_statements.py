@@ -312,7 +312,8 @@ def test_cache_is_bounded_by_bytes() -> None:
     for text in texts:
         classify(text)
         assert statements._cache_bytes <= CACHE_MAX_BYTES
-    assert sum(len(key) for key in statements._cache) == statements._cache_bytes  # ASCII keys
+    assert sum(len(key) + statements.ENTRY_BYTES for key in statements._cache) \
+        == statements._cache_bytes  # ASCII keys
     assert texts[0] not in statements._cache  # oldest evicted
     assert texts[-1] in statements._cache
     assert len(statements._cache) == len(statements._order)
@@ -362,3 +363,10 @@ def test_concurrent_misses_and_evictions(monkeypatch: pytest.MonkeyPatch) -> Non
     assert statements._cache_bytes <= 4096
     assert sum(size for _, size in statements._order) == statements._cache_bytes
     assert set(statements._cache) == {key for key, _ in statements._order}
+
+
+def test_cache_of_short_texts_is_bounded_by_their_overhead_too() -> None:
+    count = 2 * CACHE_MAX_BYTES // statements.ENTRY_BYTES
+    for i in range(count):  # "SELECT 1234567": a dozen bytes each, far more in memory
+        classify(f"SELECT {i}")
+    assert len(statements._cache) < CACHE_MAX_BYTES // statements.ENTRY_BYTES
