@@ -364,13 +364,13 @@ class PgConn:
             job.ran_for = now - self.head_since
             if not job.expected_fast:
                 self.slow_in_flight -= 1
-            if not self._rerun(run):
+            if run.error is None or not self._rerun(run):
                 ended.append((job, *self._reply(run)))
         if pipeline:
-            self._set_head(pipeline[0].job)
+            self._set_head(pipeline[0].job, now)
             self._read_head_in_chunks(pipeline[0])
         else:
-            self._set_head(None)
+            self._set_head(None, now)
             if self._cancels_finished == self._cancels_started:
                 self._cancel_in_doubt = False
 
@@ -568,10 +568,13 @@ class PgConn:
                     self._cancels_finished += 1
         threading.Thread(target=cancel, name="poolbroker-cancel", daemon=True).start()
 
-    def _set_head(self, job: Job | None) -> None:
-        with self._head_lock:
-            self._head = job
-        self.head_since = time.monotonic()
+    def _set_head(self, job: Job | None, now: float | None = None) -> None:
+        if self._cancels_finished == self._cancels_started:
+            self._head = job  # no cancel thread can be looking: no lock needed
+        else:
+            with self._head_lock:
+                self._head = job
+        self.head_since = time.monotonic() if now is None else now
 
     def _read_head_in_chunks(self, run: _Run) -> None:
         # libpq takes the chunked mode only for the query at the pipeline's
