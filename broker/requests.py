@@ -35,6 +35,13 @@ MAX_HEADER_BYTES = 4096
 QUERY_BYTES = 256
 """What one decoded statement costs in memory, besides its text and parameters."""
 PARAMETER_BYTES = 64
+LARGE_BODY = 64 * 1024
+"""Bodies above this size are decoded counting their arrays and maps."""
+BYTES_PER_CONTAINER = 3
+"""Wire bytes an array or map must average in a large body: a 2-D array
+parameter of pairs of small integers does (3 bytes each); a flood of empty
+containers (1 byte, 56 in memory) does not, so decoding one stops at about
+25 times its size (measured: a 4 MB body of empty arrays, +99 MB)."""
 """What one decoded parameter costs, besides its bytes: a one-byte msgpack
 value becomes a Python object and a psycopg-dumped bytes object."""
 
@@ -182,7 +189,10 @@ class Decoder:
 
     def _args(self, job: Job, body: bytes, arity: int) -> list:
         try:
-            args = protocol.unpack(body, self._max_bytes)
+            if len(body) > LARGE_BODY:
+                args = protocol.unpack_containers(body, len(body) // BYTES_PER_CONTAINER)
+            else:
+                args = protocol.unpack(body, self._max_bytes)
         except Exception as exc:
             raise Refusal(ErrorKind.MESSAGE, f"undecodable body: {exc}") from None
         if not isinstance(args, list) or len(args) != arity:

@@ -216,6 +216,24 @@ def unpacker(data: bytes) -> msgpack.Unpacker:
     return reader
 
 
+def unpack_containers(data: bytes, max_containers: int) -> Any:
+    """``unpack`` that gives up past ``max_containers`` arrays and maps: an
+    empty array is one byte on the wire and 56 in memory, so a large body of
+    them would take far more memory decoded than the message's size."""
+    left = max_containers
+
+    def count(container: Any) -> Any:
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise ValueError(f"more than {max_containers} arrays and maps for a message "
+                             f"of {len(data)} bytes")
+        return container
+
+    return msgpack.unpackb(data, ext_hook=_decode_ext, raw=False, list_hook=count,
+                           object_hook=count)
+
+
 def pack(obj: Any) -> bytes:
     """Serialize a message, encoding non-native values as ext types."""
     return _pack(obj)

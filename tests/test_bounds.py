@@ -240,3 +240,28 @@ def test_a_client_that_never_reads_holds_a_bounded_amount_of_the_brokers_memory(
     finally:
         greedy.close(linger=0)
         ctx.term()
+
+
+def test_a_body_of_empty_arrays_is_refused_while_decoding(start_broker):
+    broker = start_broker(max_connections=1)
+    c = broker.client
+    c.execute("SELECT 1")
+    before = memory_kb(broker.proc.pid)["VmHWM"]
+    flood = b"\x92" + protocol.pack("SELECT %s") + b"\x91\xdd" + (4_000_000).to_bytes(4, "big") \
+        + b"\x90" * 4_000_000  # [sql, [[[], [], ... 4 million]]]
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(broker.endpoint)
+    try:
+        s.send_multipart([protocol.pack([1, protocol.OP_EXECUTE, 10_000, None]), flood])
+        assert s.poll(10_000)
+        reply = protocol.unpack(s.recv())
+        assert reply[2]["kind"] == "MessageError" and "arrays and maps" in reply[2]["message"]
+    finally:
+        s.close(linger=0)
+        ctx.term()
+    grown_mb = (memory_kb(broker.proc.pid)["VmHWM"] - before) / 1024
+    assert grown_mb < 4 * 30, grown_mb  # 4 MB on the wire: at most about 25 times that
+    # A real 2-D array parameter of the same size decodes and runs.
+    pairs = [[i % 100, i % 7] for i in range(1_000_000)]
+    assert c.execute("SELECT cardinality(%s::int[])", [pairs]).rows == [(2_000_000,)]
