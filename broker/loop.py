@@ -44,6 +44,7 @@ from ._psycopg import placeholder_query
 from .adapters import build_adapters
 from .clients import ClientGate, default_max_clients, peer_credentials, raise_open_files_limit
 from .config import ConfigError, Settings
+from .memory import return_large_buffers
 from .pgconn import Outcome, PgConn
 from .pool import FOREIGN_RECHECK_INTERVAL, ConnectError, Pool, State
 from .redact import Redactor
@@ -155,6 +156,7 @@ class Broker:
         router.setsockopt(zmq.RCVHWM, 100_000)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        return_large_buffers()
         open_files = raise_open_files_limit()
         max_clients = s.max_clients or default_max_clients(open_files, s.max_connections)
         endpoints.bind(router, endpoint)
@@ -565,7 +567,7 @@ class Broker:
                 pool.move(conn, State.RESETTING)
             self._send(conn, Job(OP_RESET, b"", 0, float("inf"), [_DISCARD]), now)
             return
-        if self._stopping:
+        if self._stopping or conn.bulky:  # bulky: its libpq buffers go with it
             self._close_conn(conn, now)
             return
         pool.move(conn, State.IDLE)

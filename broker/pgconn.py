@@ -43,6 +43,11 @@ STREAM_CHUNK_ROWS = 1000
 """Rows read from the server at a time, so a result over max_result_bytes
 is stopped after at most one chunk more than the limit."""
 
+BUFFERS_KEPT = 8 * 1024 * 1024
+"""libpq's buffers grow to the most bytes in flight at once and never shrink:
+a connection that carried more than this in one go is closed once drained
+(and reopened on demand), so the memory of a burst goes back with it."""
+
 RESULT_TOO_LARGE = "54000"  # program_limit_exceeded
 DEADLINE_PASSED = "22012"  # what the guard raises: division_by_zero
 GUARD = Query(b"SELECT 1 / (extract(epoch FROM clock_timestamp()) < $1)::int", None, (701,), None)
@@ -125,6 +130,8 @@ class PgConn:
         self.clock_offset = 0.0  # the server's clock minus ours, measured at connect
         self.sending = False  # libpq holds output the kernel has not taken yet
         self.polled = 0  # owned by the loop: the poll events its socket is registered for
+        self.bulky = False  # carried over BUFFERS_KEPT at once: close it once drained
+        self._sent_bytes = 0  # request bytes sent since the pipeline was last empty
         self.prepared = PreparedCache()
         self._conn: psycopg.Connection | None = None
         self._pgconn: pq.PGconn | None = None
@@ -200,6 +207,7 @@ class PgConn:
         if not self._pipeline:
             self._set_head(job)
         self._pipeline.append(run)
+        self._sent_bytes += job.size
         if not job.expected_fast:
             self.slow_in_flight += 1
         if job.simple is not None:  # several statements: the simple query protocol
@@ -360,6 +368,8 @@ class PgConn:
         pipeline = self._pipeline
         pipeline.popleft()
         job = run.job
+        if run.size > BUFFERS_KEPT:
+            self.bulky = True
         if job is not None:
             job.ran_for = now - self.head_since
             if not job.expected_fast:
@@ -373,6 +383,9 @@ class PgConn:
             self._set_head(None, now)
             if self._cancels_finished == self._cancels_started:
                 self._cancel_in_doubt = False
+            if self._sent_bytes > BUFFERS_KEPT:
+                self.bulky = True
+            self._sent_bytes = 0
 
     def _rerun(self, run: _Run) -> bool:
         """Send the job again if it failed for a reason that left nothing done.

@@ -188,6 +188,9 @@ def test_queued_request_bytes_are_bounded_and_released(start_broker, admin):
         answered += 1
     assert answered == 24
     assert _wait_for(lambda: broker.stats()["queued_bytes"] == 0, 5)
+    after = memory_kb(broker.proc.pid)["VmRSS"]
+    print(f"RSS before {before // 1024} MB, peak {peak // 1024} MB, after {after // 1024} MB")
+    assert after - before < (peak - before) / 2 + 8 * 1024, (before, peak, after)  # released
     s.close()
     ctx.term()
 
