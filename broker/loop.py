@@ -71,10 +71,11 @@ PIPELINE_STALL = 0.001
 """A connection whose job at the head has run this long (seconds) takes no
 more jobs behind it."""
 REPLY_QUEUE_SLACK = 16
-"""Replies queued for a client that is not reading, beyond its
-max_client_requests (stale replies, probes).  Past that they are dropped
-(counted as undeliverable): a client that never reads holds at most
-(max_client_requests + REPLY_QUEUE_SLACK) x max_result_bytes of the broker."""
+"""Messages queued for one client socket beyond its max_client_requests, in
+each direction.  Replies past it (stale ones, probes) are dropped, counted
+as undeliverable: a client that never reads holds at most
+(max_client_requests + REPLY_QUEUE_SLACK) x max_result_bytes of the broker.
+Requests past it wait in the client: libzmq stops reading its socket."""
 ROUTER_BATCH = 256
 """Requests read per turn before connections get their turn."""
 GUARD_MARGIN = 0.02
@@ -153,7 +154,9 @@ class Broker:
         # libzmq bounds a peer's queue in messages, not bytes: a client that
         # reads its replies never has more than max_client_requests pending.
         router.setsockopt(zmq.SNDHWM, s.max_client_requests + REPLY_QUEUE_SLACK)
-        router.setsockopt(zmq.RCVHWM, 100_000)
+        # A client with more requests than that queued is refused them anyway:
+        # past it, libzmq stops reading its socket (the client's sends wait).
+        router.setsockopt(zmq.RCVHWM, s.max_client_requests + REPLY_QUEUE_SLACK)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         return_large_buffers()
