@@ -53,19 +53,32 @@ _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 class Result:
-    """What a statement returned: ``rows`` (tuples), ``columns``, ``rowcount``."""
+    """What a statement returned: ``rows`` (tuples), ``columns``, ``rowcount``,
+    ``types`` (the columns' PostgreSQL type OIDs) and, when the text held
+    several statements, ``more_results``: the results of those after the first."""
 
-    __slots__ = ("columns", "rows", "rowcount")
+    __slots__ = ("columns", "more_results", "rows", "rowcount", "types")
 
-    def __init__(self, columns: list[str], rows: list[tuple], rowcount: int) -> None:
+    def __init__(self, columns: list[str], rows: list[tuple], rowcount: int,
+                 types: list[int] | None = None,
+                 more_results: list[Result] | None = None) -> None:
         self.columns = columns
         self.rows = rows
         self.rowcount = rowcount
+        self.types = types or []
+        self.more_results = more_results or []
 
     @classmethod
     def _from_wire(cls, payload: list) -> Result:
-        columns, rows, rowcount = payload
-        return cls(columns or [], [tuple(row) for row in rows], rowcount)
+        if len(payload) == 4:  # the usual RESULT: one statement
+            columns, rows, rowcount, types = payload
+            return cls(columns or [], [tuple(row) for row in rows], rowcount, types)
+        if len(payload) == 3:  # a broker from before the types travelled
+            columns, rows, rowcount = payload
+            return cls(columns or [], [tuple(row) for row in rows], rowcount)
+        columns, rows, rowcount, types, more = payload
+        return cls(columns or [], [tuple(row) for row in rows], rowcount, types,
+                   [cls._from_wire(r) for r in more])
 
     def __iter__(self) -> Iterator[tuple]:
         return iter(self.rows)
@@ -74,7 +87,8 @@ class Result:
         return len(self.rows)
 
     def __repr__(self) -> str:
-        return f"Result(columns={self.columns!r}, rowcount={self.rowcount}, rows={self.rows!r})"
+        return (f"Result(columns={self.columns!r}, types={self.types!r}, "
+                f"rowcount={self.rowcount}, rows={self.rows!r})")
 
 
 class _ThreadSocket:
@@ -200,11 +214,8 @@ class Client:
     def _request(self, op: int, session: bytes | None, body: list, timeout: float | None) -> Any:
         timeout = self.timeout if timeout is None else _seconds("timeout", timeout)
         request_id = next(self._ids)
-        try:
-            body_bytes = pack(body)
-            header = pack([request_id, op, int(timeout * 1000), session])
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise errors.InterfaceError(f"cannot send parameters: {exc}") from exc
+        body_bytes = _pack_body(body)
+        header = _pack_body([request_id, op, int(timeout * 1000), session])
         try:
             owned = self._socket()
             deadline = time.monotonic() + timeout
@@ -310,6 +321,19 @@ class Client:
         payload = self._request(OP_EXECUTEMANY, session, [sql, list(seq_of_params)], timeout)
         return Result._from_wire(payload)
 
+    def _begin(self, characteristics: list | None, op: int, args: list,
+               timeout: float | None) -> tuple[bytes, Result]:
+        """Open a transaction whose first statement is ``op`` (OP_EXECUTE or
+        OP_EXECUTEMANY) with ``args``, in one round trip: (token, its result).
+
+        ``characteristics`` is ``[isolation_level, read_only, deferrable]``
+        (see protocol.ISOLATION_LEVELS) or None for the server's defaults.
+        If the statement fails the broker has already rolled back: the
+        error is raised and there is no transaction to end."""
+        body = [characteristics, op, _pack_body(args)]
+        token, payload = self._request(OP_BEGIN, None, body, timeout)
+        return token, Result._from_wire(payload)
+
     def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Result:
         """Run one statement in autocommit and return its result."""
         return self._execute(None, sql, params, timeout)
@@ -374,6 +398,14 @@ class Client:
     def ping(self, *, timeout: float | None = None) -> None:
         """Raise BrokerUnavailable unless the broker answers."""
         self._request(OP_PING, None, [], timeout)
+
+
+def _pack_body(body: Any) -> bytes:
+    """``pack(body)``; a value the wire cannot carry is the caller's error."""
+    try:
+        return pack(body)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise errors.InterfaceError(f"cannot send parameters: {exc}") from exc
 
 
 def _seconds(name: str, value: Any) -> float:
