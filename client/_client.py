@@ -60,24 +60,28 @@ class Result:
     __slots__ = ("columns", "more_results", "rows", "rowcount", "types")
 
     def __init__(self, columns: list[str], rows: list[tuple], rowcount: int,
-                 types: list[int] | None = None,
-                 more_results: list[Result] | None = None) -> None:
+                 types: Sequence[int] = (), more_results: Sequence[Result] = ()) -> None:
         self.columns = columns
         self.rows = rows
         self.rowcount = rowcount
-        self.types = types or []
-        self.more_results = more_results or []
+        self.types = types
+        self.more_results = more_results
 
     @classmethod
     def _from_wire(cls, payload: list) -> Result:
-        if len(payload) == 4:  # the usual RESULT: one statement
+        try:  # the usual RESULT, one statement's; a try costs less than len() here
             columns, rows, rowcount, types = payload
-            return cls(columns or [], [tuple(row) for row in rows], rowcount, types)
+        except ValueError:
+            return cls._from_other_wire(payload)
+        return cls(columns or [], [tuple(row) for row in rows], rowcount, types or [])
+
+    @classmethod
+    def _from_other_wire(cls, payload: list) -> Result:
         if len(payload) == 3:  # a broker from before the types travelled
             columns, rows, rowcount = payload
-            return cls(columns or [], [tuple(row) for row in rows], rowcount)
-        columns, rows, rowcount, types, more = payload
-        return cls(columns or [], [tuple(row) for row in rows], rowcount, types,
+            return cls(columns or [], [tuple(row) for row in rows], rowcount, [])
+        columns, rows, rowcount, types, more = payload  # several statements
+        return cls(columns or [], [tuple(row) for row in rows], rowcount, types or [],
                    [cls._from_wire(r) for r in more])
 
     def __iter__(self) -> Iterator[tuple]:
@@ -214,8 +218,11 @@ class Client:
     def _request(self, op: int, session: bytes | None, body: list, timeout: float | None) -> Any:
         timeout = self.timeout if timeout is None else _seconds("timeout", timeout)
         request_id = next(self._ids)
-        body_bytes = _pack_body(body)
-        header = _pack_body([request_id, op, int(timeout * 1000), session])
+        try:  # inline, not _pack_body: this is every request's path
+            body_bytes = pack(body)
+            header = pack([request_id, op, int(timeout * 1000), session])
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise errors.InterfaceError(f"cannot send parameters: {exc}") from exc
         try:
             owned = self._socket()
             deadline = time.monotonic() + timeout
@@ -401,7 +408,8 @@ class Client:
 
 
 def _pack_body(body: Any) -> bytes:
-    """``pack(body)``; a value the wire cannot carry is the caller's error."""
+    """``pack(body)``; a value the wire cannot carry is the caller's error
+    (as in ``Client._request``)."""
     try:
         return pack(body)
     except (TypeError, ValueError, OverflowError) as exc:

@@ -80,7 +80,7 @@ def test_commands_have_no_types_and_every_statement_of_a_text_its_result(broker)
     c = broker.client
     assert c.execute("SELECT 1 WHERE false").types == [23]  # no rows, still typed
     command = c.execute("CREATE TABLE IF NOT EXISTS types_command (a int)")
-    assert command.columns == [] and command.types == [] and command.more_results == []
+    assert command.columns == [] and command.types == [] and not command.more_results
     first = c.execute("SELECT 1::int8 AS a; SELECT 'x'::text AS b, 2.5::float8 AS c; DO $$BEGIN END$$")
     assert (first.columns, first.types, first.rows) == (["a"], [20], [(1,)])
     second, third = first.more_results
