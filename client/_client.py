@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import zmq
@@ -594,13 +594,19 @@ def _copy_field(value: Any) -> str:
 class RowStream:
     """The rows of one query, fetched in chunks from a server-side cursor.
 
-    ``columns`` is set once the first chunk has arrived.
+    ``columns`` and ``types`` are set once the first chunk has arrived.  The
+    cursor lives in a transaction of its own, pinned for the stream's life;
+    with ``within`` (a function that runs a statement in the caller's
+    transaction, as a DB-API connection's does) it is declared there
+    instead, named ``name``, and the stream leaves that transaction alone.
     """
 
     _CURSOR = "poolbroker_stream"
 
     def __init__(self, client: Client, sql: str, params: Params, chunk_rows: int,
-                 timeout: float | None) -> None:
+                 timeout: float | None, *,
+                 within: Callable[[str, Params], Result] | None = None,
+                 name: str | None = None) -> None:
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise errors.InterfaceError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
         self._client = client
@@ -608,8 +614,12 @@ class RowStream:
         self._params = params
         self._chunk_rows = chunk_rows
         self._timeout = timeout
-        self._transaction: Transaction | None = None
+        self._within = within
+        self._cursor = quote_identifier(name) if name is not None else self._CURSOR
+        self._execute: Callable[[str, Params], Result] | None = None  # while open
+        self._transaction: Transaction | None = None  # its own, without ``within``
         self.columns: list[str] = []
+        self.types: list[int] = []
 
     def __enter__(self) -> RowStream:
         self._open()
@@ -618,19 +628,32 @@ class RowStream:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         self._close(exc_type, exc, tb)
 
-    def _open(self) -> Transaction:
-        transaction = self._client.transaction(timeout=self._timeout).__enter__()
-        self._transaction = transaction
+    def _open(self) -> None:
+        execute = self._within
+        if execute is None:
+            self._transaction = self._client.transaction(timeout=self._timeout).__enter__()
+            execute = self._transaction.execute
+        self._execute = execute
         try:
-            transaction.execute(f"DECLARE {self._CURSOR} NO SCROLL CURSOR FOR {self._sql}",
-                                self._params)
+            execute(f"DECLARE {self._cursor} NO SCROLL CURSOR FOR {self._sql}", self._params)
         except BaseException as exc:
             self._close(type(exc), exc, exc.__traceback__)
             raise
-        return transaction
+
+    def _fetch(self, count: int | None) -> Result:
+        """The next ``count`` rows (with None, all that are left): one round trip."""
+        if self._execute is None:
+            raise errors.InterfaceError("the stream is closed")
+        chunk = self._execute(
+            f"FETCH FORWARD {'ALL' if count is None else int(count)} FROM {self._cursor}", None)
+        self.columns, self.types = chunk.columns, chunk.types
+        if self._transaction is not None and (count is None or len(chunk.rows) < count):
+            self._close()  # read to the end: its own transaction ends now, not at close()
+        return chunk
 
     def _close(self, exc_type: type | None = None, exc: BaseException | None = None,
                tb: Any = None) -> None:
+        self._execute = None
         transaction, self._transaction = self._transaction, None
         if transaction is not None:
             transaction.__exit__(exc_type, exc, tb)
@@ -640,12 +663,11 @@ class RowStream:
         self._close()
 
     def __iter__(self) -> Iterator[tuple]:
-        transaction = self._transaction or self._open()
-        fetch = f"FETCH FORWARD {self._chunk_rows} FROM {self._CURSOR}"
+        if self._execute is None:
+            self._open()
         try:
             while True:
-                chunk = transaction.execute(fetch)
-                self.columns = chunk.columns
+                chunk = self._fetch(self._chunk_rows)
                 yield from chunk.rows
                 if len(chunk.rows) < self._chunk_rows:
                     break
@@ -653,6 +675,13 @@ class RowStream:
             self._close(type(exc), exc, exc.__traceback__)
             raise
         self._close()
+
+
+def quote_identifier(name: str) -> str:
+    """``name`` as a quoted SQL identifier."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise errors.ProgrammingError(f"invalid identifier {name!r}")
+    return '"' + name.replace('"', '""') + '"'
 
 
 # One ZeroMQ context per process, shared by every Client and never
