@@ -15,6 +15,9 @@ OPAQUE (DO...)    runs alone, reset      runs, reset after       runs, reset at 
 COPY (STDIN/OUT)  refused: copy()        refused: copy()         refused: copy()
 TRANSACTION       refused                refused                 refused
 ================  =====================  ======================  ===================
+
+The first statement a BEGIN carries is judged as one inside the
+transaction; the BEGIN itself is the broker's (``begin_statement``).
 """
 
 from __future__ import annotations
