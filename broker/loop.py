@@ -34,7 +34,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from client import protocol
 from client.protocol import (
     OP_BEGIN, OP_COMMIT, OP_COPY_FROM, OP_COPY_TO, OP_EXECUTEMANY, OP_NAMES, OP_PING, OP_ROLLBACK, OP_STATS, STATUS_OK,
-    ErrorKind, error_payload,
+    EMPTY_RESULT, ErrorKind, error_payload,
 )
 
 from . import endpoint as endpoints
@@ -86,7 +86,6 @@ GONE_CLIENTS_KEPT = 10_000
 """Client sockets remembered as gone, so that the backlog they left is dropped."""
 
 _PROBE = protocol.pack([protocol.PROBE_REQUEST_ID, STATUS_OK, None])
-_BEGIN = Query(b"BEGIN", None, (), None)
 _ENDINGS = {OP_COMMIT: Query(b"COMMIT", None, (), None),
             OP_ROLLBACK: Query(b"ROLLBACK", None, (), None)}
 _ROLLBACK = _ENDINGS[OP_ROLLBACK]
@@ -329,15 +328,14 @@ class Broker:
         if op not in POOLED_OPS:
             self._malformed(routing_id, request_id, f"{OP_NAMES[op]} needs a transaction")
             return
-        if op == OP_BEGIN:
+        if not self._decode(job, frames[2].bytes):
+            return
+        if op == OP_BEGIN:  # its BEGIN, and the first statement it may carry
             job.session = secrets.token_bytes(16)
             credentials = peer_credentials(frames[1])
             job.owner_pid = credentials[1] if credentials else 0
-            job.queries = [_BEGIN]
-        elif not self._decode(job, frames[2].bytes):
-            return
         elif not job.queries:  # executemany of nothing
-            self._reply(routing_id, replies.ok(request_id, [None, [], 0]))
+            self._reply(routing_id, replies.ok(request_id, EMPTY_RESULT))
             return
         pool = self._pool
         if not pool.conns and (error := pool.unreachable(now)) is not None:
@@ -407,7 +405,7 @@ class Broker:
         elif not self._decode(job, body):
             return
         elif not job.queries and job.op == OP_EXECUTEMANY:
-            self._reply(job.routing_id, replies.ok(job.request_id, [None, [], 0]))
+            self._reply(job.routing_id, replies.ok(job.request_id, EMPTY_RESULT))
             return
         session.busy = True
         session.last_active = now

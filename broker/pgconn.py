@@ -70,6 +70,7 @@ _DONE = frozenset((pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK,
                    pq.ExecStatus.EMPTY_QUERY, pq.ExecStatus.FATAL_ERROR))
 _COPY = frozenset((pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_BOTH))
 _NO_ROWS: list[bytes] = []
+_NO_RESULTS: list = []
 
 
 @dataclass(slots=True)
@@ -77,6 +78,7 @@ class _Result:
     """One statement's result, as it arrives: rows are packed at once."""
 
     columns: list[str] | None = None
+    types: list[int] | None = None  # the columns' type OIDs
     packed: list[bytes] = field(default_factory=list)
     count: int = 0
     rowcount: int = -1
@@ -115,6 +117,27 @@ class _Run:
 
 Outcome = tuple[Job, bool, bytes]
 """(job, ok, reply): reply is empty for internal jobs."""
+
+
+def _packed(result: _Result, more: list[_Result] = _NO_RESULTS) -> bytes:
+    return protocol.pack_result(result.columns, result.packed, result.count, result.rowcount,
+                                result.types, [_packed(r) for r in more])
+
+
+def _payload(op: int, results: list[_Result], run: _Run) -> bytes:
+    """The packed answer of ``op`` from its statements' results."""
+    if op == OP_EXECUTE or op == OP_BATCH:
+        if run.simple:  # one text, several statements: the first, then the others
+            packed = [_packed(results[0], results[1:])]
+        else:
+            packed = [_packed(r) for r in results]
+        return protocol.pack_list(packed) if op == OP_BATCH else packed[0]
+    if op == OP_EXECUTEMANY or op == OP_COPY_FROM:
+        rowcount = sum(r.rowcount for r in results if r.rowcount > 0)
+        return protocol.pack_result(None, _NO_ROWS, 0, rowcount)
+    if op == OP_COPY_TO:
+        return protocol.pack([b"".join(run.copy_data), True])
+    return protocol.pack(None)  # COMMIT, ROLLBACK
 
 
 class PgConn:
@@ -213,7 +236,10 @@ class PgConn:
         if job.simple is not None:  # several statements: the simple query protocol
             run.simple = True
             pgconn.exit_pipeline_mode()
-            pgconn.send_query(job.simple)
+            if job.op == OP_BEGIN:  # the broker's BEGIN leads, as its own first statement
+                pgconn.send_query(b"%s; %s" % (job.queries[0].sql, job.simple))
+            else:
+                pgconn.send_query(job.simple)
             run.steps.append(_Result())
             self._read_in_chunks(pgconn)
             return []
@@ -339,14 +365,13 @@ class PgConn:
             tx = self._transformer
             tx.set_pgresult(result, set_loaders=first)
             if first:
-                into.columns = [result.fname(i).decode() for i in range(result.nfields)]
+                fields = range(result.nfields)
+                into.columns = [result.fname(i).decode() for i in fields]
+                into.types = [result.ftype(i) for i in fields]
             rows = result.ntuples
             if rows and run.error is None:
-                if run.simple and run.current:  # only the first result is returned
-                    packed = b"\x00" * rows  # counted, not loaded
-                else:
-                    packed = protocol.pack_rows(tx.load_rows(0, rows, tuple))
-                    into.packed.append(packed)
+                packed = protocol.pack_rows(tx.load_rows(0, rows, tuple))
+                into.packed.append(packed)
                 into.count += rows
                 run.size += len(packed)
                 if self._result_limit and run.size > self._result_limit:
@@ -424,19 +449,13 @@ class PgConn:
         if not job.routing_id:
             return run.error is None, b""
         if run.error is None:
-            op = job.op
             results = [r for r in run.steps if type(r) is _Result]
-            if op == OP_EXECUTE or op == OP_BATCH:
-                packed = [protocol.pack_result(r.columns, r.packed, r.count, r.rowcount)
-                          for r in (results[:1] if run.simple else results)]
-                payload = protocol.pack_list(packed) if op == OP_BATCH else packed[0]
-            elif op == OP_EXECUTEMANY or op == OP_COPY_FROM:
-                rowcount = sum(r.rowcount for r in results if r.rowcount > 0)
-                payload = protocol.pack_result(None, _NO_ROWS, 0, rowcount)
-            elif op == OP_COPY_TO:
-                payload = protocol.pack([b"".join(run.copy_data), True])
-            else:  # BEGIN answers with the session's token; COMMIT/ROLLBACK with nil
-                payload = protocol.pack(job.session if op == OP_BEGIN else None)
+            if job.op == OP_BEGIN:  # its first step is the BEGIN's own result
+                token = protocol.pack(job.session)
+                payload = token if not job.first_op else protocol.pack_list(
+                    [token, _payload(job.first_op, results[1:], run)])
+            else:
+                payload = _payload(job.op, results, run)
             reply = replies.ok_packed(job.request_id, payload)
             if not self._result_limit or len(reply) <= self._result_limit:
                 return True, reply

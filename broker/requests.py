@@ -15,6 +15,9 @@ OPAQUE (DO...)    runs alone, reset      runs, reset after       runs, reset at 
 COPY (STDIN/OUT)  refused: copy()        refused: copy()         refused: copy()
 TRANSACTION       refused                refused                 refused
 ================  =====================  ======================  ===================
+
+The first statement a BEGIN carries is judged as one inside the
+transaction; the BEGIN itself is the broker's (``begin_statement``).
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class Job:
     deadline: float
     queries: list[Query] = field(default_factory=list)
     simple: bytes | None = None  # a multi-statement text, run with the simple protocol
+    first_op: int = 0  # OP_BEGIN: the op of the first statement it carries, if any
     session: bytes | None = None  # the transaction's token
     in_session: bool = False
     shareable: bool = False  # may share a pipeline with other clients' jobs
@@ -167,27 +171,34 @@ class Decoder:
         Refusal; TooManyRequests once the job would hold more than ``room`` bytes."""
         op = job.op
         job.size = len(body)
+        if op == OP_BEGIN:
+            begin, op, body = self._begin(job, body)
+            job.queries = [begin]
+            if not op:
+                return
+            job.first_op = op
         if op == OP_EXECUTE:
-            sql, params = self._args(job, body, 2)
-            self._statements(job, [self._convert(_text(sql), _params(params))], batch=False)
+            sql, params = self._args(op, body, 2)
+            self._statements(job, [self._convert(_text(sql), _params(params))],
+                             batch=False, execute=True)
         elif op == OP_EXECUTEMANY or op == OP_BATCH:
-            self._statements(job, self._stream(job, body, room), batch=op == OP_BATCH)
+            self._statements(job, self._stream(op, job, body, room), batch=op == OP_BATCH)
         elif op == OP_COPY_FROM:
-            sql, data, end = self._args(job, body, 3)
+            sql, data, end = self._args(op, body, 3)
             if not isinstance(data, bytes) or not isinstance(end, bool):
                 raise Refusal(ErrorKind.MESSAGE, "copy_from takes [sql or nil, bytes, bool]")
             job.copy_data, job.copy_end = data, end
             if sql is not None:
                 self._copy(job, _text(sql), from_stdin=True)
         elif op == OP_COPY_TO:
-            sql, max_bytes = self._args(job, body, 2)
+            sql, max_bytes = self._args(op, body, 2)
             if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
                 raise Refusal(ErrorKind.MESSAGE, "copy_to takes [sql or nil, positive int]")
             job.copy_max = max_bytes
             if sql is not None:
                 self._copy(job, _text(sql), from_stdin=False)
 
-    def _args(self, job: Job, body: bytes, arity: int) -> list:
+    def _args(self, op: int, body: bytes, arity: int) -> list:
         try:
             if len(body) > LARGE_BODY:
                 args = protocol.unpack_containers(body, len(body) // BYTES_PER_CONTAINER)
@@ -196,14 +207,32 @@ class Decoder:
         except Exception as exc:
             raise Refusal(ErrorKind.MESSAGE, f"undecodable body: {exc}") from None
         if not isinstance(args, list) or len(args) != arity:
-            raise Refusal(ErrorKind.MESSAGE, f"{OP_NAMES[job.op]} takes {arity} arguments")
+            raise Refusal(ErrorKind.MESSAGE, f"{OP_NAMES[op]} takes {arity} arguments")
         return args
 
-    def _stream(self, job: Job, body: bytes, room: int) -> list[Query]:
+    def _begin(self, job: Job, body: bytes) -> tuple[Query, int, bytes]:
+        """(the BEGIN to send, the op of the first statement or 0, its body).
+
+        The transaction's characteristics arrive as values and are checked
+        against fixed spellings: no client text reaches the BEGIN.  Its first
+        statement follows the policy of statements inside a transaction."""
+        job.in_session = True
+        if body == _EMPTY_ARRAY:  # a bare BEGIN: nothing to decode
+            return _BEGIN, 0, b""
+        characteristics, op, first = self._args(OP_BEGIN, body, 3)
+        begin = _BEGIN if characteristics is None else begin_statement(characteristics)
+        if op is None and first is None:
+            return begin, 0, b""
+        if op not in (OP_EXECUTE, OP_EXECUTEMANY) or not isinstance(first, bytes):
+            raise Refusal(ErrorKind.MESSAGE, "begin takes [characteristics, op, body] with op "
+                          "execute or executemany and its body as bytes, or op and body nil")
+        return begin, op, first
+
+    def _stream(self, op: int, job: Job, body: bytes, room: int) -> list[Query]:
         """The queries of an executemany or a batch, decoded one parameter set
         at a time and converted at once: the decoded message never exists
         whole, and decoding stops as soon as the job outgrows ``room``."""
-        many = job.op == OP_EXECUTEMANY
+        many = op == OP_EXECUTEMANY
         usage = ("executemany takes [sql, list of parameter sets]" if many
                  else "batch takes [non-empty list of [sql, params]]")
         queries: list[Query] = []
@@ -256,7 +285,8 @@ class Decoder:
             raise Refusal(ErrorKind.PROGRAMMING, str(exc).strip()) from None
         return Query(query.query, query.params, tuple(query.types), query.formats)
 
-    def _statements(self, job: Job, queries: list[Query], *, batch: bool) -> None:
+    def _statements(self, job: Job, queries: list[Query], *, batch: bool,
+                    execute: bool = False) -> None:
         if not queries:  # executemany of nothing: like psycopg, nothing reaches the server
             return
         if len(queries) == 1:
@@ -268,8 +298,8 @@ class Decoder:
                     verdicts[query.sql] = classify(query.sql)
             worst = max(verdicts.values(), key=lambda verdict: verdict.kind)
         _check(worst, job.in_session, batch)
-        job.queries = queries
-        if job.op == OP_EXECUTE:
+        job.queries = job.queries + queries if job.op == OP_BEGIN else queries
+        if execute:
             job.size += _held(queries[0])
         if worst.statements > 1 and len(queries) == 1 and queries[0].params is None:
             job.simple = queries[0].sql  # several statements: the simple query protocol
@@ -286,6 +316,39 @@ class Decoder:
                           f"copy() with {'data' if from_stdin else 'no data'} takes one "
                           f"{direction} statement")
         job.queries = [Query(sql.encode(), None, (), None)]
+
+
+_EMPTY_ARRAY = protocol.pack([])
+_BEGIN = Query(b"BEGIN", None, (), None)
+_BEGINS: dict[tuple, Query] = {}
+
+
+def begin_statement(characteristics: Any) -> Query:
+    """``BEGIN`` with the transaction's characteristics, from values checked
+    against fixed spellings (at most 4 x 3 x 3 statements, built once each)."""
+    if not isinstance(characteristics, list) or len(characteristics) != 3:
+        raise Refusal(ErrorKind.MESSAGE,
+                      "characteristics are [isolation_level, read_only, deferrable]")
+    isolation, read_only, deferrable = characteristics
+    if isolation is not None and isolation not in protocol.ISOLATION_LEVELS:
+        raise Refusal(ErrorKind.PROGRAMMING,
+                      f"unknown isolation level {isolation!r}: expected one of "
+                      f"{', '.join(protocol.ISOLATION_LEVELS)}")
+    if not all(flag is None or isinstance(flag, bool) for flag in (read_only, deferrable)):
+        raise Refusal(ErrorKind.MESSAGE, "read_only and deferrable are booleans or nil")
+    key = (isolation, read_only, deferrable)  # hashable now: checked above
+    query = _BEGINS.get(key)
+    if query is not None:
+        return query
+    modes = []
+    if isolation is not None:
+        modes.append(f"ISOLATION LEVEL {isolation}")
+    if read_only is not None:
+        modes.append("READ ONLY" if read_only else "READ WRITE")
+    if deferrable is not None:
+        modes.append("DEFERRABLE" if deferrable else "NOT DEFERRABLE")
+    query = _BEGINS[key] = Query(f"BEGIN {', '.join(modes)}".rstrip().encode(), None, (), None)
+    return query
 
 
 def _held(query: Query) -> int:

@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import zmq
@@ -53,19 +53,36 @@ _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 class Result:
-    """What a statement returned: ``rows`` (tuples), ``columns``, ``rowcount``."""
+    """What a statement returned: ``rows`` (tuples), ``columns``, ``rowcount``,
+    ``types`` (the columns' PostgreSQL type OIDs) and, when the text held
+    several statements, ``more_results``: the results of those after the first."""
 
-    __slots__ = ("columns", "rows", "rowcount")
+    __slots__ = ("columns", "more_results", "rows", "rowcount", "types")
 
-    def __init__(self, columns: list[str], rows: list[tuple], rowcount: int) -> None:
+    def __init__(self, columns: list[str], rows: list[tuple], rowcount: int,
+                 types: Sequence[int] = (), more_results: Sequence[Result] = ()) -> None:
         self.columns = columns
         self.rows = rows
         self.rowcount = rowcount
+        self.types = types
+        self.more_results = more_results
 
     @classmethod
     def _from_wire(cls, payload: list) -> Result:
-        columns, rows, rowcount = payload
-        return cls(columns or [], [tuple(row) for row in rows], rowcount)
+        try:  # the usual RESULT, one statement's; a try costs less than len() here
+            columns, rows, rowcount, types = payload
+        except ValueError:
+            return cls._from_other_wire(payload)
+        return cls(columns or [], [tuple(row) for row in rows], rowcount, types or [])
+
+    @classmethod
+    def _from_other_wire(cls, payload: list) -> Result:
+        if len(payload) == 3:  # a broker from before the types travelled
+            columns, rows, rowcount = payload
+            return cls(columns or [], [tuple(row) for row in rows], rowcount, [])
+        columns, rows, rowcount, types, more = payload  # several statements
+        return cls(columns or [], [tuple(row) for row in rows], rowcount, types or [],
+                   [cls._from_wire(r) for r in more])
 
     def __iter__(self) -> Iterator[tuple]:
         return iter(self.rows)
@@ -74,7 +91,8 @@ class Result:
         return len(self.rows)
 
     def __repr__(self) -> str:
-        return f"Result(columns={self.columns!r}, rowcount={self.rowcount}, rows={self.rows!r})"
+        return (f"Result(columns={self.columns!r}, types={self.types!r}, "
+                f"rowcount={self.rowcount}, rows={self.rows!r})")
 
 
 class _ThreadSocket:
@@ -200,7 +218,7 @@ class Client:
     def _request(self, op: int, session: bytes | None, body: list, timeout: float | None) -> Any:
         timeout = self.timeout if timeout is None else _seconds("timeout", timeout)
         request_id = next(self._ids)
-        try:
+        try:  # inline, not _pack_body: this is every request's path
             body_bytes = pack(body)
             header = pack([request_id, op, int(timeout * 1000), session])
         except (TypeError, ValueError, OverflowError) as exc:
@@ -310,6 +328,19 @@ class Client:
         payload = self._request(OP_EXECUTEMANY, session, [sql, list(seq_of_params)], timeout)
         return Result._from_wire(payload)
 
+    def _begin(self, characteristics: list | None, op: int, args: list,
+               timeout: float | None) -> tuple[bytes, Result]:
+        """Open a transaction whose first statement is ``op`` (OP_EXECUTE or
+        OP_EXECUTEMANY) with ``args``, in one round trip: (token, its result).
+
+        ``characteristics`` is ``[isolation_level, read_only, deferrable]``
+        (see protocol.ISOLATION_LEVELS) or None for the server's defaults.
+        If the statement fails the broker has already rolled back: the
+        error is raised and there is no transaction to end."""
+        body = [characteristics, op, _pack_body(args)]
+        token, payload = self._request(OP_BEGIN, None, body, timeout)
+        return token, Result._from_wire(payload)
+
     def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Result:
         """Run one statement in autocommit and return its result."""
         return self._execute(None, sql, params, timeout)
@@ -374,6 +405,15 @@ class Client:
     def ping(self, *, timeout: float | None = None) -> None:
         """Raise BrokerUnavailable unless the broker answers."""
         self._request(OP_PING, None, [], timeout)
+
+
+def _pack_body(body: Any) -> bytes:
+    """``pack(body)``; a value the wire cannot carry is the caller's error
+    (as in ``Client._request``)."""
+    try:
+        return pack(body)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise errors.InterfaceError(f"cannot send parameters: {exc}") from exc
 
 
 def _seconds(name: str, value: Any) -> float:
@@ -554,13 +594,19 @@ def _copy_field(value: Any) -> str:
 class RowStream:
     """The rows of one query, fetched in chunks from a server-side cursor.
 
-    ``columns`` is set once the first chunk has arrived.
+    ``columns`` and ``types`` are set once the first chunk has arrived.  The
+    cursor lives in a transaction of its own, pinned for the stream's life;
+    with ``within`` (a function that runs a statement in the caller's
+    transaction, as a DB-API connection's does) it is declared there
+    instead, named ``name``, and the stream leaves that transaction alone.
     """
 
     _CURSOR = "poolbroker_stream"
 
     def __init__(self, client: Client, sql: str, params: Params, chunk_rows: int,
-                 timeout: float | None) -> None:
+                 timeout: float | None, *,
+                 within: Callable[[str, Params], Result] | None = None,
+                 name: str | None = None) -> None:
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise errors.InterfaceError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
         self._client = client
@@ -568,8 +614,12 @@ class RowStream:
         self._params = params
         self._chunk_rows = chunk_rows
         self._timeout = timeout
-        self._transaction: Transaction | None = None
+        self._within = within
+        self._cursor = quote_identifier(name) if name is not None else self._CURSOR
+        self._execute: Callable[[str, Params], Result] | None = None  # while open
+        self._transaction: Transaction | None = None  # its own, without ``within``
         self.columns: list[str] = []
+        self.types: list[int] = []
 
     def __enter__(self) -> RowStream:
         self._open()
@@ -578,19 +628,32 @@ class RowStream:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         self._close(exc_type, exc, tb)
 
-    def _open(self) -> Transaction:
-        transaction = self._client.transaction(timeout=self._timeout).__enter__()
-        self._transaction = transaction
+    def _open(self) -> None:
+        execute = self._within
+        if execute is None:
+            self._transaction = self._client.transaction(timeout=self._timeout).__enter__()
+            execute = self._transaction.execute
+        self._execute = execute
         try:
-            transaction.execute(f"DECLARE {self._CURSOR} NO SCROLL CURSOR FOR {self._sql}",
-                                self._params)
+            execute(f"DECLARE {self._cursor} NO SCROLL CURSOR FOR {self._sql}", self._params)
         except BaseException as exc:
             self._close(type(exc), exc, exc.__traceback__)
             raise
-        return transaction
+
+    def _fetch(self, count: int | None) -> Result:
+        """The next ``count`` rows (with None, all that are left): one round trip."""
+        if self._execute is None:
+            raise errors.InterfaceError("the stream is closed")
+        chunk = self._execute(
+            f"FETCH FORWARD {'ALL' if count is None else int(count)} FROM {self._cursor}", None)
+        self.columns, self.types = chunk.columns, chunk.types
+        if self._transaction is not None and (count is None or len(chunk.rows) < count):
+            self._close()  # read to the end: its own transaction ends now, not at close()
+        return chunk
 
     def _close(self, exc_type: type | None = None, exc: BaseException | None = None,
                tb: Any = None) -> None:
+        self._execute = None
         transaction, self._transaction = self._transaction, None
         if transaction is not None:
             transaction.__exit__(exc_type, exc, tb)
@@ -600,12 +663,11 @@ class RowStream:
         self._close()
 
     def __iter__(self) -> Iterator[tuple]:
-        transaction = self._transaction or self._open()
-        fetch = f"FETCH FORWARD {self._chunk_rows} FROM {self._CURSOR}"
+        if self._execute is None:
+            self._open()
         try:
             while True:
-                chunk = transaction.execute(fetch)
-                self.columns = chunk.columns
+                chunk = self._fetch(self._chunk_rows)
                 yield from chunk.rows
                 if len(chunk.rows) < self._chunk_rows:
                     break
@@ -613,6 +675,13 @@ class RowStream:
             self._close(type(exc), exc, exc.__traceback__)
             raise
         self._close()
+
+
+def quote_identifier(name: str) -> str:
+    """``name`` as a quoted SQL identifier."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise errors.ProgrammingError(f"invalid identifier {name!r}")
+    return '"' + name.replace('"', '""') + '"'
 
 
 # One ZeroMQ context per process, shared by every Client and never

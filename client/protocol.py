@@ -30,17 +30,38 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 
-# Operations.  Body layouts:
-OP_EXECUTE = 1  # [sql, params]            -> [columns, rows, rowcount]
-OP_EXECUTEMANY = 2  # [sql, seq_of_params] -> [columns, rows, rowcount]
-OP_BEGIN = 3  # []                          -> session token (bytes)
+# Operations.  Body layouts (RESULT is described below):
+OP_EXECUTE = 1  # [sql, params]            -> RESULT
+OP_EXECUTEMANY = 2  # [sql, seq_of_params] -> RESULT
+OP_BEGIN = 3  # [] or [characteristics, op, body]: see BEGIN below
 OP_COMMIT = 4  # []                         -> None
 OP_ROLLBACK = 5  # []                       -> None
-OP_BATCH = 6  # [[[sql, params], ...]]      -> [[columns, rows, rowcount], ...]
+OP_BATCH = 6  # [[[sql, params], ...]]      -> [RESULT, ...]
 OP_STATS = 7  # []                          -> {name: number}
 OP_PING = 8  # []                           -> None
-OP_COPY_FROM = 9  # [sql or None, data, end] -> None, then at the end [columns, rows, rowcount]
+OP_COPY_FROM = 9  # [sql or None, data, end] -> None, then at the end RESULT
 OP_COPY_TO = 10  # [sql or None, max_bytes] -> [data, done]
+
+# RESULT is ``[columns, rows, rowcount, types]``: ``columns`` the names (nil
+# for a command), ``rows`` a list of arrays, ``rowcount`` as psycopg reports
+# it, ``types`` the columns' PostgreSQL type OIDs (nil for a command).  A
+# text that ran as several statements (the simple query protocol) appends a
+# fifth item, the RESULTs of the statements after the first.  A client also
+# accepts the three-item form of brokers before types travelled.
+#
+# BEGIN: ``[]`` opens a transaction and answers its token (bytes).
+# ``[characteristics, op, body]`` opens it with ``characteristics``
+# (``[isolation_level, read_only, deferrable]``, each nil for the server's
+# default; isolation_level one of ISOLATION_LEVELS) and, when ``op`` is
+# OP_EXECUTE or OP_EXECUTEMANY, runs that op's ``body`` (its msgpack bytes,
+# as it would travel alone) as the transaction's first statement, in the
+# same round trip: the answer is then ``[token, RESULT]``.  With ``op`` nil
+# (``body`` nil) the answer is the token alone.  The broker builds the BEGIN
+# statement itself from these validated values, never from client text.  If
+# the first statement fails the transaction is rolled back at once and the
+# error is the answer: there is no token to end.
+
+ISOLATION_LEVELS = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 
 OP_NAMES = {
     OP_EXECUTE: "execute",
@@ -248,14 +269,25 @@ def pack_rows(rows: list) -> bytes:
 
 
 def pack_result(columns: list[str] | None, packed_rows: list[bytes], row_count: int,
-                rowcount: int) -> bytes:
-    """``pack([columns, rows, rowcount])`` from rows packed beforehand (so that
-    their size was known while they were read)."""
-    packer = _packer(autoreset=False)
-    packer.pack_array_header(3)
-    packer.pack(columns)
-    packer.pack_array_header(row_count)
-    return b"".join((packer.bytes(), *packed_rows, _pack(rowcount)))
+                rowcount: int, types: list[int] | None = None,
+                more: list[bytes] | None = None) -> bytes:
+    """``pack([columns, rows, rowcount, types])`` (a RESULT) from rows packed
+    beforehand (so that their size was known while they were read); with
+    ``more`` (RESULTs packed beforehand), their list as a fifth item."""
+    head = _packer(autoreset=False)
+    head.pack_array_header(5 if more else 4)
+    head.pack(columns)
+    head.pack_array_header(row_count)
+    tail = _packer(autoreset=False)
+    tail.pack(rowcount)
+    tail.pack(types)
+    if more:
+        return b"".join((head.bytes(), *packed_rows, tail.bytes(), pack_list(more)))
+    return b"".join((head.bytes(), *packed_rows, tail.bytes()))
+
+
+EMPTY_RESULT = [None, [], 0, None]
+"""The RESULT of a statement that never reached the server (executemany of nothing)."""
 
 
 def pack_list(packed_items: list[bytes]) -> bytes:

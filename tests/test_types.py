@@ -67,10 +67,25 @@ def direct(dsn):
 def test_round_trip_matches_psycopg(broker, direct, pgtype, value):
     sql = f"SELECT %s::{pgtype} AS v, pg_typeof(%s::{pgtype})::text AS t"
     param = psycopg.types.json.Jsonb(value) if pgtype in ("json", "jsonb") else value
-    expected = direct.execute(sql, [param, param]).fetchone()
+    cursor = direct.execute(sql, [param, param])
+    expected = cursor.fetchone()
     got = broker.client.execute(sql, [value, value])
     assert got.columns == ["v", "t"]
     assert _same(got.rows[0], expected), (got.rows[0], expected)
+    # The column types travel too: the OIDs psycopg's description reports.
+    assert got.types == [column.type_code for column in cursor.description]
+
+
+def test_commands_have_no_types_and_every_statement_of_a_text_its_result(broker):
+    c = broker.client
+    assert c.execute("SELECT 1 WHERE false").types == [23]  # no rows, still typed
+    command = c.execute("CREATE TABLE IF NOT EXISTS types_command (a int)")
+    assert command.columns == [] and command.types == [] and not command.more_results
+    first = c.execute("SELECT 1::int8 AS a; SELECT 'x'::text AS b, 2.5::float8 AS c; DO $$BEGIN END$$")
+    assert (first.columns, first.types, first.rows) == (["a"], [20], [(1,)])
+    second, third = first.more_results
+    assert (second.columns, second.types, second.rows) == (["b", "c"], [25, 701], [("x", 2.5)])
+    assert (third.columns, third.types, third.rowcount) == ([], [], -1)
 
 
 def test_numeric_nan_and_infinity(broker, direct):
