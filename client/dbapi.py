@@ -315,6 +315,12 @@ class Connection:
             # Rolled back already (idle too long, its server connection lost):
             # what rollback() wants is done.
 
+    def ping(self) -> None:
+        """Raise BrokerUnavailable unless the broker answers: one round trip
+        that takes no server connection (the broker watches its own)."""
+        self._check()
+        self._client.ping(timeout=self._timeout)
+
     def close(self) -> None:
         """Roll back what is open and forget the connection; idempotent.
 
