@@ -15,6 +15,7 @@ SQLAlchemy's own pool defaults to NullPool: see ``get_pool_class``.
 
 from __future__ import annotations
 
+import logging
 from types import ModuleType
 from typing import Any
 
@@ -33,7 +34,9 @@ from sqlalchemy.sql import sqltypes
 from . import dbapi as _dbapi
 from .errors import BrokerUnavailable, TransactionExpired
 
-__all__ = ["PoolbrokerDialect"]
+__all__ = ["BrokerPool", "PoolbrokerDialect"]
+
+logger = logging.getLogger("poolbroker.sqlalchemy")
 
 # SQLSTATE classes and codes that mean the server connection is gone.
 _DISCONNECT_CLASS = "08"  # connection exception
@@ -68,6 +71,25 @@ def _colspecs() -> dict[Any, Any]:
     }
     specs.update({JSON: _JSON, sqltypes.JSON: _JSON, JSONB: _JSONB})
     return specs
+
+
+class BrokerPool(pool.NullPool):
+    """NullPool that accepts QueuePool's sizing arguments and ignores them,
+    so that ``create_engine(url, pool_size=5, max_overflow=10,
+    pool_timeout=30)`` keeps working when only the URL changes (plain
+    NullPool makes create_engine raise TypeError on them).  The cap is the
+    broker's ``max_connections``, its wait the broker's ``pool_timeout``."""
+
+    def __init__(self, creator: Any, pool_size: int | None = None,
+                 max_overflow: int | None = None, timeout: float | None = None,
+                 use_lifo: bool | None = None, **kw: Any) -> None:
+        ignored = {name: value for name, value in (
+            ("pool_size", pool_size), ("max_overflow", max_overflow), ("pool_timeout", timeout),
+            ("pool_use_lifo", use_lifo)) if value is not None}
+        if ignored:
+            logger.info("postgresql+poolbroker: %s ignored: the broker is the pool "
+                        "(its max_connections is the cap)", ", ".join(sorted(ignored)))
+        super().__init__(creator, **kw)
 
 
 class PoolbrokerExecutionContext(_PGExecutionContext_common_psycopg):
@@ -110,7 +132,7 @@ class PoolbrokerDialect(_PGDialect_common_psycopg):
 
     @classmethod
     def get_pool_class(cls, url: URL) -> type[pool.Pool]:
-        """NullPool: the broker is the pool.
+        """NullPool (``BrokerPool``): the broker is the pool.
 
         A dbapi connection costs nothing to make (``connect()`` sends
         nothing and shares the process's socket) and holds no server
@@ -118,7 +140,7 @@ class PoolbrokerDialect(_PGDialect_common_psycopg):
         saves nothing, while ``pool_size``/``max_overflow`` would suggest
         a cap they do not enforce.  NullPool also keeps no connection
         objects across fork.  The cap is the broker's ``max_connections``."""
-        return pool.NullPool
+        return BrokerPool
 
     def create_connect_args(self, url: URL) -> tuple[list[Any], dict[str, Any]]:
         """``endpoint`` and ``timeout`` from the query string; the rest of

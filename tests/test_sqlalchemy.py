@@ -73,6 +73,14 @@ def test_the_entry_point_finds_the_dialect_and_nullpool_is_its_default(broker, e
         assert engine.dialect.server_version_info >= (10,)
 
 
+def test_queuepool_sizing_arguments_are_accepted_and_mean_nothing(broker):
+    """The one-line change: an engine made for QueuePool keeps its arguments."""
+    eng = engine_for(broker, pool_size=5, max_overflow=10, pool_timeout=30, pool_recycle=3600)
+    assert isinstance(eng.pool, pool.NullPool)
+    with eng.connect() as conn:
+        assert conn.scalar(sa.text("SELECT 1")) == 1
+
+
 def test_the_endpoint_comes_from_the_environment_without_a_url_parameter(broker, monkeypatch):
     monkeypatch.setenv("POOLBROKER_ENDPOINT", broker.endpoint)
     eng = sa.create_engine("postgresql+poolbroker://ignored@host/ignored")
