@@ -1,4 +1,5 @@
 # make test : set everything up and run the test suite (real PostgreSQL).
+# make sqlalchemy-suite : SQLAlchemy's dialect compliance suite, in full.
 # make soak : the long soak (1,000,000 requests, clients killed at random).
 # make run  : set everything up and run the broker under supervisord,
 #             against $POOLBROKER_DSN or an embedded cluster under var/.
@@ -10,7 +11,7 @@ VAR     := $(CURDIR)/var
 PG_PORT ?= 5432
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup test soak run postgres-binaries clean
+.PHONY: setup test sqlalchemy-suite soak run postgres-binaries clean
 
 setup: $(VENV)/.installed postgres-binaries
 
@@ -42,6 +43,10 @@ postgres-binaries:
 
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# SQLAlchemy's whole dialect compliance suite through a broker (make test runs a subset).
+sqlalchemy-suite: setup
+	POOLBROKER_SQLA_SUITE=full $(BIN)/pytest -q -s tests/test_sqlalchemy_suite.py
 
 # 1,000,000 requests from 32 client processes killed at random (SOAK_ARGS=--help).
 soak: setup
