@@ -322,3 +322,19 @@ def test_sixteen_threads_of_orm_sessions_hold_the_brokers_cap(start_broker, dsn,
     assert sampler.samples > 0 and 1 <= sampler.maximum <= 2
     assert admin.execute("SELECT count(*) FROM sa_books").fetchone()[0] == 240
     Base.metadata.drop_all(eng)
+
+
+# What it costs
+
+def test_an_orm_get_update_commit_takes_three_round_trips(broker, engine, schema):
+    """The BEGIN rides with the SELECT, the UPDATE is one, COMMIT is one, and
+    returning the connection to the pool (a rollback of nothing) is free."""
+    with orm.Session(engine) as session, session.begin():
+        session.add(Author(id=1, name="ann"))
+    before = broker.stats()["requests_num"]
+    with orm.Session(engine) as session:
+        session.get(Author, 1).name = "bob"
+        session.commit()
+    assert broker.stats()["requests_num"] - before - 1 == 3  # less the stats request itself
+    with orm.Session(engine) as session:
+        assert session.get(Author, 1).name == "bob"
