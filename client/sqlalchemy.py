@@ -197,11 +197,12 @@ class PoolbrokerDialect(_PGDialect_common_psycopg):
                 # Inside a transaction SHOW answers for it, which may have
                 # been started at another level: do not cache that.
                 return _show_isolation(dbapi_connection)
+            autocommit = dbapi_connection.autocommit  # an AUTOCOMMIT engine's, say
             dbapi_connection.autocommit = True
             try:
                 self._server_isolation_level = _show_isolation(dbapi_connection)
             finally:
-                dbapi_connection.autocommit = False
+                dbapi_connection.autocommit = autocommit
         return self._server_isolation_level
 
     def _do_autocommit(self, connection: _dbapi.Connection, value: bool) -> None:

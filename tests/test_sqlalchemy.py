@@ -167,6 +167,11 @@ def test_an_engine_wide_isolation_level(broker):
     eng = engine_for(broker, isolation_level="SERIALIZABLE")
     with eng.connect() as conn:
         assert conn.scalar(sa.text("SHOW transaction_isolation")) == "serializable"
+    autocommit = engine_for(broker, isolation_level="AUTOCOMMIT")
+    with autocommit.connect() as conn:
+        assert conn.connection.dbapi_connection.autocommit
+        assert conn.get_isolation_level() == "AUTOCOMMIT"
+        assert autocommit.dialect.default_isolation_level == "READ COMMITTED"
 
 
 def test_autocommit_takes_the_shared_path_and_commits_each_statement(engine, schema, admin):
