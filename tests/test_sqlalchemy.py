@@ -9,7 +9,6 @@ import threading
 import uuid
 from decimal import Decimal
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import exc, orm, pool
@@ -17,7 +16,7 @@ from sqlalchemy.dialects import postgresql as pg_types
 
 from client import dbapi
 from client.sqlalchemy import PoolbrokerDialect
-from tests.conftest import ConnectionSampler
+from conftest import ConnectionSampler
 
 
 def engine_for(broker, **kwargs) -> sa.Engine:

@@ -16,7 +16,7 @@ import sys
 
 import psycopg
 
-from tests.conftest import REPO
+from conftest import REPO
 
 SUITE_DIR = REPO / "compliance" / "sqlalchemy"
 
