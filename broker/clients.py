@@ -30,7 +30,6 @@ DESCRIPTORS_RESERVED = 64
 """Descriptors kept for the broker's own use (libzmq, pipes, logs) besides
 three per server connection (its socket, a cancel, a reconnect)."""
 REFUSED_LOG_INTERVAL = 10.0
-UID_CACHE_MAX = 100_000
 
 
 def raise_open_files_limit() -> int:
@@ -75,7 +74,7 @@ class ClientGate:
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._check_uids = ipc
         self._uids = frozenset((os.getuid(), *allowed_uids))
-        self._verdicts: dict[bytes, bool] = {}  # routing id -> its uid is allowed
+        self._warned: set[int | None] = set()  # uids already logged
         self._shut: set[int] = set()  # descriptors refused, until libzmq closes them
         self._refused_log_at = 0.0
 
@@ -123,7 +122,7 @@ class ClientGate:
                 "they retry, and get in as others leave (%d refused so far)",
                 self.connected - 1, self.max_clients, self.refused)
 
-    def allowed(self, routing_id: bytes, frame: zmq.Frame) -> bool:
+    def allowed(self, frame: zmq.Frame) -> bool:
         """Whether the sender may use the broker: not on a socket refused
         (a request can arrive between its accept and its shutdown) and, over
         ipc, of an allowed uid."""
@@ -131,20 +130,18 @@ class ClientGate:
             return False
         if not self._check_uids:
             return True
-        verdict = self._verdicts.get(routing_id)
-        if verdict is None:
-            credentials = peer_credentials(frame)
-            uid = credentials[0] if credentials else None
-            verdict = uid in self._uids
-            if len(self._verdicts) >= UID_CACHE_MAX:
-                self._verdicts.clear()
-            self._verdicts[routing_id] = verdict  # a routing id names one connection
-            if not verdict:
-                logger.warning("dropping requests from uid %s: not the broker's own uid "
-                               "nor in allowed_uids", uid)
-        if not verdict:
-            self.rejected += 1
-        return verdict
+        # Checked on every message, never cached by routing id: a client may
+        # choose its own, and reuse one another process used before.
+        credentials = peer_credentials(frame)
+        uid = credentials[0] if credentials else None
+        if uid in self._uids:
+            return True
+        self.rejected += 1
+        if uid not in self._warned:
+            self._warned.add(uid)
+            logger.warning("dropping requests from uid %s: not the broker's own uid "
+                           "nor in allowed_uids", uid)
+        return False
 
 
 def _accepted_on(sock: socket.socket, endpoint: str) -> bool:

@@ -59,7 +59,10 @@ def prepare_ipc_directory(endpoint: str) -> None:
         return
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    st = os.stat(directory)
+    st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode):
+        # Its owner could re-point it later, at a socket of their own.
+        raise ConfigError(f"{directory} is a symbolic link: give the real directory")
     if st.st_uid != os.getuid():
         raise ConfigError(f"{directory} belongs to uid {st.st_uid}, not to this user")
     if st.st_mode & 0o077:

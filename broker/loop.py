@@ -287,7 +287,7 @@ class Broker:
 
     def _on_request(self, frames: list[zmq.Frame], now: float) -> None:
         routing_id = frames[0].bytes
-        if not self._gate.allowed(routing_id, frames[-1]):
+        if not self._gate.allowed(frames[-1]):
             return  # another user's process: not a word back
         self.stats[S.REQUESTS_NUM] += 1
         if routing_id in self._gone:

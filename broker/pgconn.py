@@ -551,7 +551,10 @@ class PgConn:
                 pgconn.consume_input()  # an error, say; it is read at the end
             return []  # COPY TO paused: the loop stops watching the socket
         size = sum(map(len, run.copy_data))
-        while size < job.copy_max:
+        # The client's chunk size, within max_result_bytes (with room for the
+        # row that crosses it): a chunk is never read whole before refusing it.
+        limit = min(job.copy_max, self._result_limit // 2) if self._result_limit else job.copy_max
+        while size < limit:
             nbytes, data = pgconn.get_copy_data(1)
             if nbytes == 0:
                 pgconn.consume_input()

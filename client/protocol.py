@@ -168,8 +168,19 @@ def _encode_ext(obj: Any) -> msgpack.ExtType:
     raise TypeError(f"cannot send a value of type {type(obj).__name__}: {obj!r}")
 
 
+def _plain(data: bytes) -> Any:
+    """An ext payload: plain msgpack, no ext types inside.  Decoding nested
+    ext payloads recursively would let ~200 levels in a 700-byte message
+    overrun the C stack (msgpack uses about 40 KB of it per level)."""
+    return msgpack.unpackb(data, raw=False, ext_hook=_no_nested_ext)
+
+
+def _no_nested_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"ext type {code} inside an ext payload")
+
+
 def _decode_datetime(data: bytes) -> _dt.datetime:
-    text, key = _unpack(data)
+    text, key = _plain(data)
     value = _dt.datetime.fromisoformat(text)
     if key is not None:
         value = value.astimezone(ZoneInfo(key))
@@ -177,12 +188,12 @@ def _decode_datetime(data: bytes) -> _dt.datetime:
 
 
 def _decode_timedelta(data: bytes) -> _dt.timedelta:
-    days, seconds, micro = _unpack(data)
+    days, seconds, micro = _plain(data)
     return _dt.timedelta(days=days, seconds=seconds, microseconds=micro)
 
 
 def _json_from_wire(data: bytes) -> Json:
-    return Json(_unpack(data))
+    return Json(_plain(data))
 
 
 _EXT_DECODERS = {

@@ -268,3 +268,47 @@ def test_a_body_of_empty_arrays_is_refused_while_decoding(start_broker):
     # A real 2-D array parameter of the same size decodes and runs.
     pairs = [[i % 100, i % 7] for i in range(1_000_000)]
     assert c.execute("SELECT cardinality(%s::int[])", [pairs]).rows == [(2_000_000,)]
+
+
+def test_ext_types_nested_in_ext_payloads_are_refused_not_a_crash(start_broker):
+    # 200 Json ext types, each the payload of the next: 700-odd bytes that,
+    # decoded recursively, overran the C stack (SIGSEGV).
+    payload = protocol.pack(None)
+    for _ in range(200):
+        payload = msgpack.packb(msgpack.ExtType(protocol.EXT_JSON, payload))
+    broker = start_broker(max_connections=1)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(broker.endpoint)
+    try:
+        s.send_multipart([b"\x94\x01\x01\xcd\x27\x10" + payload, protocol.pack(["SELECT 1", None])])
+        s.send_multipart([protocol.pack([2, protocol.OP_EXECUTE, 10_000, None]),
+                          b"\x92" + protocol.pack("SELECT %s") + b"\x91" + payload])
+        kinds = [protocol.unpack(s.recv())[2]["kind"] for _ in range(2) if s.poll(10_000)]
+    finally:
+        s.close(linger=0)
+        ctx.term()
+    assert kinds == ["MessageError", "MessageError"]
+    assert broker.proc.poll() is None
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
+
+
+def test_copy_out_chunks_never_exceed_max_result_bytes_whatever_the_client_asks(start_broker):
+    broker = start_broker(max_connections=1, max_result_bytes=1024 * 1024)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(broker.endpoint)
+    try:
+        s.send_multipart([protocol.pack([1, protocol.OP_BEGIN, 10_000, None]), protocol.pack([])])
+        token = protocol.unpack(s.recv())[2]
+        s.send_multipart([protocol.pack([2, protocol.OP_COPY_TO, 10_000, token]),
+                          protocol.pack(["COPY (SELECT repeat('x', 100) FROM "
+                                         "generate_series(1, 100000)) TO STDOUT", 2 ** 62])])
+        assert s.poll(10_000)
+        reply = protocol.unpack(s.recv())
+        assert reply[1] == protocol.STATUS_OK, reply
+        data, done = reply[2]
+        assert not done and len(data) <= 1024 * 1024 + 256 * 1024
+    finally:
+        s.close(linger=0)
+        ctx.term()

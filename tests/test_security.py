@@ -214,3 +214,20 @@ def test_a_revoked_curve_key_is_refused_after_sighup(start_broker, certificates)
     with pytest.raises(client.BrokerUnavailable):
         after.execute("SELECT 2")
     after.close()
+
+
+def test_a_symlinked_socket_directory_is_refused(tmp_path):
+    import os
+
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = f"/tmp/pb-link-{os.getpid()}"
+    os.symlink(real, link)
+    try:
+        out = subprocess.run([sys.executable, "-m", "broker.cli", "serve", "--dsn", "dbname=x",
+                              "--endpoint", f"ipc://{link}/b.sock"],
+                             capture_output=True, text=True, timeout=30, cwd=REPO)
+    finally:
+        os.unlink(link)
+    assert out.returncode == 2
+    assert "symbolic link" in out.stderr
