@@ -46,7 +46,9 @@ def raise_open_files_limit() -> int:
 
 
 def default_max_clients(open_files: int, max_connections: int) -> int:
-    return max(16, open_files - DESCRIPTORS_RESERVED - 3 * max_connections)
+    # A quarter kept free: sockets are counted once accepted, and libzmq
+    # aborts when an accept finds no descriptor, so a burst needs headroom.
+    return max(16, (open_files - DESCRIPTORS_RESERVED - 3 * max_connections) * 3 // 4)
 
 
 def peer_credentials(frame: zmq.Frame) -> tuple[int, int] | None:

@@ -357,7 +357,10 @@ class Client:
         Each item is a SQL string or a ``(sql, params)`` pair.  The batch
         holds a server connection only while the database works on it.
         """
-        items = [[s, None] if isinstance(s, str) else [s[0], s[1]] for s in statements]
+        try:
+            items = [[s, None] if isinstance(s, str) else [s[0], s[1]] for s in statements]
+        except (TypeError, IndexError, KeyError):
+            raise errors.InterfaceError("batch takes SQL strings or (sql, params) pairs") from None
         payload = self._request(OP_BATCH, None, [items], timeout)
         return [Result._from_wire(r) for r in payload]
 

@@ -147,7 +147,8 @@ def from_payload(payload: Any) -> Error:
     """Build the exception a STATUS_ERROR reply describes."""
     if not isinstance(payload, dict):  # not from a poolbroker of this version
         return InterfaceError(f"malformed error reply from the broker: {payload!r:.200}")
-    cls = _BY_NAME.get(payload.get("kind", ""), DatabaseError)
+    kind = payload.get("kind", "")
+    cls = _BY_NAME.get(kind, DatabaseError) if isinstance(kind, str) else DatabaseError
     message = payload.get("message") or "unknown error"
     if cls is BrokerUnavailable:
         return BrokerUnavailable(message, outcome_unknown=bool(payload.get("outcome_unknown")))
