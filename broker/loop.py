@@ -17,6 +17,7 @@ database.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import secrets
@@ -182,7 +183,7 @@ class Broker:
                               "is not a directory")
         self._authenticator = ThreadAuthenticator(self._context)
         self._authenticator.start()
-        self._authenticator.configure_curve(domain="*", location=s.curve_allowed_clients)
+        self._load_allowed_clients()
         self._router.curve_secretkey = secret
         self._router.curve_publickey = public
         self._router.curve_server = True
@@ -205,12 +206,28 @@ class Broker:
         self._reload_requested = False
         if self._authenticator is not None:
             # A key removed from the directory is refused on its next connection.
-            self._authenticator.configure_curve(domain="*",
-                                                location=self.settings.curve_allowed_clients)
+            self._load_allowed_clients()
             logger.info("SIGHUP: CURVE allow-list reloaded from %s",
                         self.settings.curve_allowed_clients)
         else:
             logger.info("SIGHUP: nothing to reload")
+
+    def _load_allowed_clients(self) -> None:
+        """The allow-list, file by file: a file that is not a certificate is
+        skipped and logged.  (pyzmq's own loader gives up on the first such
+        file and keeps the previous list: a revoked key stayed admitted.)"""
+        directory = self.settings.curve_allowed_clients
+        allowed: dict[bytes, bool] = {}
+        for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.key"))):
+            try:
+                public, _ = zmq.auth.load_certificate(path)
+            except (OSError, ValueError) as exc:
+                logger.error("curve_allowed_clients: skipping %s: %s", path, exc)
+                continue
+            if public:
+                allowed[public] = True
+        self._authenticator.allow_any = False
+        self._authenticator.certs["*"] = allowed  # what configure_curve would set
 
     def _close(self) -> None:
         self._pool.close_all()

@@ -137,6 +137,11 @@ class _ThreadSocket:
             socket.close(linger=0)
             raise
         owned = cls(pid, socket, monitor)
+        if endpoint.startswith("inproc://"):
+            owned.close()  # it would wait its whole timeout for a broker that cannot be there
+            raise errors.InterfaceError(
+                f"invalid broker endpoint {endpoint!r}: inproc endpoints only reach sockets "
+                "of the same process; the broker runs in its own")
         try:
             socket.connect(endpoint)
         except zmq.ZMQError as exc:

@@ -205,6 +205,7 @@ def test_a_revoked_curve_key_is_refused_after_sighup(start_broker, certificates)
     assert broker.client.execute("SELECT 1").rows == [(1,)]
     broker.client.close()
     (allowed / "worker.key").unlink()
+    (allowed / "garbage.key").write_text("not a certificate\n")  # must not keep the old list
     broker.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 5
     while "CURVE allow-list reloaded" not in broker.log() and time.monotonic() < deadline:
