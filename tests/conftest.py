@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
+import zmq
 
 import client
 from broker.embedded import Cluster
@@ -216,6 +217,35 @@ def memory_kb(pid: int) -> dict[str, int]:
             if name in ("VmRSS", "VmHWM"):
                 values[name] = int(rest.split()[0])
     return values
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Whether ``predicate`` became true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+@contextlib.contextmanager
+def raw_socket(endpoint: str, *, reads: bool = True) -> Iterator[zmq.Socket]:
+    """A bare DEALER speaking the wire protocol by hand, for input no client
+    would send; ``reads=False``: one whose receive buffers are tiny, as a
+    client that never reads its replies."""
+    ctx = zmq.Context()
+    socket = ctx.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    if not reads:
+        socket.setsockopt(zmq.RCVHWM, 1)
+        socket.setsockopt(zmq.RCVBUF, 4096)
+    socket.connect(endpoint)
+    try:
+        yield socket
+    finally:
+        socket.close(linger=0)
+        ctx.term()
 
 
 @contextlib.contextmanager

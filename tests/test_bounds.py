@@ -14,7 +14,7 @@ import zmq
 
 import client
 from client import protocol
-from conftest import memory_kb
+from conftest import memory_kb, raw_socket, wait_until
 
 PING = [protocol.pack([1, protocol.OP_PING, 10_000, None]), protocol.pack([])]
 
@@ -72,12 +72,7 @@ def _kill(pids: list[int]) -> None:
 
 
 def _wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
+    return wait_until(predicate, timeout, interval=0.1)
 
 
 def test_thousands_of_clients_under_a_1024_open_files_limit_then_a_reconnect_storm(
@@ -219,14 +214,8 @@ def test_a_client_that_never_reads_holds_a_bounded_amount_of_the_brokers_memory(
     c = broker.client
     c.execute("SELECT 1")
     before = memory_kb(broker.proc.pid)["VmRSS"]
-    ctx = zmq.Context()
-    greedy = ctx.socket(zmq.DEALER)
-    greedy.setsockopt(zmq.RCVHWM, 1)
-    greedy.setsockopt(zmq.RCVBUF, 4096)
-    greedy.setsockopt(zmq.LINGER, 0)
-    greedy.connect(broker.endpoint)
     body = protocol.pack(["SELECT repeat('x', 1000000)", None])
-    try:
+    with raw_socket(broker.endpoint, reads=False) as greedy:
         for request_id in range(2000):
             greedy.send_multipart([protocol.pack([request_id, protocol.OP_EXECUTE, 60_000, None]),
                                    body])
@@ -240,9 +229,6 @@ def test_a_client_that_never_reads_holds_a_bounded_amount_of_the_brokers_memory(
         assert stats["replies_undeliverable"] + stats["requests_refused"] >= 2000 - 26
         assert grown_mb < 120, grown_mb  # (10 + 16) x 1 MB queued, plus the one being read
         assert c.execute("SELECT 2").rows == [(2,)]
-    finally:
-        greedy.close(linger=0)
-        ctx.term()
 
 
 def test_a_body_of_empty_arrays_is_refused_while_decoding(start_broker):
@@ -252,17 +238,11 @@ def test_a_body_of_empty_arrays_is_refused_while_decoding(start_broker):
     before = memory_kb(broker.proc.pid)["VmHWM"]
     flood = b"\x92" + protocol.pack("SELECT %s") + b"\x91\xdd" + (4_000_000).to_bytes(4, "big") \
         + b"\x90" * 4_000_000  # [sql, [[[], [], ... 4 million]]]
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.connect(broker.endpoint)
-    try:
+    with raw_socket(broker.endpoint) as s:
         s.send_multipart([protocol.pack([1, protocol.OP_EXECUTE, 10_000, None]), flood])
         assert s.poll(10_000)
         reply = protocol.unpack(s.recv())
         assert reply[2]["kind"] == "MessageError" and "arrays and maps" in reply[2]["message"]
-    finally:
-        s.close(linger=0)
-        ctx.term()
     grown_mb = (memory_kb(broker.proc.pid)["VmHWM"] - before) / 1024
     assert grown_mb < 4 * 30, grown_mb  # 4 MB on the wire: at most about 25 times that
     # A real 2-D array parameter of the same size decodes and runs.
@@ -277,17 +257,11 @@ def test_ext_types_nested_in_ext_payloads_are_refused_not_a_crash(start_broker):
     for _ in range(200):
         payload = msgpack.packb(msgpack.ExtType(protocol.EXT_JSON, payload))
     broker = start_broker(max_connections=1)
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.connect(broker.endpoint)
-    try:
+    with raw_socket(broker.endpoint) as s:
         s.send_multipart([b"\x94\x01\x01\xcd\x27\x10" + payload, protocol.pack(["SELECT 1", None])])
         s.send_multipart([protocol.pack([2, protocol.OP_EXECUTE, 10_000, None]),
                           b"\x92" + protocol.pack("SELECT %s") + b"\x91" + payload])
         kinds = [protocol.unpack(s.recv())[2]["kind"] for _ in range(2) if s.poll(10_000)]
-    finally:
-        s.close(linger=0)
-        ctx.term()
     assert kinds == ["MessageError", "MessageError"]
     assert broker.proc.poll() is None
     assert broker.client.execute("SELECT 1").rows == [(1,)]
@@ -295,10 +269,7 @@ def test_ext_types_nested_in_ext_payloads_are_refused_not_a_crash(start_broker):
 
 def test_copy_out_chunks_never_exceed_max_result_bytes_whatever_the_client_asks(start_broker):
     broker = start_broker(max_connections=1, max_result_bytes=1024 * 1024)
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.connect(broker.endpoint)
-    try:
+    with raw_socket(broker.endpoint) as s:
         s.send_multipart([protocol.pack([1, protocol.OP_BEGIN, 10_000, None]), protocol.pack([])])
         token = protocol.unpack(s.recv())[2]
         s.send_multipart([protocol.pack([2, protocol.OP_COPY_TO, 10_000, token]),
@@ -309,6 +280,3 @@ def test_copy_out_chunks_never_exceed_max_result_bytes_whatever_the_client_asks(
         assert reply[1] == protocol.STATUS_OK, reply
         data, done = reply[2]
         assert not done and len(data) <= 1024 * 1024 + 256 * 1024
-    finally:
-        s.close(linger=0)
-        ctx.term()

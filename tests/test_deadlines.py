@@ -12,15 +12,12 @@ import psycopg
 import pytest
 
 import client
-from conftest import OF_APPLICATION, ConnectionSampler, thread_client
+from conftest import OF_APPLICATION, ConnectionSampler, thread_client, wait_until
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s: {predicate.__doc__}")
-        time.sleep(0.01)
+    assert wait_until(predicate, timeout, interval=0.01), \
+        f"not true within {timeout} s: {predicate.__doc__}"
 
 
 @pytest.fixture

@@ -17,12 +17,11 @@ from typing import Any, Callable
 
 import psycopg
 import pytest
-import zmq
 
 import client
 from broker.embedded import Cluster
 from client import protocol
-from conftest import OF_APPLICATION, BrokerProcess, ConnectionSampler, throwaway_cluster
+from conftest import OF_APPLICATION, BrokerProcess, ConnectionSampler, raw_socket, throwaway_cluster
 
 CAP = 4
 
@@ -226,14 +225,8 @@ def test_frozen_client_transaction_is_ended_by_the_heartbeat(own_pg, own_broker)
 
 def test_client_that_never_reads_cannot_block_the_broker(own_broker):
     broker = own_broker()
-    ctx = zmq.Context()
-    greedy = ctx.socket(zmq.DEALER)
-    greedy.setsockopt(zmq.RCVHWM, 1)
-    greedy.setsockopt(zmq.RCVBUF, 4096)
-    greedy.setsockopt(zmq.LINGER, 0)
-    greedy.connect(broker.endpoint)
     body = protocol.pack(["SELECT repeat('x', 20000)", None])
-    try:
+    with raw_socket(broker.endpoint, reads=False) as greedy:
         for request_id in range(3000):
             header = protocol.pack([request_id, protocol.OP_EXECUTE, 30_000, None])
             greedy.send_multipart([header, body])
@@ -243,6 +236,3 @@ def test_client_that_never_reads_cannot_block_the_broker(own_broker):
         stats = broker.stats()
         assert stats["replies_undeliverable"] + stats["requests_refused"] > 0
         assert broker.proc.poll() is None
-    finally:
-        greedy.close(linger=0)
-        ctx.term()

@@ -19,7 +19,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 import client
-from conftest import OF_APPLICATION, BrokerProcess, ConnectionSampler
+from conftest import OF_APPLICATION, BrokerProcess, ConnectionSampler, wait_until
 
 CAP = 4
 LONG = "SELECT pg_sleep(60)"
@@ -80,10 +80,7 @@ def _running(admin: psycopg.Connection, application_name: str, sql: str) -> int:
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+    assert wait_until(condition, timeout), "timed out"
 
 
 def _run_long_statements(broker: BrokerProcess, admin: psycopg.Connection,
