@@ -109,6 +109,7 @@ class Broker:
         self._decoder = Decoder(placeholder_query(adapters), settings.max_message_bytes)
         self._pool = Pool(settings, adapters, self._redact)
         self._sessions = Sessions()
+        self._schema_version = 0  # DDL seen to end: see _schema_changed
         self._by_fd: dict[int, PgConn] = {}
         self._unflushed: set[PgConn] = set()
         self._in_flight: dict[bytes, int] = {}  # routing id -> requests waiting or running
@@ -497,6 +498,8 @@ class Broker:
             guard = job.deadline - now + time.time() + conn.clock_offset
         if job.resets:
             conn.dirty = True
+        if job.changes_schema or conn.prepared.schema_version != self._schema_version:
+            self._drop_stale_plans(conn, job)
         try:
             outcomes = conn.send(job, guard)
         except Refusal as exc:
@@ -510,6 +513,17 @@ class Broker:
             self.stats[S.REQUESTS_PIPELINED] += 1
             self._pool.grow(now, 1)  # every connection is busy: more would help
         self._on_outcomes(conn, outcomes, now)
+
+    def _drop_stale_plans(self, conn: PgConn, job: Job) -> None:
+        """Before ``job`` runs: a plan prepared before some DDL may return other
+        columns (0A000), which would abort a transaction.  A transaction in
+        progress, or a reset (maybe the ROLLBACK of an aborted one), is left
+        alone: the reset after it drops them."""
+        conn.forget_prepared(at_once=job.op == OP_BEGIN
+                             or not (job.in_session or job.op == OP_RESET))
+        conn.prepared.schema_version = self._schema_version
+        if job.changes_schema:
+            conn.changed_schema = True
 
     # Outcomes
 
@@ -567,6 +581,8 @@ class Broker:
                 self._dispatch(now)  # room for one more behind the others
             return
         status = conn.transaction_status
+        if conn.changed_schema and status == pq.TransactionStatus.IDLE:
+            self._schema_changed(conn)
         session = self._sessions.by_conn.get(conn.conn_id)
         if session is not None:
             if status not in _IN_TRANSACTION and not session.busy:
@@ -591,6 +607,13 @@ class Broker:
         pool.move(conn, State.IDLE)
         if pool.waiting:
             self._dispatch(now)
+
+    def _schema_changed(self, conn: PgConn) -> None:
+        """DDL ended on ``conn`` (committed, as far as the broker can know):
+        a plan prepared before it may now return other columns (0A000), so
+        every connection drops its prepared statements before its next job."""
+        conn.changed_schema = False
+        self._schema_version += 1
 
     def _flush(self, now: float) -> None:
         unflushed = list(self._unflushed)
@@ -618,6 +641,8 @@ class Broker:
         conn.polled = mask
 
     def _close_conn(self, conn: PgConn, now: float) -> None:
+        if conn.changed_schema:  # its DDL may have committed before the connection went
+            self._schema_changed(conn)
         if conn.broken:
             self.stats[S.CONNECTIONS_LOST] += 1
             logger.warning("closing server connection %d: %s", conn.conn_id, conn.broken)

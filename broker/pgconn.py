@@ -148,6 +148,7 @@ class PgConn:
         self.state = "opening"  # owned by the pool: see pool.State
         self.broken = ""  # why it must be closed, once it must
         self.dirty = False  # session state changed: DISCARD ALL before reuse
+        self.changed_schema = False  # ran DDL not yet known to have ended (see Broker._settle)
         self.head_since = 0.0  # when the job at the head got there
         self.slow_in_flight = 0  # jobs in flight not known to be quick
         self.clock_offset = 0.0  # the server's clock minus ours, measured at connect
@@ -261,6 +262,18 @@ class PgConn:
         return [run.job for run in list(self._pipeline)[1:]
                 if run.job is not None and run.job.guard_at and not run.job.answered
                 and run.job.deadline < deadline]
+
+    def forget_prepared(self, *, at_once: bool) -> None:
+        """Drop the prepared statements: ``at_once`` by a ``DEALLOCATE ALL``
+        sent now, else by the reset (``DISCARD ALL``) once the connection is
+        drained, for a transaction that must not be touched."""
+        if self.prepared.empty:
+            return
+        self.prepared.forget()
+        if at_once:
+            self.send_internal(b"DEALLOCATE ALL")
+        else:
+            self.dirty = True
 
     def send_internal(self, sql: bytes) -> None:
         """A statement of the broker's own (DEALLOCATE ALL), with its Sync; no outcome."""
@@ -425,11 +438,7 @@ class PgConn:
         if not isinstance(error, psycopg.Error):
             return False
         if error.sqlstate in _STALE_PREPARED:
-            self.prepared.forget()
-            if job.in_session:
-                self.dirty = True  # in an aborted transaction: the reset drops them
-            else:
-                self.send_internal(b"DEALLOCATE ALL")
+            self.forget_prepared(at_once=not job.in_session)  # an aborted transaction can't
             if not run.by_name:
                 return False
         elif not (isinstance(error, psycopg.errors.QueryCanceled)

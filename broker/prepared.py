@@ -28,7 +28,7 @@ class PreparedCache:
     """Which queries are prepared on one connection, under which names."""
 
     __slots__ = ("_executions", "_names", "_next", "_preparing", "generation", "limit",
-                 "threshold")
+                 "schema_version", "threshold")
 
     def __init__(self, *, limit: int = MAX_PREPARED, threshold: int = PREPARE_THRESHOLD) -> None:
         self.limit = limit
@@ -40,9 +40,17 @@ class PreparedCache:
         self.generation = 0
         """Bumped whenever the server's statements are dropped: a PREPARE sent
         before that must not be recorded when its result arrives after."""
+        self.schema_version = 0
+        """The broker's count of DDL it saw commit, when these plans were checked
+        against it: owned by the loop."""
 
     def __len__(self) -> int:
         return len(self._names)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing prepared on the server, nor being prepared."""
+        return not self._names and not self._preparing
 
     def name(self, key: Key) -> bytes | None:
         """The name ``key`` is prepared under, if it is."""

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pglast import ast
@@ -59,6 +60,7 @@ class Classification:
     statements: int  # statements in the text (0 if only comments/whitespace)
     copy_from_stdin: bool  # the single statement is COPY ... FROM STDIN
     reason: str  # what made it SESSION/OPAQUE/COPY/TRANSACTION; "" otherwise
+    changes_schema: bool  # may change what a table looks like: prepared plans go stale
 
 
 # Functions whose effect outlives the transaction.  Matched case-insensitively
@@ -120,8 +122,18 @@ _CURSOR_OPT_HOLD = 0x0020  # DeclareCursorStmt.options bit for WITH HOLD
 _TEMP_SCHEMA = "pg_temp"  # a prefix: also matches pg_temp_N
 # String fields naming a target schema (RangeVar.schemaname is checked apart).
 _SCHEMA_FIELDS = {"AlterObjectSchemaStmt": "newschema", "ImportForeignSchemaStmt": "local_schema"}
+# Statements that cannot change what a table or type looks like, so cannot
+# make a plan prepared on another connection return other columns (0A000,
+# "cached plan must not change result type").  Anything else is treated as
+# DDL: after it, every connection drops its prepared statements.
+_KEEPS_SCHEMA = _PLAIN_STATEMENTS | frozenset({
+    "TransactionStmt", "VariableSetStmt", "VariableShowStmt", "LockStmt", "NotifyStmt",
+    "ListenStmt", "UnlistenStmt", "PrepareStmt", "ExecuteStmt", "DeallocateStmt",
+    "DiscardStmt", "DeclareCursorStmt", "FetchStmt", "ClosePortalStmt", "CheckPointStmt",
+    "VacuumStmt", "ConstraintsSetStmt", "CopyStmt",
+})
 _GENERIC_TYPES = frozenset({"Node", "Expr", "List"})
-_EMPTY = Classification(Kind.PLAIN, 0, False, "")
+_EMPTY = Classification(Kind.PLAIN, 0, False, "", False)
 
 Fields = dict[str, Any]  # one node's fields, as decoded from the JSON tree
 
@@ -277,6 +289,15 @@ def _statement_kind(stmt: Fields) -> tuple[Kind, str]:
     return own, reason
 
 
+def _changes_schema(stmt: Fields) -> bool:
+    [(kind, fields)] = stmt.items()
+    if kind == "ExplainStmt":  # EXPLAIN ANALYZE runs what it explains
+        return _changes_schema(fields["query"])
+    if kind == "SelectStmt":
+        return "intoClause" in fields  # SELECT ... INTO creates a table
+    return kind not in _KEEPS_SCHEMA
+
+
 def _classify_text(sql: str | bytes) -> Classification:
     try:
         text = sql.decode() if isinstance(sql, bytes) else sql
@@ -284,20 +305,30 @@ def _classify_text(sql: str | bytes) -> Classification:
             raise ValueError("NUL character in statement text")
         statements = json.loads(parse_sql_json(text)).get("stmts", [])
     except (ParseError, ValueError) as exc:  # UnicodeError is a ValueError
-        return Classification(Kind.OPAQUE, 1, False, f"cannot parse: {exc}")
+        return Classification(Kind.OPAQUE, 1, False, f"cannot parse: {exc}", True)
     except RecursionError:
-        return Classification(Kind.OPAQUE, 1, False, "cannot parse: nested too deeply")
+        return Classification(Kind.OPAQUE, 1, False, "cannot parse: nested too deeply", True)
     if not statements:
         return _EMPTY
     kinds = [_statement_kind(raw["stmt"]) for raw in statements]
     kind, reason = max(kinds, key=lambda kind_reason: kind_reason[0])  # the first of the worst
     copy = statements[0]["stmt"].get("CopyStmt", {})
     from_stdin = len(statements) == 1 and kind == Kind.COPY and bool(copy.get("is_from"))
-    return Classification(kind, len(statements), from_stdin, reason)
+    changes_schema = any(_changes_schema(raw["stmt"]) for raw in statements)
+    return Classification(kind, len(statements), from_stdin, reason, changes_schema)
 
 
 _TOO_LONG = Classification(Kind.OPAQUE, 1, False,
-                           f"not parsed: longer than {CACHE_MAX_TEXT} characters")
+                           f"not parsed: longer than {CACHE_MAX_TEXT} characters", True)
+_TOO_LONG_DML = replace(_TOO_LONG, changes_schema=False)
+# A text too long to parse still says whether it is DML by its first word
+# (after blanks and comments; a nested comment simply fails to match): a bulk
+# INSERT must not make every connection drop its prepared statements.  It
+# runs with the extended protocol, which takes one statement only.
+_LEADING_DML = re.compile(
+    r"(?:\s+|--[^\n]*(?:\n|\Z)|/\*(?:[^*/]|\*(?!/)|/(?!\*))*\*/)*(?:insert|update|delete)\b",
+    re.IGNORECASE)
+_LEADING_BYTES = 4096
 
 # The cache evicts oldest-inserted first, by key bytes.  A hit is one dict
 # lookup and writes nothing, so it takes no lock; misses insert under one.
@@ -330,7 +361,10 @@ def classify(sql: str | bytes) -> Classification:
     if len(sql) > CACHE_MAX_TEXT:
         # Walking the tree of a 1 MB INSERT holds the loop for over 0.5 s:
         # a text this long is not parsed, and runs alone with a reset after.
-        return _TOO_LONG
+        head = sql[:_LEADING_BYTES]
+        if isinstance(head, bytes):
+            head = head.decode("utf-8", "replace")
+        return _TOO_LONG_DML if _LEADING_DML.match(head) else _TOO_LONG
     found = _classify_text(sql)
     size = len(sql) if isinstance(sql, bytes) else len(sql.encode("utf-8", "surrogatepass"))
     if size <= CACHE_MAX_TEXT:  # a str may have fewer chars than UTF-8 bytes

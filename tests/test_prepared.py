@@ -53,3 +53,43 @@ def test_a_changed_table_is_rerun_transparently(start_broker, admin):
             tx.execute("SELECT * FROM prepared_shape WHERE id = %s", [1])
     assert info.value.sqlstate == "0A000"
     assert c.execute("SELECT * FROM prepared_shape WHERE id = %s", [1]).rows == [(1, "x", 7, 8)]
+
+
+@pytest.mark.parametrize("through", ["autocommit", "transaction"])
+def test_ddl_through_the_broker_leaves_no_stale_plan_on_any_connection(start_broker, through):
+    # The dialect compliance suites drop and recreate tables of the same
+    # name between tests: every connection had the old shape prepared.
+    broker = start_broker(max_connections=3)
+    c = broker.client
+    table = f"prepared_ddl_{through}"
+    c.execute(f"DROP TABLE IF EXISTS {table}")
+    c.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, a text)")
+    c.execute(f"INSERT INTO {table} VALUES (1, 'x')")
+    select = f"SELECT * FROM {table} WHERE id = %s"
+    # Three transactions at once hold three connections: each prepares it.
+    transactions = [c.transaction() for _ in range(3)]
+    for tx in transactions:
+        tx.__enter__()
+    for _ in range(3):
+        for tx in transactions:
+            assert tx.execute(select, [1]).rows == [(1, "x")]
+    for tx in transactions:
+        tx.__exit__(None, None, None)
+    assert broker.client.execute(PREPARED, []).rows[0][0] >= 1
+    change = [f"DROP TABLE {table}", f"CREATE TABLE {table} (id int PRIMARY KEY, a text, b int)",
+              f"INSERT INTO {table} VALUES (1, 'y', 2)"]
+    if through == "autocommit":
+        for sql in change:
+            c.execute(sql)
+    else:
+        with c.transaction() as tx:
+            for sql in change:
+                tx.execute(sql)
+    # Inside transactions, where no rerun can hide a stale plan.
+    transactions = [c.transaction() for _ in range(3)]
+    for tx in transactions:
+        tx.__enter__()
+    for tx in transactions:
+        assert tx.execute(select, [1]).rows == [(1, "y", 2)]
+    for tx in transactions:
+        tx.__exit__(None, None, None)

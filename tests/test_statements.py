@@ -284,7 +284,7 @@ def test_statement_count(sql: str, count: int) -> None:
     found = classify(sql)
     assert found.statements == count
     if count == 0:
-        assert found == Classification(Kind.PLAIN, 0, False, "")
+        assert found == Classification(Kind.PLAIN, 0, False, "", False)
 
 
 @pytest.mark.parametrize("sql, from_stdin", [
@@ -370,3 +370,28 @@ def test_cache_of_short_texts_is_bounded_by_their_overhead_too() -> None:
     for i in range(count):  # "SELECT 1234567": a dozen bytes each, far more in memory
         classify(f"SELECT {i}")
     assert len(statements._cache) < CACHE_MAX_BYTES // statements.ENTRY_BYTES
+
+
+@pytest.mark.parametrize(("sql", "changes"), [
+    ("SELECT * FROM t WHERE id = $1", False),
+    ("INSERT INTO t VALUES (1) RETURNING *", False),
+    ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", False),
+    ("SET search_path = app", False),
+    ("SELECT set_config('app.tenant', '7', false)", False),
+    ("EXPLAIN SELECT 1", False),
+    ("VACUUM ANALYZE t", False),
+    ("CREATE TABLE t2 (id int)", True),
+    ("ALTER TABLE t ADD COLUMN b int", True),
+    ("DROP TABLE t", True),
+    ("SELECT * INTO t3 FROM t", True),
+    ("EXPLAIN ANALYZE CREATE TABLE t4 AS SELECT 1", True),
+    ("INSERT INTO t VALUES (1); ALTER TABLE t DROP COLUMN b", True),
+    ("DO $$ BEGIN EXECUTE 'ALTER TABLE t ADD c int'; END $$", True),
+    ("SELEC nothing", True),  # unparsable: assume the worst
+    ("/* bulk */ INSERT INTO t VALUES " + "(1)," * 20_000 + "(1)", False),  # too long to parse
+    ("SELECT " + "1," * 40_000 + "1", True),  # too long, and SELECT may be SELECT INTO
+], ids=lambda value: value[:30] if isinstance(value, str) else None)
+def test_ddl_is_told_apart_from_statements_that_keep_every_table_as_it_was(
+        sql: str, changes: bool) -> None:
+    # After DDL the broker drops every connection's prepared plans (0A000).
+    assert classify(sql).changes_schema is changes
