@@ -80,6 +80,11 @@ class ClientGate:
         self._shut: set[int] = set()  # descriptors refused, until libzmq closes them
         self._refused_log_at = 0.0
 
+    @property
+    def admitted(self) -> int:
+        """Client sockets connected, less those being turned away."""
+        return self.connected - len(self._shut)
+
     def close(self) -> None:
         self.monitor.close(linger=0)
 

@@ -912,7 +912,7 @@ class Broker:
         result[S.QUEUED_BYTES] = self._queued_bytes
         result[S.POOL_PREDECESSORS] = len(pool.foreign)
         if self._gate is not None:
-            result[S.CLIENTS_CONNECTED] = self._gate.connected
+            result[S.CLIENTS_CONNECTED] = self._gate.admitted
             result[S.CLIENTS_MAX] = self._gate.max_clients
             result[S.CLIENTS_REFUSED] = self._gate.refused
             result[S.MESSAGES_REJECTED] = self._gate.rejected

@@ -7,7 +7,7 @@ POOL_AVAILABLE = "pool_available"  # open and idle
 REQUESTS_WAITING = "requests_waiting"  # queued for a connection now
 SESSIONS_ACTIVE = "sessions_active"  # pinned transactions open now
 CLIENTS_ACTIVE = "clients_active"  # client sockets with requests waiting or running
-CLIENTS_CONNECTED = "clients_connected"  # client sockets connected now
+CLIENTS_CONNECTED = "clients_connected"  # client sockets connected now, less those turned away
 CLIENTS_MAX = "clients_max"  # max_clients, as set or sized from the open-files limit
 QUEUED_BYTES = "queued_bytes"  # bytes of requests waiting or running now
 
