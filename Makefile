@@ -3,6 +3,8 @@
 # make soak : the long soak (1,000,000 requests, clients killed at random).
 # make run  : set everything up and run the broker under supervisord,
 #             against $POOLBROKER_DSN or an embedded cluster under var/.
+# make run-flask : the same with the Flask example (etc/flaskapp) under
+#             gunicorn beside a broker capped at 4, on http://127.0.0.1:8000.
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -11,7 +13,7 @@ VAR     := $(CURDIR)/var
 PG_PORT ?= 5432
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup test sqlalchemy-suite soak run postgres-binaries clean
+.PHONY: setup test sqlalchemy-suite soak run run-flask supervised-postgres postgres-binaries clean
 
 setup: $(VENV)/.installed postgres-binaries
 
@@ -52,7 +54,9 @@ sqlalchemy-suite: setup
 soak: setup
 	cd tests && $(BIN)/python soak.py $(SOAK_ARGS)
 
-run: setup
+# var/ for supervisord, and the embedded cluster's program when
+# POOLBROKER_DSN is unset (both supervisord configs include var/supervisord.d).
+supervised-postgres: setup
 	mkdir -p $(VAR)/log $(VAR)/supervisord.d
 	rm -f $(VAR)/supervisord.d/postgres.conf
 	@if [ -z "$$POOLBROKER_DSN" ]; then \
@@ -64,8 +68,18 @@ run: setup
 	        'redirect_stderr=true' 'stdout_logfile=$(VAR)/log/postgres.log' \
 	        > $(VAR)/supervisord.d/postgres.conf; \
 	fi
-	POOLBROKER_DSN="$${POOLBROKER_DSN:-$$($(BIN)/poolbroker embedded-postgres dsn --socket-dir $(VAR)/run --port $(PG_PORT))}" \
+
+EMBEDDED_DSN = $$($(BIN)/poolbroker embedded-postgres dsn --socket-dir $(VAR)/run --port $(PG_PORT))
+
+run: supervised-postgres
+	POOLBROKER_DSN="$${POOLBROKER_DSN:-$(EMBEDDED_DSN)}" \
 	    exec $(BIN)/supervisord -n -c etc/supervisord.conf
+
+# The broker and the app share POOLBROKER_ENDPOINT (or the default endpoint):
+# stop `make run` first, one broker serves an endpoint.
+run-flask: supervised-postgres
+	POOLBROKER_DSN="$${POOLBROKER_DSN:-$(EMBEDDED_DSN)}" \
+	    exec $(BIN)/supervisord -n -c etc/flaskapp/supervisord.conf
 
 clean:
 	rm -rf $(VENV) $(VAR) *.egg-info

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import multiprocessing
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,8 @@ OF_APPLICATION = f"split_part(application_name, '{MARK}', 1) = %s"
 append their mark (``~...``) to the configured application_name."""
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+"""Where the venv's console scripts (supervisord, gunicorn, poolbroker) are."""
 
 
 def stop_process(proc: subprocess.Popen, timeout: float) -> int:
@@ -46,6 +50,13 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> int:
 def short_tempdir(prefix: str = "pb-") -> str:
     """A 0700 directory short enough for an ipc path (107 bytes at most)."""
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now (the OS's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -79,6 +90,69 @@ def admin(dsn: str) -> psycopg.Connection:
     """A direct connection for set-up and for checking what the broker did."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         yield conn
+
+
+class Supervisord:
+    """``supervisord -n`` on a copy of one of etc/'s configs.
+
+    The copy lives in a short temporary directory with every runtime file
+    (its own log, pid file, control socket, program logs), so a test never
+    touches var/ nor another test's supervisord.  ``%(here)s`` is replaced
+    by the original's directory, so the programs' commands still find the
+    files shipped beside it.  ``edit`` may change the parsed config before
+    it is written (the ``[program:*]`` sections say what is run).
+    """
+
+    def __init__(self, template: Path, env: dict[str, str],
+                 edit: Callable[[configparser.RawConfigParser, str], None] | None = None) -> None:
+        self.dir = short_tempdir()
+        d = self.dir
+        parser = configparser.RawConfigParser()
+        parser.read(template)
+        here = str(Path(template).resolve().parent)
+        for section in parser.sections():
+            for key, value in parser[section].items():
+                parser[section][key] = value.replace("%(here)s", here)
+        parser["supervisord"].update(logfile=f"{d}/supervisord.log", pidfile=f"{d}/sd.pid",
+                                     childlogdir=d)
+        parser["unix_http_server"]["file"] = f"{d}/sd.sock"
+        parser["supervisorctl"]["serverurl"] = f"unix://{d}/sd.sock"
+        if parser.has_section("include"):
+            # Not var/supervisord.d: `make run`'s embedded PostgreSQL is not the tests'.
+            parser["include"]["files"] = f"{d}/*.include"
+        for program in self.programs(parser):
+            parser[f"program:{program}"]["stdout_logfile"] = f"{d}/{program}.log"
+        if edit is not None:
+            edit(parser, d)
+        self.config = Path(d, "supervisord.conf")
+        with open(self.config, "w") as f:
+            parser.write(f)
+        self.proc = subprocess.Popen([str(BIN / "supervisord"), "-n", "-c", str(self.config)],
+                                     env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+    @staticmethod
+    def programs(parser: configparser.RawConfigParser) -> list[str]:
+        return [s.partition(":")[2] for s in parser.sections() if s.startswith("program:")]
+
+    def ctl(self, *args: str) -> str:
+        return subprocess.run([str(BIN / "supervisorctl"), "-c", str(self.config), *args],
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+
+    def pid(self, program: str) -> int:
+        """The program's pid, 0 while it is not running."""
+        out = self.ctl("pid", program)
+        return int(out) if out.isdigit() else 0
+
+    def log(self, program: str) -> str:
+        path = Path(self.dir, f"{program}.log")
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        # supervisord's own stop: every program TERMed and waited for in
+        # reverse priority order, groups included.
+        stop_process(self.proc, timeout=60)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class BrokerProcess:

@@ -6,46 +6,36 @@ import configparser
 import http.client
 import multiprocessing
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import client
-from conftest import OF_APPLICATION, REPO, ConnectionSampler, short_tempdir, stop_process
+from conftest import (
+    BIN, OF_APPLICATION, REPO, ConnectionSampler, Supervisord, free_port, stop_process,
+)
 
-BIN = Path(sys.executable).parent
 CAP = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Supervised:
-    """supervisord -n on a config generated from etc/supervisord.conf."""
+class Supervised(Supervisord):
+    """etc/supervisord.conf, its broker on a test endpoint and application_name."""
 
     def __init__(self, dsn: str) -> None:
-        self.dir = short_tempdir()
-        self.endpoint = f"ipc://{self.dir}/b.sock"
-        self.application_name = f"pbtest-sup-{os.path.basename(self.dir)}"
-        parser = configparser.RawConfigParser()
-        parser.read(REPO / "etc" / "supervisord.conf")
-        d = self.dir
-        parser["supervisord"].update(logfile=f"{d}/supervisord.log", pidfile=f"{d}/sd.pid",
-                                     childlogdir=d)
-        parser["unix_http_server"]["file"] = f"{d}/sd.sock"
-        parser["supervisorctl"]["serverurl"] = f"unix://{d}/sd.sock"
-        parser["include"]["files"] = f"{d}/*.include"
+        self.application_name = f"pbtest-sup-{uuid.uuid4().hex[:8]}"
+        super().__init__(REPO / "etc" / "supervisord.conf", {**os.environ, "POOLBROKER_DSN": dsn},
+                         edit=self._edit)
+        self.client = client.Client(self.endpoint, timeout=10)
+
+    def _edit(self, parser: configparser.RawConfigParser, d: str) -> None:
+        self.endpoint = f"ipc://{d}/b.sock"
         toml = Path(d, "poolbroker.toml")
         toml.write_text((REPO / "etc" / "poolbroker.toml").read_text() +
                         f'\napplication_name = "{self.application_name}"\n'
@@ -55,23 +45,10 @@ class Supervised:
         assert int(program["stopwaitsecs"]) > 10  # longer than the default drain_timeout
         program["command"] = (f"{sys.executable} -m broker.cli serve --config {toml} "
                               f"--endpoint {self.endpoint}")
-        program["stdout_logfile"] = f"{d}/broker.log"
         program["directory"] = str(REPO)
-        self.config = Path(d, "supervisord.conf")
-        with open(self.config, "w") as f:
-            parser.write(f)
-        env = {**os.environ, "POOLBROKER_DSN": dsn}
-        self.proc = subprocess.Popen([str(BIN / "supervisord"), "-n", "-c", str(self.config)],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = client.Client(self.endpoint, timeout=10)
-
-    def ctl(self, *args: str) -> str:
-        return subprocess.run([str(BIN / "supervisorctl"), "-c", str(self.config), *args],
-                              capture_output=True, text=True, timeout=60).stdout.strip()
 
     def broker_pid(self) -> int:
-        out = self.ctl("pid", "poolbroker")
-        return int(out) if out.isdigit() else 0
+        return self.pid("poolbroker")
 
     def wait_broker(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -81,15 +58,11 @@ class Supervised:
                 return
             except client.BrokerUnavailable:
                 time.sleep(0.1)
-        raise AssertionError(f"broker not up:\n{self.log()}")
-
-    def log(self) -> str:
-        path = Path(self.dir, "broker.log")
-        return path.read_text() if path.exists() else ""
+        raise AssertionError(f"broker not up:\n{self.log('poolbroker')}")
 
     def close(self) -> None:
-        stop_process(self.proc, timeout=40)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.client.close()
+        super().close()
 
 
 @pytest.fixture
@@ -102,7 +75,7 @@ def supervised(dsn):
 
 class Gunicorn:
     def __init__(self, endpoint: str, worker_class: str, workers: int, threads: int) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, "POOLBROKER_ENDPOINT": endpoint,
                "GUNICORN_BIND": f"127.0.0.1:{self.port}", "GUNICORN_WORKERS": str(workers),
                "GUNICORN_THREADS": str(threads), "GUNICORN_WORKER_CLASS": worker_class,
@@ -241,7 +214,7 @@ def test_supervisorctl_stop_drains_and_exits_cleanly(supervised):
     assert "stopped" in out
     status = supervised.ctl("status", "poolbroker")
     assert "STOPPED" in status
-    assert "stopped" in supervised.log()
+    assert "stopped" in supervised.log("poolbroker")
     with pytest.raises(client.BrokerUnavailable) as info:
         supervised.client.execute("SELECT 1", timeout=0.3)
     assert not info.value.outcome_unknown  # nothing was sent

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import pytest
 
 import client
-from conftest import REPO
+from conftest import REPO, free_port
 
 SECRET = "Pw-Leak-7c1e"
 
@@ -50,12 +49,6 @@ def test_malformed_dsn_is_refused_without_echoing_the_password(bad_dsn):
     assert SECRET not in out.stdout + out.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def certificates(tmp_path):
     """The broker's pair, an allowed client's and a stranger's, made by the CLI."""
@@ -91,7 +84,7 @@ def test_keygen_writes_the_secret_key_0600_even_into_an_existing_0755_directory(
 
 def test_curve_admits_only_allowed_client_keys(start_broker, certificates):
     keys, allowed = certificates
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     broker = start_broker(
         endpoint=endpoint, max_connections=2,
         curve_secret_key_file=str(keys / "broker.key_secret"),
@@ -118,7 +111,7 @@ def test_curve_admits_only_allowed_client_keys(start_broker, certificates):
 
 def test_tcp_without_curve_or_consent_refuses_to_start():
     out = subprocess.run([sys.executable, "-m", "broker.cli", "serve", "--dsn", "dbname=x",
-                          "--endpoint", f"tcp://127.0.0.1:{_free_port()}"],
+                          "--endpoint", f"tcp://127.0.0.1:{free_port()}"],
                          capture_output=True, text=True, timeout=30, cwd=REPO)
     assert out.returncode == 2
     assert "needs CURVE" in out.stderr and "--insecure-tcp" in out.stderr
@@ -195,7 +188,7 @@ def test_a_revoked_curve_key_is_refused_after_sighup(start_broker, certificates)
     import time
 
     keys, allowed = certificates
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     worker = {"curve_server_key": str(keys / "broker.key"),
               "curve_client_cert": str(keys / "worker.key_secret")}
     broker = start_broker(

@@ -8,7 +8,6 @@ own connections would add to.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
@@ -19,16 +18,10 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 import client
-from conftest import OF_APPLICATION, BrokerProcess, ConnectionSampler, wait_until
+from conftest import OF_APPLICATION, BrokerProcess, ConnectionSampler, free_port, wait_until
 
 CAP = 4
 LONG = "SELECT pg_sleep(60)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _endpoint(kind: str) -> dict[str, Any]:
@@ -36,7 +29,7 @@ def _endpoint(kind: str) -> dict[str, Any]:
         return {}  # BrokerProcess's own ipc path
     if kind == "abstract":
         return {"endpoint": f"ipc://@pb-{uuid.uuid4().hex[:12]}"}
-    return {"endpoint": f"tcp://127.0.0.1:{_free_port()}", "insecure_tcp": True}
+    return {"endpoint": f"tcp://127.0.0.1:{free_port()}", "insecure_tcp": True}
 
 
 @pytest.mark.parametrize("kind", ["ipc", "abstract", "tcp"])
