@@ -32,6 +32,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .embedded import SERVER_USER, Cluster, find_bindir
+from .predecessors import MARK
 
 logger = logging.getLogger("poolbroker.bench")
 
@@ -51,9 +52,13 @@ TPCB = (
 )
 PK_LOOKUP = "SELECT abalance FROM pgbench_accounts WHERE aid = %s"
 ACCOUNT_UPDATE = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s"
+# A target's server connections, by the application_name its clients (or
+# its broker) give them: other sessions on a shared database, pgbench -i,
+# a previous target's leftovers or the sampler itself must not count.
+# Brokers append their mark (``~...``) to the configured name.
 COUNT_SERVER_CONNECTIONS = (
     "SELECT count(*) FROM pg_stat_activity "
-    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+    f"WHERE split_part(application_name, '{MARK}', 1) = %s")
 
 
 @dataclass
@@ -78,10 +83,20 @@ class Row:
 
 # Sessions: what one client thread talks to.
 
+# Tells two benches on one database apart; taken once, because the forked
+# clients must name their connections as their parent's sampler expects.
+_RUN = os.getpid()
+
+
+def application_name(target: str) -> str:
+    """What a target's server connections are called during this bench run."""
+    return f"pb-bench.{_RUN}.{target}"
+
+
 class _PsycopgSession:
-    def __init__(self, dsn: str, prepare: bool) -> None:
+    def __init__(self, dsn: str, prepare: bool, application_name: str) -> None:
         # PgBouncer 1.18 in transaction mode cannot keep prepared statements.
-        self._conn = psycopg.connect(dsn, autocommit=True,
+        self._conn = psycopg.connect(dsn, autocommit=True, application_name=application_name,
                                      prepare_threshold=5 if prepare else None)
 
     def run(self, sql: str, params: Any = None) -> None:
@@ -191,16 +206,18 @@ def _client_process(make_session: Callable[[], Any], workload: str, scale: int, 
 
 
 class _Sampler(threading.Thread):
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, application_name: str) -> None:
         super().__init__(daemon=True)
         self._dsn = dsn
+        self._application_name = application_name
         self._done = threading.Event()
         self.maximum = 0
 
     def run(self) -> None:
         with psycopg.connect(self._dsn, autocommit=True) as conn:
             while not self._done.is_set():
-                count = conn.execute(COUNT_SERVER_CONNECTIONS).fetchone()[0]
+                count = conn.execute(COUNT_SERVER_CONNECTIONS,
+                                     [self._application_name]).fetchone()[0]
                 self.maximum = max(self.maximum, count)
                 self._done.wait(0.01)
 
@@ -220,7 +237,7 @@ def _drive(row: Row, make_session: Callable[[], Any], dsn: str, scale: int) -> R
         proc.start()
     for _ in procs:
         ready.get(timeout=120)
-    sampler = _Sampler(dsn)
+    sampler = _Sampler(dsn, application_name(row.target))
     sampler.start()
     go.set()
     latencies: list[float] = []
@@ -258,16 +275,22 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 @contextmanager
-def _running_broker(dsn: str, cap: int, workdir: str,
+def _running_broker(dsn: str, cap: int, workdir: str, name: str,
                     source: str | None = None) -> Iterator[tuple[str, int]]:
     """This broker, or with ``source`` the one in that checkout (its own
-    ``.venv`` when it has one): the same clients drive both."""
+    ``.venv`` when it has one): the same clients drive both.  Its server
+    connections are called ``name``."""
     tree = Path(source or Path(__file__).resolve().parent.parent)
     python = tree / ".venv" / "bin" / "python"
     endpoint = f"ipc://{workdir}/broker/b.sock"  # the broker makes the directory 0700
+    # application_name has no flag, but every checkout reads it from a config
+    # file; a JSON string is a TOML basic string.
+    fd, config = tempfile.mkstemp(prefix="broker-", suffix=".toml", dir=workdir)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"[poolbroker]\napplication_name = {json.dumps(name)}\n")
     proc = subprocess.Popen(
         [str(python) if source and python.exists() else sys.executable,
-         "-m", "broker.cli", "serve", "--dsn", dsn, "--endpoint", endpoint,
+         "-m", "broker.cli", "serve", "--config", config, "--dsn", dsn, "--endpoint", endpoint,
          "--max-connections", str(cap), "--log-level", "WARNING",
          "--max-waiting", "100000"],
         cwd=tree)
@@ -414,13 +437,16 @@ def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row
 
     rows: list[Row] = []
     for target in plan.targets:
+        name = application_name(target)
         if target == "broker":
             brokers = [("", None)] + ([("baseline-", plan.baseline)] if plan.baseline else [])
             variants = [(False, "broker")] + ([(True, "broker-tx")] if workload == "txn" else [])
-            for interactive, name in variants:
+            for interactive, variant in variants:
                 for prefix, source in brokers:  # A/B: each variant, back to back
-                    with _running_broker(dsn, plan.cap, workdir, source) as (endpoint, pid):
-                        result = _drive(row(prefix + name), lambda e=endpoint, i=interactive:
+                    name = application_name(prefix + variant)
+                    with _running_broker(dsn, plan.cap, workdir, name, source) \
+                            as (endpoint, pid):
+                        result = _drive(row(prefix + variant), lambda e=endpoint, i=interactive:
                                         _BrokerSession(e, i), dsn, plan.scale)
                         result.broker_peak_rss_mb = round(_peak_rss_mb(pid), 1)
                     rows.append(result)
@@ -432,10 +458,11 @@ def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row
                 rows.append(skipped)
                 continue
             with _running_pgbouncer(binary, dsn, plan.cap, workdir) as bouncer_dsn:
-                rows.append(_drive(row(target), lambda d=bouncer_dsn: _PsycopgSession(d, False),
-                                   dsn, plan.scale))
+                rows.append(_drive(row(target), lambda d=bouncer_dsn, n=name: _PsycopgSession(
+                    d, False, n), dsn, plan.scale))
         elif target == "direct":
-            rows.append(_drive(row(target), lambda: _PsycopgSession(dsn, True), dsn, plan.scale))
+            rows.append(_drive(row(target), lambda n=name: _PsycopgSession(dsn, True, n),
+                               dsn, plan.scale))
         else:
             raise ValueError(f"unknown target {target!r}")
     baseline = {r.target: r.per_second for r in rows if not r.skipped}

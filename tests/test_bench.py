@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import psycopg
+
 from broker import bench
 from conftest import REPO
 
@@ -59,3 +61,18 @@ def test_baseline_checkout_runs_right_after_this_broker(dsn):
     rows = bench.run(plan)
     assert [r.target for r in rows] == ["broker", "baseline-broker"]
     assert all(r.operations > 0 and r.errors == 0 for r in rows)
+
+
+def test_max_conns_counts_only_the_target_measured(dsn):
+    # Idle sessions of someone else on the same database: before the count
+    # filtered by application_name they showed as the broker's connections.
+    others = [psycopg.connect(dsn, application_name="someone-else") for _ in range(CAP + 3)]
+    try:
+        plan = bench.Plan(workloads=("select1",), targets=("broker", "direct"), processes=1,
+                          duration=0.2, cap=CAP, dsn=dsn)
+        rows = {r.target: r for r in bench.run(plan)}
+    finally:
+        for conn in others:
+            conn.close()
+    assert 0 < rows["broker"].max_server_connections <= CAP
+    assert rows["direct"].max_server_connections == 1  # one client, one connection
