@@ -3,8 +3,10 @@
 Each target is driven by the same forked client processes and threads for
 the same duration, one target at a time, while a separate connection
 samples ``pg_stat_activity``.  Without ``--dsn`` the bench creates a
-throwaway PostgreSQL cluster; ``pk``, ``txn`` and ``mixed`` need
+throwaway PostgreSQL cluster; ``pk``, ``txn``, ``mixed`` and ``orm`` need
 pgbench's tables, created with ``pgbench -i`` when they are missing.
+``orm`` needs SQLAlchemy (the ``sqlalchemy`` extra); without it its rows
+say so and the other workloads run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +35,11 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .embedded import SERVER_USER, Cluster, find_bindir
+from .predecessors import MARK
 
 logger = logging.getLogger("poolbroker.bench")
 
-WORKLOADS = ("select1", "pk", "txn", "mixed")
+WORKLOADS = ("select1", "pk", "txn", "mixed", "orm")
 TARGETS = ("broker", "pgbouncer", "direct")
 ACCOUNTS_PER_SCALE = 100_000
 TELLERS_PER_SCALE = 10
@@ -51,9 +55,13 @@ TPCB = (
 )
 PK_LOOKUP = "SELECT abalance FROM pgbench_accounts WHERE aid = %s"
 ACCOUNT_UPDATE = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s"
+# A target's server connections, by the application_name its clients (or
+# its broker) give them: other sessions on a shared database, pgbench -i,
+# a previous target's leftovers or the sampler itself must not count.
+# Brokers append their mark (``~...``) to the configured name.
 COUNT_SERVER_CONNECTIONS = (
     "SELECT count(*) FROM pg_stat_activity "
-    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+    f"WHERE split_part(application_name, '{MARK}', 1) = %s")
 
 
 @dataclass
@@ -78,11 +86,25 @@ class Row:
 
 # Sessions: what one client thread talks to.
 
+# Tells two benches on one database apart; taken once, because the forked
+# clients must name their connections as their parent's sampler expects.
+_RUN = os.getpid()
+
+
+def application_name(target: str) -> str:
+    """What a target's server connections are called during this bench run."""
+    return f"pb-bench.{_RUN}.{target}"
+
+
+def _psycopg_options(prepare: bool, application_name: str) -> dict[str, Any]:
+    # PgBouncer 1.18 in transaction mode cannot keep prepared statements.
+    return {"application_name": application_name, "prepare_threshold": 5 if prepare else None}
+
+
 class _PsycopgSession:
-    def __init__(self, dsn: str, prepare: bool) -> None:
-        # PgBouncer 1.18 in transaction mode cannot keep prepared statements.
+    def __init__(self, dsn: str, prepare: bool, application_name: str) -> None:
         self._conn = psycopg.connect(dsn, autocommit=True,
-                                     prepare_threshold=5 if prepare else None)
+                                     **_psycopg_options(prepare, application_name))
 
     def run(self, sql: str, params: Any = None) -> None:
         cur = self._conn.execute(sql, params)
@@ -114,6 +136,94 @@ class _BrokerSession:
             self._client.batch([(sql, params) for sql in TPCB])
 
 
+# The orm workload: one page of a SQLAlchemy web app per operation.
+
+def sqlalchemy_missing() -> str:
+    """Why the orm workload cannot run here, or "" when it can."""
+    try:
+        import sqlalchemy.orm  # noqa: F401
+        import client.sqlalchemy  # noqa: F401  (the dialect needs SQLAlchemy 2)
+    except ImportError as exc:
+        return (f"SQLAlchemy missing or unusable ({exc}); "
+                "install it with: pip install 'poolbroker[sqlalchemy]'")
+    return ""
+
+
+@cache
+def _account_model() -> type:
+    """``pgbench_accounts`` as a mapped class, defined on first use because
+    SQLAlchemy is optional.  Every column is mapped, so a get loads the whole
+    row as an app's model would."""
+    from sqlalchemy import Integer, String
+    from sqlalchemy.orm import DeclarativeBase, mapped_column
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Account(Base):
+        __tablename__ = "pgbench_accounts"
+        aid = mapped_column(Integer, primary_key=True)
+        bid = mapped_column(Integer)
+        abalance = mapped_column(Integer)
+        filler = mapped_column(String(84))
+
+    return Account
+
+
+def _broker_engine(endpoint: str) -> Any:
+    import sqlalchemy as sa
+
+    # The dialect's default pool: what a user who changes only the URL gets.
+    return sa.create_engine(sa.URL.create("postgresql+poolbroker",
+                                          query={"endpoint": endpoint, "timeout": "60"}))
+
+
+def _psycopg_engine(dsn: str, prepare: bool, application_name: str) -> Any:
+    import sqlalchemy as sa
+
+    # SQLAlchemy's default pool (QueuePool): the engine keeps its connection
+    # (to PgBouncer, or to PostgreSQL) between pages, as an app's does.
+    return sa.create_engine("postgresql+psycopg://", connect_args={
+        **conninfo_to_dict(dsn), **_psycopg_options(prepare, application_name)})
+
+
+class _OrmSession:
+    """A SQLAlchemy engine for one client thread: with the psycopg dialect
+    the thread keeps one connection, as the other workloads' sessions do
+    (and as a worker's thread does with its process's engine)."""
+
+    def __init__(self, engine: Any) -> None:
+        from sqlalchemy.orm import sessionmaker
+
+        self._sessions = sessionmaker(engine)
+        self._account = _account_model()
+        with engine.connect():  # the dialect's first-connect queries, before the clock runs
+            pass
+
+    def page(self, aid: int) -> None:
+        """Get by primary key, change an attribute, commit."""
+        with self._sessions() as session:
+            account = session.get(self._account, aid)
+            # An SQL expression rather than a sum computed here: concurrent
+            # pages on one row lose no increment, so the table counts the
+            # pages committed exactly.
+            account.abalance = self._account.abalance + 1
+            session.commit()
+
+
+def _broker_sessions(workload: str, endpoint: str, interactive: bool) -> Callable[[], Any]:
+    if workload == "orm":
+        return lambda: _OrmSession(_broker_engine(endpoint))
+    return lambda: _BrokerSession(endpoint, interactive)
+
+
+def _psycopg_sessions(workload: str, dsn: str, prepare: bool,
+                      application_name: str) -> Callable[[], Any]:
+    if workload == "orm":
+        return lambda: _OrmSession(_psycopg_engine(dsn, prepare, application_name))
+    return lambda: _PsycopgSession(dsn, prepare, application_name)
+
+
 def _operation(workload: str, session: Any, rng: random.Random,
                scale: int) -> Callable[[], None]:
     accounts = ACCOUNTS_PER_SCALE * scale
@@ -128,6 +238,8 @@ def _operation(workload: str, session: Any, rng: random.Random,
         return lambda: session.run(PK_LOOKUP, [rng.randint(1, accounts)])
     if workload == "txn":
         return lambda: session.transaction(tpcb_params())
+    if workload == "orm":
+        return lambda: session.page(rng.randint(1, accounts))
 
     def mixed() -> None:  # 70% lookups, 20% single-row updates, 10% transactions
         roll = rng.random()
@@ -191,16 +303,18 @@ def _client_process(make_session: Callable[[], Any], workload: str, scale: int, 
 
 
 class _Sampler(threading.Thread):
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, application_name: str) -> None:
         super().__init__(daemon=True)
         self._dsn = dsn
+        self._application_name = application_name
         self._done = threading.Event()
         self.maximum = 0
 
     def run(self) -> None:
         with psycopg.connect(self._dsn, autocommit=True) as conn:
             while not self._done.is_set():
-                count = conn.execute(COUNT_SERVER_CONNECTIONS).fetchone()[0]
+                count = conn.execute(COUNT_SERVER_CONNECTIONS,
+                                     [self._application_name]).fetchone()[0]
                 self.maximum = max(self.maximum, count)
                 self._done.wait(0.01)
 
@@ -220,7 +334,7 @@ def _drive(row: Row, make_session: Callable[[], Any], dsn: str, scale: int) -> R
         proc.start()
     for _ in procs:
         ready.get(timeout=120)
-    sampler = _Sampler(dsn)
+    sampler = _Sampler(dsn, application_name(row.target))
     sampler.start()
     go.set()
     latencies: list[float] = []
@@ -258,16 +372,22 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 @contextmanager
-def _running_broker(dsn: str, cap: int, workdir: str,
+def _running_broker(dsn: str, cap: int, workdir: str, name: str,
                     source: str | None = None) -> Iterator[tuple[str, int]]:
     """This broker, or with ``source`` the one in that checkout (its own
-    ``.venv`` when it has one): the same clients drive both."""
+    ``.venv`` when it has one): the same clients drive both.  Its server
+    connections are called ``name``."""
     tree = Path(source or Path(__file__).resolve().parent.parent)
     python = tree / ".venv" / "bin" / "python"
     endpoint = f"ipc://{workdir}/broker/b.sock"  # the broker makes the directory 0700
+    # application_name has no flag, but every checkout reads it from a config
+    # file; a JSON string is a TOML basic string.
+    fd, config = tempfile.mkstemp(prefix="broker-", suffix=".toml", dir=workdir)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"[poolbroker]\napplication_name = {json.dumps(name)}\n")
     proc = subprocess.Popen(
         [str(python) if source and python.exists() else sys.executable,
-         "-m", "broker.cli", "serve", "--dsn", dsn, "--endpoint", endpoint,
+         "-m", "broker.cli", "serve", "--config", config, "--dsn", dsn, "--endpoint", endpoint,
          "--max-connections", str(cap), "--log-level", "WARNING",
          "--max-waiting", "100000"],
         cwd=tree)
@@ -394,48 +514,65 @@ class Plan:
 
 
 def run(plan: Plan) -> list[Row]:
-    """Every workload through every target; ratios filled in per workload."""
-    rows: list[Row] = []
-    workdir = tempfile.mkdtemp(prefix="pb-bench-", dir="/tmp")
-    try:
-        with _database(plan.dsn, workdir) as dsn:
-            if set(plan.workloads) - {"select1"}:
-                _ensure_pgbench_tables(dsn, plan.scale)
-            for workload in plan.workloads:
-                rows += _run_workload(plan, workload, dsn, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return rows
+    """Every workload through every target; ratios filled in per workload.
+    A workload that cannot run here gives rows that say why."""
+    why_not = {w: sqlalchemy_missing() if w == "orm" else "" for w in plan.workloads}
+    results = {w: [_skipped(_row(plan, w, t), why_not[w]) for t in plan.targets]
+               for w in plan.workloads if why_not[w]}
+    runnable = [w for w in plan.workloads if not why_not[w]]
+    if runnable:
+        workdir = tempfile.mkdtemp(prefix="pb-bench-", dir="/tmp")
+        try:
+            with _database(plan.dsn, workdir) as dsn:
+                if set(runnable) - {"select1"}:
+                    _ensure_pgbench_tables(dsn, plan.scale)
+                for workload in runnable:
+                    results[workload] = _run_workload(plan, workload, dsn, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return [r for w in plan.workloads for r in results[w]]
+
+
+def _row(plan: Plan, workload: str, target: str) -> Row:
+    return Row(workload, target, plan.processes, plan.threads, plan.duration)
+
+
+def _skipped(row: Row, why: str) -> Row:
+    row.skipped = why
+    return row
 
 
 def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row]:
     def row(target: str) -> Row:
-        return Row(workload, target, plan.processes, plan.threads, plan.duration)
+        return _row(plan, workload, target)
 
     rows: list[Row] = []
     for target in plan.targets:
+        name = application_name(target)
         if target == "broker":
             brokers = [("", None)] + ([("baseline-", plan.baseline)] if plan.baseline else [])
             variants = [(False, "broker")] + ([(True, "broker-tx")] if workload == "txn" else [])
-            for interactive, name in variants:
+            for interactive, variant in variants:
                 for prefix, source in brokers:  # A/B: each variant, back to back
-                    with _running_broker(dsn, plan.cap, workdir, source) as (endpoint, pid):
-                        result = _drive(row(prefix + name), lambda e=endpoint, i=interactive:
-                                        _BrokerSession(e, i), dsn, plan.scale)
+                    name = application_name(prefix + variant)
+                    with _running_broker(dsn, plan.cap, workdir, name, source) \
+                            as (endpoint, pid):
+                        result = _drive(row(prefix + variant), _broker_sessions(
+                            workload, endpoint, interactive), dsn, plan.scale)
                         result.broker_peak_rss_mb = round(_peak_rss_mb(pid), 1)
                     rows.append(result)
         elif target == "pgbouncer":
             binary = find_pgbouncer(plan.pgbouncer)
             if binary is None:
-                skipped = row(target)
-                skipped.skipped = "pgbouncer not installed (Debian: apt-get install pgbouncer)"
-                rows.append(skipped)
+                rows.append(_skipped(row(target), "pgbouncer not installed "
+                                                  "(Debian: apt-get install pgbouncer)"))
                 continue
             with _running_pgbouncer(binary, dsn, plan.cap, workdir) as bouncer_dsn:
-                rows.append(_drive(row(target), lambda d=bouncer_dsn: _PsycopgSession(d, False),
-                                   dsn, plan.scale))
+                rows.append(_drive(row(target), _psycopg_sessions(
+                    workload, bouncer_dsn, False, name), dsn, plan.scale))
         elif target == "direct":
-            rows.append(_drive(row(target), lambda: _PsycopgSession(dsn, True), dsn, plan.scale))
+            rows.append(_drive(row(target), _psycopg_sessions(workload, dsn, True, name),
+                               dsn, plan.scale))
         else:
             raise ValueError(f"unknown target {target!r}")
     baseline = {r.target: r.per_second for r in rows if not r.skipped}

@@ -83,7 +83,8 @@ def _bench(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
     plan = bench.Plan(
-        workloads=choices(args.workloads, bench.WORKLOADS, "workload"),
+        workloads=choices(args.workloads or ",".join(bench.WORKLOADS), bench.WORKLOADS,
+                          "workload"),
         targets=choices(args.targets, bench.TARGETS, "target"),
         processes=args.processes, threads=args.threads, cap=args.cap,
         duration=args.duration, scale=args.scale,
@@ -148,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="drive a workload through the broker, PgBouncer and direct psycopg")
     bench.add_argument("--dsn", help="database to use [POOLBROKER_DSN]; default: a "
                                      "throwaway cluster the bench creates")
-    bench.add_argument("--workloads", default=",".join(("select1", "pk", "txn", "mixed")),
-                       help="comma-separated: select1, pk, txn, mixed (all)")
+    bench.add_argument("--workloads",  # default: bench.WORKLOADS, not imported for other commands
+                       help="comma-separated: select1, pk, txn, mixed, orm (all; orm needs "
+                            "SQLAlchemy)")
     bench.add_argument("--targets", default="broker,pgbouncer,direct",
                        help="comma-separated: broker, pgbouncer, direct (all)")
     bench.add_argument("--processes", type=int, default=8, help="client processes (8)")

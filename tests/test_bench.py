@@ -4,8 +4,11 @@ the bench itself, so these tests check behaviour, never speed."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+
+import psycopg
 
 from broker import bench
 from conftest import REPO
@@ -13,13 +16,17 @@ from conftest import REPO
 CAP = 2
 
 
+def bench_command(dsn: str, *args: str) -> subprocess.CompletedProcess:
+    """``poolbroker bench`` on the test database, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "broker.cli", "bench", "--dsn", dsn, *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
 def test_bench_runs_every_target_within_the_cap(dsn, tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "bench", "--dsn", dsn, "--workloads", "select1,txn",
-         "--processes", "3", "--threads", "2", "--cap", str(CAP), "--duration", "0.5",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = bench_command(dsn, "--workloads", "select1,txn", "--processes", "3",
+                           "--threads", "2", "--cap", str(CAP), "--duration", "0.5",
+                           "--json", str(out))
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["rows"]
     targets = {(r["workload"], r["target"]) for r in rows}
@@ -59,3 +66,71 @@ def test_baseline_checkout_runs_right_after_this_broker(dsn):
     rows = bench.run(plan)
     assert [r.target for r in rows] == ["broker", "baseline-broker"]
     assert all(r.operations > 0 and r.errors == 0 for r in rows)
+
+
+def test_max_conns_counts_only_the_target_measured(dsn):
+    # Idle sessions of someone else on the same database: before the count
+    # filtered by application_name they showed as the broker's connections.
+    others = [psycopg.connect(dsn, application_name="someone-else") for _ in range(CAP + 3)]
+    try:
+        plan = bench.Plan(workloads=("select1",), targets=("broker", "direct"), processes=1,
+                          duration=0.2, cap=CAP, dsn=dsn)
+        rows = {r.target: r for r in bench.run(plan)}
+    finally:
+        for conn in others:
+            conn.close()
+    assert 0 < rows["broker"].max_server_connections <= CAP
+    assert rows["direct"].max_server_connections == 1  # one client, one connection
+
+
+def total_balance(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT sum(abalance) FROM pgbench_accounts").fetchone()[0]
+
+
+def test_orm_pages_commit_through_every_target(dsn, tmp_path):
+    bench._ensure_pgbench_tables(dsn, 1)  # to read the balance before the first page
+    before = total_balance(dsn)
+    out = tmp_path / "bench.json"
+    result = bench_command(dsn, "--workloads", "orm", "--processes", "2", "--threads", "2",
+                           "--cap", str(CAP), "--duration", "0.5", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["target"] for r in rows] == ["broker", "pgbouncer", "direct"]
+    ran = [r for r in rows if not r["skipped"]]
+    if bench.find_pgbouncer():
+        assert len(ran) == 3
+    for r in ran:
+        assert r["workload"] == "orm"
+        assert r["operations"] > 0 and r["errors"] == 0 and not r["first_error"], r
+    # Each page adds 1 to one account: the table counts exactly the pages the
+    # bench says committed, through every target together.
+    assert total_balance(dsn) - before == sum(r["operations"] for r in ran)
+    by_target = {r["target"]: r for r in ran}
+    assert by_target["direct"]["max_server_connections"] == 4  # one per client thread
+    for r in ran:
+        if r["target"] != "direct":
+            assert 0 < r["max_server_connections"] <= CAP, r
+    # The ratios are in the table, as the JSON has them.
+    broker = by_target["broker"]
+    line = next(line for line in result.stdout.splitlines()
+                if re.match(r"orm\s+broker\s", line))
+    assert f"{broker['vs_direct']:.2f}x" in line
+    if "pgbouncer" in by_target:
+        assert f"{broker['vs_pgbouncer']:.2f}x" in line
+
+
+def test_orm_without_sqlalchemy_says_so_and_the_rest_runs(dsn):
+    # The bench in a process where SQLAlchemy cannot be imported, as when
+    # the broker is installed without its sqlalchemy extra.
+    code = ("import sys; sys.modules['sqlalchemy'] = None; "
+            "from broker.cli import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run(
+        [sys.executable, "-c", code, "bench", "--dsn", dsn, "--workloads", "orm,select1",
+         "--targets", "broker,direct", "--processes", "1", "--duration", "0.2"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    for target in ("broker", "direct"):
+        assert f"orm/{target}: not run: SQLAlchemy missing" in result.stdout
+    assert "pip install 'poolbroker[sqlalchemy]'" in result.stdout
+    assert re.search(r"^select1\s+direct\s", result.stdout, re.M), result.stdout
