@@ -30,6 +30,7 @@ DESCRIPTORS_RESERVED = 64
 """Descriptors kept for the broker's own use (libzmq, pipes, logs) besides
 three per server connection (its socket, a cancel, a reconnect)."""
 REFUSED_LOG_INTERVAL = 10.0
+_UNPARSED = object()
 
 
 def raise_open_files_limit() -> int:
@@ -51,17 +52,31 @@ def default_max_clients(open_files: int, max_connections: int) -> int:
     return max(16, (open_files - DESCRIPTORS_RESERVED - 3 * max_connections) * 3 // 4)
 
 
-def peer_credentials(frame: zmq.Frame) -> tuple[int, int] | None:
-    """(uid, pid) of an ipc sender, from libzmq's Peer-Address
-    ("localhost:UID:GID:PID"); None over tcp."""
+ADDRESSES_KEPT = 4096
+"""Peer-Address strings kept parsed: one per client process, so a
+broker's usual clients are parsed once, and the dict stays bounded."""
+
+
+def peer_address(frame: zmq.Frame) -> str | None:
+    """libzmq's Peer-Address of a message: "localhost:UID:GID:PID" over
+    ipc, from the kernel's credentials of the connection."""
     try:
-        address = frame.get("Peer-Address")
+        return frame.get("Peer-Address")
     except zmq.ZMQError:
         return None
+
+
+def parse_peer_address(address: str | None) -> tuple[int, int] | None:
+    """(uid, pid) of an ipc sender; None over tcp."""
     parts = address.split(":") if address else ()
     if len(parts) < 4 or not (parts[-3].isdigit() and parts[-1].isdigit()):
         return None
     return int(parts[-3]), int(parts[-1])
+
+
+def peer_credentials(frame: zmq.Frame) -> tuple[int, int] | None:
+    """(uid, pid) of an ipc sender; None over tcp."""
+    return parse_peer_address(peer_address(frame))
 
 
 class ClientGate:
@@ -77,6 +92,7 @@ class ClientGate:
         self._check_uids = ipc
         self._uids = frozenset((os.getuid(), *allowed_uids))
         self._warned: set[int | None] = set()  # uids already logged
+        self._uid_of: dict[str | None, int | None] = {}  # Peer-Address -> uid
         self._shut: set[int] = set()  # descriptors refused, until libzmq closes them
         self._refused_log_at = 0.0
 
@@ -138,9 +154,16 @@ class ClientGate:
         if not self._check_uids:
             return True
         # Checked on every message, never cached by routing id: a client may
-        # choose its own, and reuse one another process used before.
-        credentials = peer_credentials(frame)
-        uid = credentials[0] if credentials else None
+        # choose its own, and reuse one another process used before.  The
+        # address itself comes from the kernel each time; only its parse is kept.
+        address = peer_address(frame)
+        uid = self._uid_of.get(address, _UNPARSED)
+        if uid is _UNPARSED:
+            credentials = parse_peer_address(address)
+            uid = credentials[0] if credentials else None
+            if len(self._uid_of) >= ADDRESSES_KEPT:
+                self._uid_of.clear()
+            self._uid_of[address] = uid
         if uid in self._uids:
             return True
         self.rejected += 1

@@ -78,6 +78,8 @@ as undeliverable: a client that never reads holds at most
 (max_client_requests + REPLY_QUEUE_SLACK) x max_result_bytes of the broker.
 Requests past it wait in the client: libzmq stops reading its socket."""
 ROUTER_BATCH = 256
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq converts an enum flag on every call
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 """Requests read per turn before connections get their turn."""
 GUARD_MARGIN = 0.02
 """Seconds past a pipelined job's deadline before its client is told it will
@@ -258,6 +260,7 @@ class Broker:
             self._close_transport()
             raise
         router, poller, by_fd = self._router, self._poller, self._by_fd
+        recv = router.recv
         wakeup = self._pool.wakeup_fd
         gate = self._gate
         monitor = gate.monitor
@@ -285,9 +288,13 @@ class Broker:
                 if requests:
                     for _ in range(ROUTER_BATCH):
                         try:
-                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frame = recv(_NOBLOCK, copy=False)
                         except zmq.Again:
                             break
+                        frames = [frame]
+                        while frame.more:
+                            frame = recv(_NOBLOCK, copy=False)
+                            frames.append(frame)
                         self._on_request(frames, now)
                 if now >= self._next_housekeeping:
                     self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
@@ -739,9 +746,16 @@ class Broker:
 
     # Replies
 
+    def _send_to(self, routing_id: bytes, message: bytes) -> None:
+        # Frame by frame: send_multipart costs a few microseconds more a reply.
+        # ROUTER_MANDATORY raises (EHOSTUNREACH, EAGAIN) on the first frame.
+        send = self._router.send
+        send(routing_id, _NOBLOCK_MORE)
+        send(message, _NOBLOCK)
+
     def _reply(self, routing_id: bytes, reply: bytes) -> None:
         try:
-            self._router.send_multipart([routing_id, reply], zmq.NOBLOCK)
+            self._send_to(routing_id, reply)
         except zmq.ZMQError:
             # EHOSTUNREACH: the client is gone; EAGAIN: it stopped reading.
             self.stats[S.REPLIES_UNDELIVERABLE] += 1
@@ -751,7 +765,7 @@ class Broker:
         fails its heartbeats and its pipe is closed, so ROUTER_MANDATORY
         refuses a message to it."""
         try:
-            self._router.send_multipart([routing_id, _PROBE], zmq.NOBLOCK)
+            self._send_to(routing_id, _PROBE)
         except zmq.ZMQError as exc:
             return exc.errno != zmq.EHOSTUNREACH  # EAGAIN: up, just not reading
         return True
