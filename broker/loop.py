@@ -519,7 +519,10 @@ class Broker:
         if conn.in_flight > 1:
             self.stats[S.REQUESTS_PIPELINED] += 1
             self._pool.grow(now, 1)  # every connection is busy: more would help
-        self._on_outcomes(conn, outcomes, now)
+        if outcomes or conn.broken:
+            self._on_outcomes(conn, outcomes, now)
+        else:  # sent, nothing known yet: only what to poll for changes
+            self._watch(conn)
 
     def _drop_stale_plans(self, conn: PgConn, job: Job) -> None:
         """Before ``job`` runs: a plan prepared before some DDL may return other

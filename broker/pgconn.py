@@ -375,14 +375,16 @@ class PgConn:
         status = result.status
         if status in _ROWS:
             first = into.columns is None
-            tx = self._transformer
-            tx.set_pgresult(result, set_loaders=first)
+            rows = result.ntuples
             if first:
                 fields = range(result.nfields)
                 into.columns = [result.fname(i).decode() for i in fields]
                 into.types = [result.ftype(i) for i in fields]
-            rows = result.ntuples
             if rows and run.error is None:
+                # Loaders are chosen once per statement, by its first rows;
+                # the empty result that ends a chunked read needs none.
+                tx = self._transformer
+                tx.set_pgresult(result, set_loaders=not into.count)
                 packed = protocol.pack_rows(tx.load_rows(0, rows, tuple))
                 into.packed.append(packed)
                 into.count += rows

@@ -168,7 +168,7 @@ class Pool:
 
     def grow(self, now: float, wanted: int) -> None:
         """Open up to ``wanted`` more connections, never beyond the cap."""
-        if now < self._retry_at:
+        if now < self._retry_at or self.at_cap:  # at cap: the common case under load
             return
         room = self.settings.max_connections - len(self.foreign)
         opening = self.count(State.OPENING)

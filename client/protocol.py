@@ -285,16 +285,17 @@ def pack_result(columns: list[str] | None, packed_rows: list[bytes], row_count: 
     """``pack([columns, rows, rowcount, types])`` (a RESULT) from rows packed
     beforehand (so that their size was known while they were read); with
     ``more`` (RESULTs packed beforehand), their list as a fifth item."""
-    head = _packer(autoreset=False)
-    head.pack_array_header(5 if more else 4)
-    head.pack(columns)
-    head.pack_array_header(row_count)
-    tail = _packer(autoreset=False)
-    tail.pack(rowcount)
-    tail.pack(types)
+    packer = _packer(autoreset=False)  # one for both ends: a Packer costs a microsecond
+    packer.pack_array_header(5 if more else 4)
+    packer.pack(columns)
+    packer.pack_array_header(row_count)
+    head = packer.bytes()
+    packer.reset()
+    packer.pack(rowcount)
+    packer.pack(types)
     if more:
-        return b"".join((head.bytes(), *packed_rows, tail.bytes(), pack_list(more)))
-    return b"".join((head.bytes(), *packed_rows, tail.bytes()))
+        return b"".join((head, *packed_rows, packer.bytes(), pack_list(more)))
+    return b"".join((head, *packed_rows, packer.bytes()))
 
 
 EMPTY_RESULT = [None, [], 0, None]
