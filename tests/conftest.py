@@ -227,19 +227,28 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
-@pytest.fixture
-def start_broker(dsn: str) -> Callable[..., BrokerProcess]:
+@contextlib.contextmanager
+def broker_starter(dsn: str, **defaults: Any) -> Iterator[Callable[..., BrokerProcess]]:
+    """``start(wait=True, **settings)`` for brokers on ``dsn``, all stopped at the end."""
     started: list[BrokerProcess] = []
 
     def start(wait: bool = True, **settings: Any) -> BrokerProcess:
-        broker = BrokerProcess(settings.pop("dsn", dsn), **settings)
+        broker = BrokerProcess(settings.pop("dsn", dsn), **{**defaults, **settings})
         started.append(broker)
         return broker.start(wait=wait)
 
-    yield start
-    for broker in started:
-        broker.stop()
-        shutil.rmtree(broker.dir, ignore_errors=True)
+    try:
+        yield start
+    finally:
+        for broker in started:
+            broker.stop()
+            shutil.rmtree(broker.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def start_broker(dsn: str) -> Iterator[Callable[..., BrokerProcess]]:
+    with broker_starter(dsn) as start:
+        yield start
 
 
 @pytest.fixture

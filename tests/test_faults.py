@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
@@ -21,7 +20,9 @@ import pytest
 import client
 from broker.embedded import Cluster
 from client import protocol
-from conftest import OF_APPLICATION, BrokerProcess, ConnectionSampler, raw_socket, throwaway_cluster
+from conftest import (
+    OF_APPLICATION, BrokerProcess, ConnectionSampler, broker_starter, raw_socket, throwaway_cluster,
+)
 
 CAP = 4
 
@@ -33,19 +34,9 @@ def own_pg() -> Cluster:
 
 
 @pytest.fixture
-def own_broker(own_pg: Cluster) -> Callable[..., BrokerProcess]:
-    started: list[BrokerProcess] = []
-
-    def start(wait: bool = True, **settings: Any) -> BrokerProcess:
-        settings.setdefault("max_connections", CAP)
-        broker = BrokerProcess(own_pg.dsn, **settings)
-        started.append(broker)
-        return broker.start(wait=wait)
-
-    yield start
-    for broker in started:
-        broker.stop()
-        shutil.rmtree(broker.dir, ignore_errors=True)
+def own_broker(own_pg: Cluster) -> Iterator[Callable[..., BrokerProcess]]:
+    with broker_starter(own_pg.dsn, max_connections=CAP) as start:
+        yield start
     own_pg.start_if_stopped()
 
 
