@@ -1,4 +1,4 @@
-"""``poolbroker serve | stats | embedded-postgres``."""
+"""``poolbroker serve | config | stats | bench | keygen | embedded-postgres``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ def _config_failed(exc: ConfigError) -> int:
     for problem in exc.problems:
         print(f"poolbroker: {problem}", file=sys.stderr)
     return 2
+
+
+def _config(args: argparse.Namespace) -> int:
+    from .settings_docs import defaults_toml, settings_toml
+
+    if args.defaults:
+        print(defaults_toml(), end="")
+        return 0
+    try:
+        settings = load(args.config, config.flag_values(args))
+    except ConfigError as exc:
+        return _config_failed(exc)
+    print(Redactor(settings.dsn)(settings_toml(settings)), end="")
+    return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -125,10 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     # No abbreviated flags: with a family of --max-... settings, one that is
     # unambiguous today would become ambiguous when a setting is added.
     serve = commands.add_parser("serve", help="run the broker", allow_abbrev=False)
-    serve.add_argument("--config", metavar="FILE",
-                       help="TOML file of settings (see etc/poolbroker.toml)")
-    config.add_flags(serve)
+    show = commands.add_parser(
+        "config", allow_abbrev=False,
+        help="check the settings and print them as the broker would run with them, "
+             "the DSN's password masked")
+    for command in (serve, show):
+        command.add_argument("--config", metavar="FILE",
+                             help="TOML file of settings (see etc/poolbroker.toml)")
+        config.add_flags(command)
     serve.set_defaults(func=_serve)
+    show.add_argument("--defaults", action="store_true",
+                      help="print every setting with its default and its meaning, "
+                           "commented out: etc/poolbroker.toml")
+    show.set_defaults(func=_config)
 
     stats = commands.add_parser("stats", help="print the broker's counters")
     stats.add_argument("--endpoint", help="broker endpoint [POOLBROKER_ENDPOINT]")

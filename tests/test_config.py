@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import pytest
 
+from broker import settings_docs
 from broker.config import SPECS, ConfigError, Settings, Spec, add_flags, flag_values, load
 from conftest import REPO, short_tempdir
 
@@ -80,9 +82,40 @@ def test_serve_help_lists_every_setting_with_its_default_and_variable():
         in text
 
 
-def test_shipped_config_parses_and_matches_the_defaults():
-    settings = load(str(REPO / "etc" / "poolbroker.toml"), {"dsn": "dbname=x"}, environ={})
-    assert settings == Settings(dsn="dbname=x")
+def test_shipped_docs_are_the_declaration():
+    """etc/poolbroker.toml and README's table are written by `make docs`; run it
+    after changing a setting."""
+    assert (REPO / "etc" / "poolbroker.toml").read_text() == settings_docs.defaults_toml()
+    readme = (REPO / "README.md").read_text()
+    assert settings_docs.readme_with_table(readme) == readme
+
+
+def test_shipped_config_uncommented_gives_the_defaults(tmp_path):
+    """Each `# name = value` line of etc/poolbroker.toml, uncommented, is valid and
+    is the default (but for the settings whose default is computed or required)."""
+    lines = (REPO / "etc" / "poolbroker.toml").read_text().splitlines()
+    assignments = [line[2:] for line in lines if re.match(r"# \w+ = ", line)]
+    assert [line.split(" = ")[0] for line in assignments] == list(SPECS)
+    config = tmp_path / "pb.toml"
+    config.write_text("[poolbroker]\n" + "\n".join(assignments) + "\n")
+    settings = load(str(config), environ={})
+    defaults = Settings(dsn=settings.dsn, endpoint=settings.endpoint)
+    assert settings == defaults
+
+
+def test_config_prints_what_serve_would_run_with(tmp_path):
+    result = _poolbroker("config", "--max-connections", "4", "--allowed-uids", "7,8",
+                         env={"POOLBROKER_DSN": "dbname=app password=hunter2",
+                              "POOLBROKER_POOL_TIMEOUT": "2"})
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    config = tmp_path / "pb.toml"
+    config.write_text(result.stdout)
+    settings = load(str(config), {"dsn": "dbname=app"}, environ={})
+    assert (settings.max_connections, settings.allowed_uids, settings.pool_timeout) \
+        == (4, (7, 8), 2.0)
+    assert _poolbroker("config", "--defaults").stdout \
+        == (REPO / "etc" / "poolbroker.toml").read_text()
 
 
 @pytest.mark.parametrize("text,message", [
