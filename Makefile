@@ -1,5 +1,7 @@
 # make test : set everything up and run the test suite (real PostgreSQL).
 # make sqlalchemy-suite : SQLAlchemy's dialect compliance suite, in full.
+# make docs : rewrite etc/poolbroker.toml and README's settings table from
+#             the settings declared in broker/config.py.
 # make soak : the long soak (1,000,000 requests, clients killed at random).
 # make run  : set everything up and run the broker under supervisord,
 #             against $POOLBROKER_DSN or an embedded cluster under var/.
@@ -13,7 +15,7 @@ VAR     := $(CURDIR)/var
 PG_PORT ?= 5432
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup test sqlalchemy-suite soak run run-flask supervised-postgres postgres-binaries clean
+.PHONY: setup docs test sqlalchemy-suite soak run run-flask supervised-postgres postgres-binaries clean
 
 setup: $(VENV)/.installed postgres-binaries
 
@@ -42,6 +44,9 @@ postgres-binaries:
 	         "(sudo apt-get install postgresql) or set POOLBROKER_PG_BINDIR" >&2; \
 	    exit 1; \
 	fi
+
+docs: setup
+	$(BIN)/python -m broker.settings_docs .
 
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)

@@ -380,8 +380,9 @@ def _running_broker(dsn: str, cap: int, workdir: str, name: str,
     tree = Path(source or Path(__file__).resolve().parent.parent)
     python = tree / ".venv" / "bin" / "python"
     endpoint = f"ipc://{workdir}/broker/b.sock"  # the broker makes the directory 0700
-    # application_name has no flag, but every checkout reads it from a config
-    # file; a JSON string is a TOML basic string.
+    # application_name has a flag only since settings were declared once, and
+    # --baseline may run an older checkout: every checkout reads it from a
+    # config file; a JSON string is a TOML basic string.
     fd, config = tempfile.mkstemp(prefix="broker-", suffix=".toml", dir=workdir)
     with os.fdopen(fd, "w") as f:
         f.write(f"[poolbroker]\napplication_name = {json.dumps(name)}\n")

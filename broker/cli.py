@@ -1,4 +1,4 @@
-"""``poolbroker serve | stats | embedded-postgres``."""
+"""``poolbroker serve | config | stats | bench | keygen | embedded-postgres``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from . import config
 from .config import ConfigError, load
 from .redact import Redactor
 
@@ -15,23 +16,35 @@ from .redact import Redactor
 def _serve(args: argparse.Namespace) -> int:
     from .loop import Broker
 
-    overrides = {
-        "dsn": args.dsn, "endpoint": args.endpoint, "max_connections": args.max_connections,
-        "pool_timeout": args.pool_timeout, "max_waiting": args.max_waiting,
-        "idle_transaction_timeout": args.idle_transaction_timeout,
-        "drain_timeout": args.drain_timeout, "log_level": args.log_level,
-        "insecure_tcp": True if args.insecure_tcp else None,
-    }
     try:
-        settings = load(args.config, overrides)
+        settings = load(args.config, config.flag_values(args))
         logging.basicConfig(
-            level=settings.log_level.upper(), stream=sys.stderr,
+            level=settings.log_level, stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         Redactor(settings.dsn).install()
         Broker(settings).run()
     except ConfigError as exc:
-        print(f"poolbroker: {exc}", file=sys.stderr)
-        return 2
+        return _config_failed(exc)
+    return 0
+
+
+def _config_failed(exc: ConfigError) -> int:
+    for problem in exc.problems:
+        print(f"poolbroker: {problem}", file=sys.stderr)
+    return 2
+
+
+def _config(args: argparse.Namespace) -> int:
+    from .settings_docs import defaults_toml, settings_toml
+
+    if args.defaults:
+        print(defaults_toml(), end="")
+        return 0
+    try:
+        settings = load(args.config, config.flag_values(args))
+    except ConfigError as exc:
+        return _config_failed(exc)
+    print(Redactor(settings.dsn)(settings_toml(settings)), end="")
     return 0
 
 
@@ -123,21 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poolbroker", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the broker")
-    serve.add_argument("--config", help="TOML file of settings (see etc/poolbroker.toml)")
-    serve.add_argument("--dsn", help="libpq connection string [POOLBROKER_DSN]")
-    serve.add_argument("--endpoint", help="ZeroMQ endpoint to bind [POOLBROKER_ENDPOINT]")
-    serve.add_argument("--max-connections", type=int,
-                       help="cap on server connections [POOLBROKER_MAX_CONNECTIONS] (10)")
-    serve.add_argument("--pool-timeout", type=float, help="seconds a request may queue (30)")
-    serve.add_argument("--max-waiting", type=int, help="queued requests before refusing (10000)")
-    serve.add_argument("--idle-transaction-timeout", type=float,
-                       help="seconds a transaction may idle before rollback (60)")
-    serve.add_argument("--drain-timeout", type=float, help="seconds SIGTERM waits (10)")
-    serve.add_argument("--insecure-tcp", action="store_true",
-                       help="allow a plain-text tcp endpoint")
-    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING... (INFO)")
+    # No abbreviated flags: with a family of --max-... settings, one that is
+    # unambiguous today would become ambiguous when a setting is added.
+    serve = commands.add_parser("serve", help="run the broker", allow_abbrev=False)
+    show = commands.add_parser(
+        "config", allow_abbrev=False,
+        help="check the settings and print them as the broker would run with them, "
+             "the DSN's password masked")
+    for command in (serve, show):
+        command.add_argument("--config", metavar="FILE",
+                             help="TOML file of settings (see etc/poolbroker.toml)")
+        config.add_flags(command)
     serve.set_defaults(func=_serve)
+    show.add_argument("--defaults", action="store_true",
+                      help="print every setting with its default and its meaning, "
+                           "commented out: etc/poolbroker.toml")
+    show.set_defaults(func=_config)
 
     stats = commands.add_parser("stats", help="print the broker's counters")
     stats.add_argument("--endpoint", help="broker endpoint [POOLBROKER_ENDPOINT]")

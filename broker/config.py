@@ -1,12 +1,34 @@
-"""Broker settings: command-line flag > environment > TOML file > default."""
+"""Broker settings, declared once: the fields of :class:`Settings`.
+
+Each field is one setting, declared with :func:`setting`: its type (the
+annotation), its default, a help line and any further explanation.  All the
+rest is derived from that declaration:
+
+- its key in the ``[poolbroker]`` table of the TOML file is the field's name;
+- its environment variable is ``POOLBROKER_<NAME>``;
+- its ``serve`` flag is ``--<name-with-dashes>`` (a bool: ``--name``/``--no-name``),
+  listed by ``poolbroker serve --help`` with its default and variable;
+- values are checked against the type: strictly in TOML (``"4"`` is not an
+  int, ``true`` is not one either; an int is a fine float), parsed from text in
+  the environment and on the command line;
+- ``etc/poolbroker.toml`` and README's settings table (``broker.settings_docs``).
+
+Precedence: command-line flag > environment > TOML file > default.  Every
+problem found is reported, one line each, in one :class:`ConfigError`.
+
+To add a setting, see :class:`Settings`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
+import difflib
+import json
+import math
 import os
 import tomllib
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
 from psycopg.conninfo import conninfo_to_dict
 
@@ -19,141 +41,462 @@ NAMEDATALEN = 64
 """PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes."""
 APPLICATION_NAME_MAX = NAMEDATALEN - 1 - MARK_BYTES
 
+TABLE = "poolbroker"
+"""The TOML table that holds the settings."""
+ENV_PREFIX = "POOLBROKER_"
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
 
 class ConfigError(ValueError):
-    pass
+    """One or more problems with the settings, one line each."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting as the loader and the documents see it."""
+
+    name: str
+    kind: Any
+    """The resolved annotation: str, int, float, bool, tuple[int, ...] or a Literal."""
+    default: Any
+    """The value, or MISSING when a factory computes it at start."""
+    help: str
+    doc: str
+    example: Any
+    shown: str
+    minimum: float
+    check: Callable[[Any], str | None] | None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def shown_default(self) -> str:
+        """The default as the documents write it."""
+        if self.shown:
+            return self.shown
+        return toml_literal(self.default if self.example is None else self.example)
+
+    def parse(self, value: Any, where: str, from_text: bool) -> Any:
+        """``value`` as this setting's type, or a one-line ConfigError naming ``where``.
+
+        Text (the environment, flags) is parsed; any other value (TOML, Python)
+        must have the declared type already, but for an int where a float is.
+        """
+        try:
+            result = _convert(self.kind, value, from_text)
+        except ValueError:
+            given = repr(value) if from_text else _describe(value)
+            raise ConfigError(f"{where} must be {_expected(self.kind)}, not {given}") from None
+        if isinstance(result, (int, float)) and not isinstance(result, bool) \
+                and result < self.minimum:
+            raise ConfigError(f"{where} must be at least {self.minimum:g}, not {result!r}")
+        problem = self.check(result) if self.check else None
+        if problem:
+            raise ConfigError(f"{where} {problem}, not {result!r}")
+        return result
+
+
+def setting(default: Any = MISSING, *, help: str, doc: str = "",
+            factory: Callable[[], Any] | None = None, example: Any = None, shown: str = "",
+            minimum: float = 0, check: Callable[[Any], str | None] | None = None) -> Any:
+    """Declare a field of :class:`Settings`.
+
+    ``help``: one line, a phrase (``--help`` shows it alone); ``doc``: sentences
+    the documents add after it.  ``factory`` replaces ``default`` when the default
+    is computed at start; ``example`` is then the value the documents show, and
+    ``shown`` words a default that no value says (``"required"``).  ``minimum``
+    bounds a number; ``check`` returns what is wrong with a value ("must be ..."),
+    or None.
+    """
+    metadata = {Spec: dict(help=help, doc=doc, example=example, shown=shown, minimum=minimum,
+                           check=check)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _application_name_problem(name: str) -> str | None:
+    if name.isascii() and name.isprintable() and MARK not in name \
+            and len(name) <= APPLICATION_NAME_MAX:
+        return None
+    return (f"must be printable ASCII without {MARK!r}, at most {APPLICATION_NAME_MAX} "
+            f"characters (the broker appends its mark and PostgreSQL keeps "
+            f"{NAMEDATALEN - 1} bytes)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Every setting, with its default.  ``etc/poolbroker.toml`` documents them."""
+    """Every setting of the broker, each declared once.
 
-    dsn: str = ""
-    """libpq connection string of the database (env POOLBROKER_DSN)."""
-    endpoint: str = dataclasses.field(default_factory=default_endpoint)
-    """ZeroMQ endpoint to bind (env POOLBROKER_ENDPOINT)."""
-    max_connections: int = 10
-    """Hard cap on server connections, opened lazily (env POOLBROKER_MAX_CONNECTIONS)."""
-    pool_timeout: float = 30.0
-    """Seconds a request may wait for a connection before PoolTimeout."""
-    max_waiting: int = 10_000
-    """Queued requests beyond which new ones fail at once with TooManyRequests."""
-    idle_transaction_timeout: float = 60.0
-    """Seconds a pinned transaction may sit idle before it is rolled back."""
-    drain_timeout: float = 10.0
-    """Seconds SIGTERM waits for in-flight statements before closing."""
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    """Largest request the broker accepts."""
-    max_result_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    """Largest reply (rows, packed) the broker builds; larger results fail.
-    0 lifts the limit: results are read whole, with no bound on memory."""
-    max_client_requests: int = 100
-    """Requests one client socket may have queued or running at once."""
-    max_queued_bytes: int = 256 * 1024 * 1024
-    """Bytes of requests (as received, plus their decoded parameters) waiting or
-    running at once, over every client; beyond it new ones fail with TooManyRequests."""
-    max_clients: int = 0
-    """Client sockets connected at once; beyond it the broker stops accepting
-    until some leave.  0: sized from the open-files limit."""
-    allowed_uids: tuple = ()
-    """Over ipc, the uids besides the broker's own whose processes may send requests."""
-    query_timeout: float = 0.0
-    """Seconds a statement may run before it is cancelled on the server (0: no limit)."""
-    application_name: str = "poolbroker"
-    """application_name of server connections; the broker appends its mark
-    (``~<host and endpoint hash>.<pid>``) to tell its connections from others'."""
-    connection_check_interval: float = 1.0
-    """Seconds between the server's checks that the broker is still connected,
-    even mid-statement (client_connection_check_interval; PostgreSQL 14+, 0: off)."""
-    connect_timeout: float = 10.0
-    """Seconds to wait for one server connection to open."""
-    curve_secret_key_file: str = ""
-    """The broker's CURVE certificate (``poolbroker keygen``), required for tcp."""
-    curve_allowed_clients: str = ""
-    """Directory of the public certificates of the clients allowed in over tcp."""
-    insecure_tcp: bool = False
-    """Allow a plain-text tcp endpoint without CURVE, on a network you trust."""
-    log_level: str = "INFO"
+    To add one, add a field here and nothing else in this module::
+
+        max_idle: float = setting(
+            600.0, help="seconds a connection above the minimum may idle before it closes",
+            doc="Further sentences for etc/poolbroker.toml and the README.")
+
+    Its TOML key, ``POOLBROKER_MAX_IDLE``, ``--max-idle``, its ``--help`` line
+    and its type check follow.  Then run ``make docs``: it rewrites
+    etc/poolbroker.toml and README's table, which tests/test_config.py holds
+    to the declaration.  Types understood: str, int, float (an int is accepted),
+    bool, tuple[int, ...] and a ``Literal`` of strings (the choices; see
+    ``log_level``).  ``minimum=`` bounds a number (default 0), ``check=``
+    refuses other values of one setting; a check across settings goes in
+    ``_Merge.cross_check``.  A field declared without :func:`setting` fails
+    at import.
+    """
+
+    dsn: str = setting(
+        "", shown="required", example="host=/var/run/postgresql dbname=app user=app",
+        help="libpq connection string of the database",
+        doc="Better kept in the environment than in a file: it may hold a password.")
+
+    endpoint: str = setting(
+        factory=default_endpoint, example="ipc:///tmp/poolbroker-<uid>/broker.sock",
+        help="ZeroMQ endpoint the broker binds",
+        doc="An ipc socket's directory is created 0700 and refused if others can enter "
+            "it. One broker per endpoint: `<socket>.lock` beside an ipc socket holds the "
+            "claim.")
+
+    max_connections: int = setting(
+        10, minimum=1,
+        help="hard cap on server connections, across every client process and thread",
+        doc="A dead predecessor's connections count too, while they last. One opens at "
+            "start, the others as needed.")
+
+    pool_timeout: float = setting(
+        30.0, help="seconds a request may wait for a connection before `PoolTimeout`")
+
+    max_waiting: int = setting(
+        10_000, help="queued requests beyond which new ones fail at once with "
+                     "`TooManyRequests`")
+
+    idle_transaction_timeout: float = setting(
+        60.0, help="seconds a transaction may sit idle between statements before the "
+                   "broker rolls it back (0: never)",
+        doc="Server connections also get `idle_in_transaction_session_timeout` at twice "
+            "this: a backstop, not the mechanism.")
+
+    drain_timeout: float = setting(
+        10.0, help="seconds SIGTERM waits for running statements before cancelling them")
+
+    max_message_bytes: int = setting(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest request accepted, in bytes; the transport drops larger ones")
+
+    max_result_bytes: int = setting(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest result, in bytes as packed for the client (0: no limit)",
+        doc="A larger one fails with `ResultTooLarge` while its rows are read, so the "
+            "broker never holds more; use `client.stream()` for big results. With 0, "
+            "results are read whole, with no bound on the broker's memory.")
+
+    max_client_requests: int = setting(
+        100, help="requests one client socket (one thread of one process) may have "
+                  "waiting or running at once",
+        doc="More fail at once with `TooManyRequests`.")
+
+    max_queued_bytes: int = setting(
+        256 * 1024 * 1024,
+        help="bytes of requests waiting or running at once, over every client",
+        doc="Each request counts its size as received plus an estimate of its decoded "
+            "statements (256 B) and parameters (64 B each). One that would pass the limit "
+            "fails with `TooManyRequests`, checked before decoding and while an "
+            "`executemany` or a batch is decoded, one parameter set at a time.")
+
+    max_clients: int = setting(
+        0, help="client sockets connected at once (0: sized from the open-files limit)",
+        doc="A socket accepted beyond it is shut down at once (logged, counted in "
+            "`clients_refused`) and its client retries until others leave. 0 means 3/4 "
+            "of the open-files limit (raised to its hard limit at start) minus 64 minus 3 "
+            "per server connection.")
+
+    allowed_uids: tuple[int, ...] = setting(
+        (), help="over ipc, uids besides the broker's own whose processes may send requests",
+        doc="A TOML list; comma-separated in the environment and on the command line. "
+            "Messages from any other uid are dropped unanswered, counted in "
+            "`messages_rejected`. This also protects abstract endpoints (`ipc://@name`), "
+            "which have no directory.")
+
+    query_timeout: float = setting(
+        0.0, help="seconds a statement may run before it is cancelled on the server with "
+                  "`QueryCanceled` (0: no limit)",
+        doc="The client's own timeout applies besides.")
+
+    application_name: str = setting(
+        "poolbroker", check=_application_name_problem,
+        help="application_name of the server connections, as `pg_stat_activity` shows it",
+        doc="The broker appends its mark `~<hash of host and endpoint>.<pid>` (say "
+            "`poolbroker~3f2a9c1e.4242`; match `split_part(application_name, '~', 1)`), by "
+            "which a restarted broker finds the connections of one that died. Printable "
+            f"ASCII without `~`, at most {APPLICATION_NAME_MAX} characters.")
+
+    connection_check_interval: float = setting(
+        1.0, help="seconds between the server's checks, even mid-statement, that the broker "
+                  "is still connected (0: off)",
+        doc="PostgreSQL's `client_connection_check_interval`: a dead broker's statements "
+            "end with it. PostgreSQL 14 and later; set 0 for older servers.")
+
+    connect_timeout: float = setting(
+        10.0, help="seconds to wait for one server connection to PostgreSQL to open",
+        doc="Not the client's setting of the same name, which is for reaching the broker.")
+
+    curve_secret_key_file: str = setting(
+        "", help="the broker's secret CURVE certificate; a `tcp://` endpoint needs it",
+        doc="Make it with `poolbroker keygen DIR NAME`; give `curve_allowed_clients` too. "
+            "Clients set `POOLBROKER_CURVE_SERVER_KEY` (the broker's public certificate) "
+            "and `POOLBROKER_CURVE_CLIENT_CERT` (their own secret one).")
+
+    curve_allowed_clients: str = setting(
+        "", help="directory of the public certificates of the clients allowed in over tcp",
+        doc="One file per client; SIGHUP re-reads it.")
+
+    insecure_tcp: bool = setting(
+        False, help="allow a plain-text `tcp://` endpoint without CURVE, on a network you "
+                    "trust")
+
+    log_level: LogLevel = setting("INFO", help="least severe level of the messages logged")
 
 
-_ENV = {
-    "dsn": "POOLBROKER_DSN",
-    "endpoint": "POOLBROKER_ENDPOINT",
-    "max_connections": "POOLBROKER_MAX_CONNECTIONS",
-}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
-def _coerce(name: str, kind: Any, value: Any, origin: str) -> Any:
-    try:
-        if kind == "tuple":  # a TOML list, or a comma-separated string
-            items = value.split(",") if isinstance(value, str) else value
-            if not isinstance(items, (list, tuple)):
-                raise TypeError(value)
-            result = tuple(int(item) for item in items if str(item).strip())
-            if any(item < 0 for item in result):
-                raise ValueError(value)
-            return result
-        if kind in (bool, "bool"):
-            if isinstance(value, str):
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(value)
-                result = value.lower() in ("1", "true", "yes")
-            else:
-                result = bool(value)
-            return result
-        if kind in (int, "int"):
-            result = int(value)
-        elif kind in (float, "float"):
-            result = float(value)
+def _convert(kind: Any, value: Any, from_text: bool) -> Any:
+    """``value`` as ``kind``, or ValueError."""
+    if from_text and not isinstance(value, str):
+        raise ValueError(value)
+    if kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is bool:
+        if from_text and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if from_text:
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if from_text:
+            number = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
         else:
-            result = str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{origin}: {name} must be {kind}, got {value!r}") from None
-    if isinstance(result, (int, float)) and result < 0:
-        raise ConfigError(f"{origin}: {name} must not be negative, got {value!r}")
-    return result
+            raise ValueError(value)
+        if math.isfinite(number):
+            return number
+    elif get_origin(kind) is tuple:  # tuple[int, ...]: uids
+        items = [int(x) for x in value.split(",") if x.strip()] if from_text else value
+        if isinstance(items, (list, tuple)) and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in items):
+            return tuple(items)
+    elif get_origin(kind) is Literal:  # choices, matched whatever their case
+        if isinstance(value, str):
+            for choice in get_args(kind):
+                if value.strip().upper() == choice.upper():
+                    return choice
+    raise ValueError(value)
+
+
+def _expected(kind: Any) -> str:
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(get_args(kind))
+    if get_origin(kind) is tuple:
+        return "a list of non-negative integers"
+    expected = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    if kind not in expected:
+        raise TypeError(f"settings of type {kind} are not supported")
+    return expected[kind]
+
+
+def _describe(value: Any) -> str:
+    """A value read from TOML, by its TOML type: what the error says was given."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (str, int, float)):
+        kind = "string" if isinstance(value, str) else \
+            "integer" if isinstance(value, int) else "float"
+        return f"the {kind} {toml_literal(value)}"
+    if isinstance(value, (list, tuple)) and all(isinstance(x, (str, int, float)) for x in value):
+        return f"the array {toml_literal(value)}"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"the {type(value).__name__} {value}"  # TOML's dates and times
+
+
+def toml_literal(value: Any) -> str:
+    """``value`` written as TOML (the documents' defaults)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(toml_literal, value)) + "]"
+    return repr(value)
+
+
+def _specs() -> dict[str, Spec]:
+    kinds = get_type_hints(Settings)
+    specs = {}
+    for f in fields(Settings):
+        declared = f.metadata.get(Spec)
+        if declared is None:  # say so at import: its flag, variable and docs would be missing
+            raise TypeError(f"Settings.{f.name} is not declared with setting(...)")
+        if f.default is MISSING and declared["example"] is None and not declared["shown"]:
+            raise TypeError(f"Settings.{f.name}: a computed default needs an example to show")
+        _expected(kinds[f.name])  # TypeError for a type the loader cannot check
+        specs[f.name] = Spec(f.name, kinds[f.name], f.default, **declared)
+    return specs
+
+
+SPECS: dict[str, Spec] = _specs()
+"""Every setting by name, in declaration order."""
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Merge:
+    """Values of the sources, each over the ones before it, and what was wrong."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.problems: list[str] = []
+        self.invalid: set[str] = set()
+
+    def take(self, spec: Spec, value: Any, where: str, from_text: bool) -> None:
+        try:
+            self.values[spec.name] = spec.parse(value, where, from_text)
+        except ConfigError as exc:
+            self.problems.extend(exc.problems)
+            self.invalid.add(spec.name)
+
+    def read_file(self, path: str) -> None:
+        """The ``[poolbroker]`` table of a TOML file; anything else in it is an error."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            self.problems.append(f"cannot read {path}: {exc}")
+            return
+        for key, value in data.items():
+            if key == TABLE:
+                continue
+            if key in SPECS:
+                self.problems.append(f"{path}: {key} is outside the [{TABLE}] table")
+            elif isinstance(value, dict):
+                self.problems.append(f"{path}: unknown table [{key}]"
+                                     + _did_you_mean(key, [TABLE]))
+            else:
+                self.problems.append(f"{path}: unknown key {key!r} outside the [{TABLE}] table")
+        table = data.get(TABLE)
+        if not isinstance(table, dict):
+            self.problems.append(f"{path}: no [{TABLE}] table: settings go under a "
+                                 f"[{TABLE}] line")
+            return
+        for name, value in table.items():
+            if name in SPECS:
+                self.take(SPECS[name], value, f"{path}: {name}", from_text=False)
+            else:
+                self.problems.append(f"{path}: unknown setting {name!r}"
+                                     + _did_you_mean(name, list(SPECS)))
+
+    def cross_check(self, s: Settings) -> None:
+        """Checks that span settings; each is skipped when a value it reads was
+        invalid (already reported)."""
+        if not self.invalid & {"curve_secret_key_file", "curve_allowed_clients"} \
+                and bool(s.curve_secret_key_file) != bool(s.curve_allowed_clients):
+            self.problems.append(
+                "CURVE needs both curve_secret_key_file and curve_allowed_clients")
+        if "dsn" in self.invalid:
+            return
+        if not s.dsn:
+            self.problems.append(
+                "no database: give --dsn, POOLBROKER_DSN or dsn in the config file")
+            return
+        try:
+            conninfo_to_dict(s.dsn)
+        except Exception as exc:
+            message = Redactor(s.dsn)(str(exc).strip())
+            self.problems.append(f"dsn is not a valid libpq connection string: {message}")
 
 
 def load(config_file: str | None = None, overrides: dict[str, Any] | None = None,
          environ: dict[str, str] | None = None) -> Settings:
-    """Merge the sources; ``overrides`` are command-line values (None = not given)."""
+    """Merge the sources: ``overrides`` (command-line values, None = not given;
+    text is parsed as in the environment) > ``environ`` (default: os.environ;
+    an empty variable counts as unset) > ``config_file`` > defaults.
+
+    Raises ConfigError with every problem found, whatever source it is in.
+    """
     environ = os.environ if environ is None else environ
-    known = {f.name: f.type for f in fields(Settings)}
-    values: dict[str, Any] = {}
+    merge = _Merge()
     if config_file:
-        try:
-            with open(config_file, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read {config_file}: {exc}") from None
-        data = data.get("poolbroker", data)
-        for name, value in data.items():
-            if name not in known:
-                raise ConfigError(f"{config_file}: unknown setting {name!r}")
-            values[name] = _coerce(name, known[name], value, config_file)
-    for name, var in _ENV.items():
-        if environ.get(var):
-            values[name] = _coerce(name, known[name], environ[var], var)
+        merge.read_file(config_file)
+    for spec in SPECS.values():
+        if environ.get(spec.env):
+            merge.take(spec, environ[spec.env], spec.env, from_text=True)
     for name, value in (overrides or {}).items():
+        if name not in SPECS:
+            raise TypeError(f"load() got an override for no setting: {name!r}")
         if value is not None:
-            values[name] = _coerce(name, known[name], value, f"--{name.replace('_', '-')}")
-    settings = Settings(**values)
-    if settings.max_connections < 1:
-        raise ConfigError("max_connections must be at least 1")
-    if bool(settings.curve_secret_key_file) != bool(settings.curve_allowed_clients):
-        raise ConfigError("CURVE needs both curve_secret_key_file and curve_allowed_clients")
-    name = settings.application_name
-    if not (name.isascii() and name.isprintable()) or MARK in name \
-            or len(name) > APPLICATION_NAME_MAX:
-        raise ConfigError(
-            f"application_name must be printable ASCII without {MARK!r}, at most "
-            f"{APPLICATION_NAME_MAX} characters (the broker appends its mark and PostgreSQL "
-            f"keeps {NAMEDATALEN - 1} bytes), got {name!r}")
-    if not settings.dsn:
-        raise ConfigError("no database: give --dsn, POOLBROKER_DSN or dsn in the config file")
-    try:
-        conninfo_to_dict(settings.dsn)
-    except Exception as exc:
-        message = Redactor(settings.dsn)(str(exc).strip())
-        raise ConfigError(f"dsn is not a valid libpq connection string: {message}") from None
+            merge.take(SPECS[name], value, SPECS[name].flag, from_text=isinstance(value, str))
+    settings = Settings(**merge.values)
+    merge.cross_check(settings)
+    if merge.problems:
+        raise ConfigError(*merge.problems)
     return settings
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, not parsed by argparse: :func:`load` parses them
+    with the environment's rules, so every bad value is reported at once."""
+    group = parser.add_argument_group(
+        "settings", f"each also {ENV_PREFIX}<NAME> in the environment and <name> in the "
+                    f"[{TABLE}] table of --config; a flag beats the environment, which "
+                    "beats the file")
+    for spec in SPECS.values():
+        default = spec.shown or f"default: {spec.shown_default}"
+        text = plain(f"{spec.help} [{default}; env {spec.env}]")
+        text = text.replace("%", "%%")  # argparse formats help with %
+        if spec.kind is bool:
+            group.add_argument(spec.flag, dest=spec.name, default=None, help=text,
+                               action=argparse.BooleanOptionalAction)
+        else:
+            group.add_argument(spec.flag, dest=spec.name, default=None, help=text,
+                               metavar=_metavar(spec.kind))
+
+
+def _metavar(kind: Any) -> str:
+    if get_origin(kind) is Literal:
+        return "{" + ",".join(get_args(kind)) + "}"
+    if get_origin(kind) is tuple:
+        return "N,N,..."
+    return {str: "TEXT", int: "N", float: "N"}[kind]
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (None where not), for :func:`load`."""
+    return {name: getattr(args, name) for name in SPECS}
+
+
+def plain(text: str) -> str:
+    """Markdown's code spans dropped, for a terminal or a TOML comment."""
+    return text.replace("`", "")

@@ -1,42 +1,146 @@
-"""Settings precedence, the endpoint's directory, and refusals at start-up."""
+"""Settings: precedence, their documents, every refusal at once, the endpoint's directory."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
+import re
 import stat
 import subprocess
 import sys
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 
-from broker.config import ConfigError, Settings, load
+from broker import settings_docs
+from broker.config import SPECS, ConfigError, Settings, Spec, add_flags, flag_values, load
 from conftest import REPO, short_tempdir
 
 
 def test_precedence_flag_env_file_default(tmp_path):
     config = tmp_path / "pb.toml"
     config.write_text('[poolbroker]\ndsn = "dbname=file"\nmax_connections = 3\npool_timeout = 7\n'
-                      'idle_transaction_timeout = 9\n')
-    env = {"POOLBROKER_DSN": "dbname=env", "POOLBROKER_MAX_CONNECTIONS": "5"}
+                      'idle_transaction_timeout = 9\nlog_level = "warning"\n')
+    env = {"POOLBROKER_DSN": "dbname=env", "POOLBROKER_MAX_CONNECTIONS": "5",
+           "POOLBROKER_IDLE_TRANSACTION_TIMEOUT": "2.5", "POOLBROKER_LOG_LEVEL": ""}
     settings = load(str(config), {"max_connections": 8, "dsn": None}, environ=env)
     assert settings.max_connections == 8  # flag beats env
     assert settings.dsn == "dbname=env"  # env beats file
-    assert settings.pool_timeout == 7.0  # file beats default
+    assert settings.idle_transaction_timeout == 2.5  # env text parsed as the declared float
+    assert settings.pool_timeout == 7.0 and isinstance(settings.pool_timeout, float)  # file
+    assert settings.log_level == "WARNING"  # an empty variable is unset; choices in any case
     assert settings.max_waiting == Settings(dsn="dbname=x").max_waiting  # default
     assert settings.application_name == "poolbroker"
 
 
-def test_shipped_config_parses_and_matches_the_defaults():
-    settings = load(str(REPO / "etc" / "poolbroker.toml"), {"dsn": "dbname=x"}, environ={})
-    assert settings == Settings(dsn="dbname=x")
+def _another_value(spec: Spec) -> tuple[str, Any]:
+    """A valid value other than the default of any declared setting: as text, as loaded."""
+    if spec.kind is bool:
+        return ("no", False) if spec.default else ("yes", True)
+    if spec.kind is int:
+        return str(spec.default + 1), spec.default + 1
+    if spec.kind is float:
+        return str(spec.default + 0.5), spec.default + 0.5
+    if get_origin(spec.kind) is tuple:
+        return "5, 6", (5, 6)
+    if get_origin(spec.kind) is Literal:
+        other = next(choice for choice in get_args(spec.kind) if choice != spec.default)
+        return other.lower(), other
+    return "dbname=other", "dbname=other"
+
+
+@pytest.mark.parametrize("source", ["environment", "flags"])
+def test_every_setting_has_an_environment_variable_and_a_flag(source):
+    """Each declared setting, given another value by its variable or its flag."""
+    values = {name: _another_value(spec) for name, spec in SPECS.items()}
+    if source == "environment":
+        settings = load(None, environ={SPECS[name].env: text for name, (text, _) in values.items()})
+    else:
+        parser = argparse.ArgumentParser()
+        add_flags(parser)
+        argv = []
+        for name, (text, value) in values.items():
+            flag = SPECS[name].flag
+            argv += ([flag] if value else [flag.replace("--", "--no-")]) \
+                if SPECS[name].kind is bool else [flag, text]
+        settings = load(None, flag_values(parser.parse_args(argv)), environ={})
+    assert dataclasses.asdict(settings) == {name: value for name, (_, value) in values.items()}
+
+
+def test_serve_help_lists_every_setting_with_its_default_and_variable():
+    result = _poolbroker("serve", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for spec in SPECS.values():
+        assert spec.flag in text and spec.env in text
+        default = spec.shown or f"default: {spec.shown_default}"
+        assert f"{default}; env {spec.env}]" in text
+    assert "--insecure-tcp, --no-insecure-tcp" in text
+    assert "[default: 10; env POOLBROKER_MAX_CONNECTIONS]" in text
+    assert "--dsn TEXT libpq connection string of the database [required; env POOLBROKER_DSN]" \
+        in text
+
+
+def test_shipped_docs_are_the_declaration():
+    """etc/poolbroker.toml and README's table are written by `make docs`; run it
+    after changing a setting."""
+    assert (REPO / "etc" / "poolbroker.toml").read_text() == settings_docs.defaults_toml()
+    readme = (REPO / "README.md").read_text()
+    assert settings_docs.readme_with_table(readme) == readme
+
+
+def test_shipped_config_uncommented_gives_the_defaults(tmp_path):
+    """Each `# name = value` line of etc/poolbroker.toml, uncommented, is valid and
+    is the default (but for the settings whose default is computed or required)."""
+    lines = (REPO / "etc" / "poolbroker.toml").read_text().splitlines()
+    assignments = [line[2:] for line in lines if re.match(r"# \w+ = ", line)]
+    assert [line.split(" = ")[0] for line in assignments] == list(SPECS)
+    config = tmp_path / "pb.toml"
+    config.write_text("[poolbroker]\n" + "\n".join(assignments) + "\n")
+    settings = load(str(config), environ={})
+    defaults = Settings(dsn=settings.dsn, endpoint=settings.endpoint)
+    assert settings == defaults
+
+
+def test_config_prints_what_serve_would_run_with(tmp_path):
+    result = _poolbroker("config", "--max-connections", "4", "--allowed-uids", "7,8",
+                         env={"POOLBROKER_DSN": "dbname=app password=hunter2",
+                              "POOLBROKER_POOL_TIMEOUT": "2"})
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    config = tmp_path / "pb.toml"
+    config.write_text(result.stdout)
+    settings = load(str(config), {"dsn": "dbname=app"}, environ={})
+    assert (settings.max_connections, settings.allowed_uids, settings.pool_timeout) \
+        == (4, (7, 8), 2.0)
+    assert _poolbroker("config", "--defaults").stdout \
+        == (REPO / "etc" / "poolbroker.toml").read_text()
 
 
 @pytest.mark.parametrize("text,message", [
-    ("[poolbroker]\nmax_conections = 3\n", "unknown setting"),
-    ("[poolbroker]\nmax_connections = 'many'\n", "must be int"),
-    ("[poolbroker]\nmax_connections = 0\n", "at least 1"),
-    ("[poolbroker]\npool_timeout = -1\n", "negative"),
+    ("[poolbroker]\nmax_conections = 3\n",
+     "unknown setting 'max_conections' (did you mean 'max_connections'?)"),
+    ("[poolbroker]\nmax_connections = 'many'\n",
+     "max_connections must be an integer, not the string \"many\""),
+    ("[poolbroker]\nmax_connections = \"4\"\n",
+     "max_connections must be an integer, not the string \"4\""),
+    ("[poolbroker]\nmax_waiting = true\n",
+     "max_waiting must be an integer, not the boolean true"),
+    ("[poolbroker]\ninsecure_tcp = 1\n", "insecure_tcp must be true or false, not the integer 1"),
+    ("[poolbroker]\npool_timeout = nan\n", "pool_timeout must be a number"),
+    ("[poolbroker]\nallowed_uids = 1001\n", "allowed_uids must be a list of non-negative integers"),
+    ("[poolbroker]\nallowed_uids = ['1001']\n", 'not the array ["1001"]'),
+    ("[poolbroker]\nlog_level = 'verbose'\n",
+     "log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not the string \"verbose\""),
+    ("[poolbroker]\nmax_connections = 0\n", "max_connections must be at least 1, not 0"),
+    ("[poolbroker]\npool_timeout = -1\n", "pool_timeout must be at least 0, not -1.0"),
     ("[poolbroker\n", "cannot read"),
+    ("max_connections = 4\n", "no [poolbroker] table"),
+    ("max_connections = 4\n", "max_connections is outside the [poolbroker] table"),
+    ("[poolbrokr]\nmax_connections = 4\n",
+     "unknown table [poolbrokr] (did you mean 'poolbroker'?)"),
+    ("", "no [poolbroker] table"),
     ("[poolbroker]\napplication_name = 'app~1'\n", "application_name must be"),
     ("[poolbroker]\napplication_name = 'caf\u00e9'\n", "application_name must be"),
     (f"[poolbroker]\napplication_name = '{'x' * 47}'\n", "at most 46"),
@@ -44,8 +148,9 @@ def test_shipped_config_parses_and_matches_the_defaults():
 def test_bad_settings_are_refused(tmp_path, text, message):
     config = tmp_path / "pb.toml"
     config.write_text(text)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as caught:
         load(str(config), {"dsn": "dbname=x"}, environ={})
+    assert any(message in problem for problem in caught.value.problems), caught.value.problems
 
 
 def test_missing_dsn_is_refused():
@@ -53,16 +158,37 @@ def test_missing_dsn_is_refused():
         load(None, {}, environ={})
 
 
-def _serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "broker.cli", "serve", *args],
+def test_serve_reports_every_bad_value_at_once(tmp_path):
+    config = tmp_path / "pb.toml"
+    config.write_text('[poolbroker]\nmax_connections = "4"\nmax_conections = 3\n')
+    result = _poolbroker("serve", "--config", str(config), "--log-level", "verbose",
+                         "--pool-timeout", "soon",
+                         env={"POOLBROKER_MAX_WAITING": "lots", "POOLBROKER_DSN": ""})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f'poolbroker: {config}: max_connections must be an integer, not the string "4"',
+        f"poolbroker: {config}: unknown setting 'max_conections' "
+        "(did you mean 'max_connections'?)",
+        "poolbroker: POOLBROKER_MAX_WAITING must be an integer, not 'lots'",
+        "poolbroker: --pool-timeout must be a number, not 'soon'",
+        "poolbroker: --log-level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, "
+        "not 'verbose'",
+        "poolbroker: no database: give --dsn, POOLBROKER_DSN or dsn in the config file",
+    ]
+
+
+def _poolbroker(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("POOLBROKER_")}
+    return subprocess.run([sys.executable, "-m", "broker.cli", *args],
                           capture_output=True, text=True, timeout=30, cwd=REPO,
-                          env={**os.environ, "POOLBROKER_DSN": "host=/nonexistent"})
+                          env={**environ, "POOLBROKER_DSN": "host=/nonexistent", **(env or {})})
 
 
 def test_ipc_socket_directory_must_be_private():
     shared = short_tempdir()
     os.chmod(shared, 0o777)
-    result = _serve("--endpoint", f"ipc://{shared}/b.sock")
+    result = _poolbroker("serve", "--endpoint", f"ipc://{shared}/b.sock")
     assert result.returncode == 2
     assert "0700" in result.stderr
 
@@ -76,6 +202,6 @@ def test_ipc_socket_directory_is_created_0700(start_broker):
 
 
 def test_plain_tcp_needs_explicit_consent():
-    result = _serve("--endpoint", "tcp://127.0.0.1:0")
+    result = _poolbroker("serve", "--endpoint", "tcp://127.0.0.1:0")
     assert result.returncode == 2
     assert "--insecure-tcp" in result.stderr and "CURVE" in result.stderr

@@ -1,0 +1,83 @@
+"""The settings' documents, written from their declaration in ``broker.config``.
+
+``etc/poolbroker.toml`` is :func:`defaults_toml` (also ``poolbroker config
+--defaults``) and README's settings table is :func:`markdown_table`, between
+two marker lines.  ``python -m broker.settings_docs`` (``make docs``) rewrites
+both; tests/test_config.py fails while either differs from the declaration.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+from .config import ENV_PREFIX, SPECS, TABLE, Settings, Spec, plain, toml_literal
+
+README_BEGIN = "<!-- settings table: written by `make docs` from broker/config.py -->\n"
+README_END = "<!-- end of the settings table -->\n"
+
+_HEADER = f"""\
+# poolbroker settings, each commented out with its default.
+# Precedence: command-line flag > environment variable > this file > default.
+# A setting's environment variable is {ENV_PREFIX}<NAME> (max_connections:
+# {ENV_PREFIX}MAX_CONNECTIONS) and its flag --<name-with-dashes>
+# (poolbroker serve --max-connections 4).
+# Give the file with: poolbroker serve --config etc/poolbroker.toml
+# Written from broker/config.py by `make docs` (poolbroker config --defaults).
+
+[{TABLE}]
+"""
+
+
+def _meaning(spec: Spec) -> str:
+    choices = get_args(spec.kind) if get_origin(spec.kind) is Literal else ()
+    listed = f" One of {', '.join(choices)}, in any case." if choices else ""
+    return f"{spec.help}.{listed} {spec.doc}".strip()
+
+
+def defaults_toml() -> str:
+    """A TOML file of every setting, commented out with its default and meaning."""
+    parts = [_HEADER]
+    for spec in SPECS.values():
+        comment = textwrap.fill(plain(_meaning(spec)), width=78, initial_indent="# ",
+                                subsequent_indent="# ", break_on_hyphens=False)
+        shown = spec.default if spec.example is None else spec.example
+        parts.append(f"\n{comment}\n# {spec.name} = {toml_literal(shown)}\n")
+    return "".join(parts)
+
+
+def settings_toml(settings: Settings) -> str:
+    """``settings`` as the ``[poolbroker]`` table of a TOML file."""
+    lines = [f"[{TABLE}]"]
+    lines += [f"{name} = {toml_literal(getattr(settings, name))}" for name in SPECS]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table() -> str:
+    """README's table: setting, environment variable, default, meaning."""
+    rows = ["| setting | env | default | meaning |", "|---|---|---|---|"]
+    for spec in SPECS.values():
+        default = spec.shown or f"`{spec.shown_default}`"
+        meaning = _meaning(spec).replace("|", "\\|")
+        rows.append(f"| `{spec.name}` | `{spec.env}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def readme_with_table(readme: str) -> str:
+    """``readme`` with the text between the two marker lines replaced by the table."""
+    start = readme.index(README_BEGIN) + len(README_BEGIN)
+    end = readme.index(README_END, start)
+    return readme[:start] + markdown_table() + readme[end:]
+
+
+def main(root: Path) -> None:
+    """Rewrite etc/poolbroker.toml and README.md under ``root``."""
+    (root / "etc" / "poolbroker.toml").write_text(defaults_toml())
+    readme = root / "README.md"
+    readme.write_text(readme_with_table(readme.read_text()))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "."))
