@@ -31,6 +31,7 @@ from client.protocol import (
     OP_EXECUTEMANY, OP_NAMES, OP_ROLLBACK, ErrorKind,
 )
 
+from ._psycopg import convert_placeholders
 from .statements import Classification, Kind, classify
 
 NO_DEADLINE = 24 * 3600.0
@@ -38,6 +39,13 @@ MAX_HEADER_BYTES = 4096
 QUERY_BYTES = 256
 """What one decoded statement costs in memory, besides its text and parameters."""
 PARAMETER_BYTES = 64
+"""What one decoded parameter costs, besides its bytes: a one-byte msgpack
+value becomes a Python object and a psycopg-dumped bytes object."""
+SHORT_TEXT = 4096
+FEW_PERCENT_SIGNS = 64
+"""A statement text within both converts by psycopg's own code (cached by
+psycopg): its quadratic cases cost at most about 64 x 4 KiB of scanning.
+Others go through ``convert_placeholders``, linear in the text."""
 LARGE_BODY = 64 * 1024
 """Bodies above this size are decoded counting their arrays and maps."""
 BYTES_PER_CONTAINER = 3
@@ -45,8 +53,6 @@ BYTES_PER_CONTAINER = 3
 parameter of pairs of small integers does (3 bytes each); a flood of empty
 containers (1 byte, 56 in memory) does not, so decoding one stops at about
 25 times its size (measured: a 4 MB body of empty arrays, +99 MB)."""
-"""What one decoded parameter costs, besides its bytes: a one-byte msgpack
-value becomes a Python object and a psycopg-dumped bytes object."""
 
 OP_RESET = -1
 """Internal: roll back what is open, and DISCARD ALL when needed; no reply."""
@@ -278,6 +284,9 @@ class Decoder:
         try:
             if reuse:
                 query.dump(params)
+            elif params is not None and (len(sql) > SHORT_TEXT
+                                         or sql.count("%") > FEW_PERCENT_SIGNS):
+                convert_placeholders(query, sql, params)  # linear, whatever the text
             else:
                 query.convert(sql, params)
         except (TypeError, OverflowError) as exc:
