@@ -629,13 +629,14 @@ class Broker:
             conn.flush()
             if conn.broken:
                 self._close_conn(conn, now)
-            elif conn.sending != bool(conn.polled & _POLLOUT):
+            elif conn.wants_output != bool(conn.polled & _POLLOUT):
                 self._watch(conn)
 
     def _watch(self, conn: PgConn) -> None:
         """Poll the socket for input unless a COPY TO waits for its client,
-        and for room to write while libpq holds output."""
-        mask = (_POLLIN if conn.wants_input else 0) | (_POLLOUT if conn.sending else 0)
+        and for room to write while libpq holds output or a COPY FROM chunk
+        waits to be handed to it."""
+        mask = (_POLLIN if conn.wants_input else 0) | (_POLLOUT if conn.wants_output else 0)
         if mask == conn.polled:
             return
         fd = conn.fileno()
