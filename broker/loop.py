@@ -39,7 +39,7 @@ from client.protocol import (
 )
 
 from . import endpoint as endpoints
-from . import replies
+from . import replies, statements
 from . import stats as S
 from ._psycopg import placeholder_query
 from .adapters import build_adapters
@@ -926,6 +926,7 @@ class Broker:
         result[S.CLIENTS_ACTIVE] = len(self._in_flight)
         result[S.QUEUED_BYTES] = self._queued_bytes
         result[S.POOL_PREDECESSORS] = len(pool.foreign)
+        result[S.STATEMENTS_UNPARSED] = statements.budget.refused
         if self._gate is not None:
             result[S.CLIENTS_CONNECTED] = self._gate.admitted
             result[S.CLIENTS_MAX] = self._gate.max_clients
