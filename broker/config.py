@@ -212,7 +212,9 @@ class Settings:
         doc="Each request counts its size as received plus an estimate of its decoded "
             "statements (256 B) and parameters (64 B each). One that would pass the limit "
             "fails with `TooManyRequests`, checked before decoding and while an "
-            "`executemany` or a batch is decoded, one parameter set at a time.")
+            "`executemany` or a batch is decoded, one parameter set at a time; decoding "
+            "any body over 64 KiB also counts 256 B for each item of its arrays and maps, "
+            "as they are built (see *Bounds*).")
 
     max_clients: int = setting(
         0, help="client sockets connected at once (0: sized from the open-files limit)",

@@ -39,7 +39,7 @@ from client.protocol import (
 )
 
 from . import endpoint as endpoints
-from . import replies
+from . import replies, statements
 from . import stats as S
 from ._psycopg import placeholder_query
 from .adapters import build_adapters
@@ -632,13 +632,14 @@ class Broker:
             conn.flush()
             if conn.broken:
                 self._close_conn(conn, now)
-            elif conn.sending != bool(conn.polled & _POLLOUT):
+            elif conn.wants_output != bool(conn.polled & _POLLOUT):
                 self._watch(conn)
 
     def _watch(self, conn: PgConn) -> None:
         """Poll the socket for input unless a COPY TO waits for its client,
-        and for room to write while libpq holds output."""
-        mask = (_POLLIN if conn.wants_input else 0) | (_POLLOUT if conn.sending else 0)
+        and for room to write while libpq holds output or a COPY FROM chunk
+        waits to be handed to it."""
+        mask = (_POLLIN if conn.wants_input else 0) | (_POLLOUT if conn.wants_output else 0)
         if mask == conn.polled:
             return
         fd = conn.fileno()
@@ -928,6 +929,7 @@ class Broker:
         result[S.CLIENTS_ACTIVE] = len(self._in_flight)
         result[S.QUEUED_BYTES] = self._queued_bytes
         result[S.POOL_PREDECESSORS] = len(pool.foreign)
+        result[S.STATEMENTS_UNPARSED] = statements.budget.refused
         if self._gate is not None:
             result[S.CLIENTS_CONNECTED] = self._gate.admitted
             result[S.CLIENTS_MAX] = self._gate.max_clients

@@ -18,7 +18,6 @@ the pool closes the connection, never hands it out again.
 from __future__ import annotations
 
 import logging
-import select
 import threading
 import time
 from collections import deque
@@ -47,6 +46,11 @@ BUFFERS_KEPT = 8 * 1024 * 1024
 """libpq's buffers grow to the most bytes in flight at once and never shrink:
 a connection that carried more than this in one go is closed once drained
 (and reopened on demand), so the memory of a burst goes back with it."""
+
+COPY_PIECE_BYTES = 256 * 1024
+"""COPY FROM data is handed to libpq this much at a time, each piece once
+the one before has been sent: however large a client's chunk, libpq's
+output buffer stays about this size."""
 
 RESULT_TOO_LARGE = "54000"  # program_limit_exceeded
 DEADLINE_PASSED = "22012"  # what the guard raises: division_by_zero
@@ -113,6 +117,7 @@ class _Run:
     simple: bool = False  # outside pipeline mode: results end with NULL, not a Sync
     copy_data: list[bytes] = field(default_factory=list)  # COPY TO: read, not yet sent
     copy_in: bool = False
+    copy_sent: int = 0  # COPY FROM: bytes of the current chunk handed to libpq
 
 
 Outcome = tuple[Job, bool, bytes]
@@ -515,30 +520,42 @@ class PgConn:
         return self._read_copy(pgconn, time.monotonic())
 
     def _put_copy(self, pgconn: pq.PGconn, run: _Run, job: Job) -> list[Outcome]:
+        """Hand a chunk to libpq a piece at a time, each once the one before
+        has left for the server; the chunk is answered once all of it has.
+        Until then its client waits to send the next: COPY data comes no
+        faster than the server reads it, and libpq (whose buffer grows to
+        whatever it is given, and never shrinks) holds a piece or two."""
+        data = job.copy_data
         try:
-            if job.copy_data:
-                while not pgconn.put_copy_data(job.copy_data):
-                    self._wait_writable(pgconn)  # the server reads COPY data as it comes
+            while run.copy_sent < len(data):
+                if self.sending:
+                    return []  # the loop calls again once the socket takes more
+                piece = data[run.copy_sent:run.copy_sent + COPY_PIECE_BYTES]
+                if not pgconn.put_copy_data(piece):
+                    self.broken = "libpq could not queue COPY data"
+                    raise psycopg.OperationalError(self.broken)
+                run.copy_sent += len(piece)
+                self.flush()
+                if self.broken:
+                    raise psycopg.OperationalError(self.broken)
             if job.copy_end:
                 pgconn.put_copy_end()
         except psycopg.Error:
-            if pgconn.status != pq.ConnStatus.OK:
+            if pgconn.status != pq.ConnStatus.OK or self.broken:
                 raise
             job.copy_end = True  # the server refused the data: its error follows
         self.flush()
+        run.copy_sent = 0
         if job.copy_end:
             self._copy = None
             self._pipeline.append(run)  # now wait for the COPY's result
             return []
+        if self.sending:  # the last piece is still in libpq: answered once it left
+            run.copy_sent = len(data)
+            return []
         run.job = None
         self._set_head(None)
         return [(job, True, replies.ok(job.request_id, None))]
-
-    @staticmethod
-    def _wait_writable(pgconn: pq.PGconn) -> None:
-        poller = select.poll()
-        poller.register(pgconn.socket, select.POLLOUT)
-        poller.poll(100)
 
     def _start_copy(self, pgconn: pq.PGconn, run: _Run, result: pq.PGresult,
                     now: float) -> list[Outcome]:
@@ -554,12 +571,17 @@ class PgConn:
         return self._read_copy(pgconn, now)
 
     def _read_copy(self, pgconn: pq.PGconn, now: float) -> list[Outcome]:
-        """Read COPY TO data while a request for it is open."""
+        """COPY FROM: go on with a chunk not all handed to libpq.  COPY TO:
+        read data while a request for it is open."""
         run = self._copy
         job = run.job
+        if run.copy_in:
+            pgconn.consume_input()  # an error, say; it is read at the end
+            if job is None:
+                return []
+            self.flush()  # the socket may take more of a chunk now
+            return self._put_copy(pgconn, run, job)
         if job is None:
-            if run.copy_in:
-                pgconn.consume_input()  # an error, say; it is read at the end
             return []  # COPY TO paused: the loop stops watching the socket
         size = sum(map(len, run.copy_data))
         # The client's chunk size, within max_result_bytes (with room for the
@@ -583,6 +605,13 @@ class PgConn:
         run.job = None
         self._set_head(None)
         return [(job, True, replies.ok(job.request_id, payload))]
+
+    @property
+    def wants_output(self) -> bool:
+        """Whether the loop should wait for room to write: libpq holds output,
+        or a COPY FROM chunk is not all handed to it yet (see _put_copy)."""
+        return self.sending or (self._copy is not None and self._copy.copy_in
+                                and self._copy.job is not None)
 
     @property
     def wants_input(self) -> bool:

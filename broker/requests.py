@@ -31,6 +31,7 @@ from client.protocol import (
     OP_EXECUTEMANY, OP_NAMES, OP_ROLLBACK, ErrorKind,
 )
 
+from ._psycopg import convert_placeholders
 from .statements import Classification, Kind, classify
 
 NO_DEADLINE = 24 * 3600.0
@@ -38,15 +39,22 @@ MAX_HEADER_BYTES = 4096
 QUERY_BYTES = 256
 """What one decoded statement costs in memory, besides its text and parameters."""
 PARAMETER_BYTES = 64
-LARGE_BODY = 64 * 1024
-"""Bodies above this size are decoded counting their arrays and maps."""
-BYTES_PER_CONTAINER = 3
-"""Wire bytes an array or map must average in a large body: a 2-D array
-parameter of pairs of small integers does (3 bytes each); a flood of empty
-containers (1 byte, 56 in memory) does not, so decoding one stops at about
-25 times its size (measured: a 4 MB body of empty arrays, +99 MB)."""
 """What one decoded parameter costs, besides its bytes: a one-byte msgpack
 value becomes a Python object and a psycopg-dumped bytes object."""
+SHORT_TEXT = 4096
+FEW_PERCENT_SIGNS = 64
+"""A statement text within both converts by psycopg's own code (cached by
+psycopg): its quadratic cases cost at most about 64 x 4 KiB of scanning.
+Others go through ``convert_placeholders``, linear in the text."""
+LARGE_BODY = 64 * 1024
+"""Bodies above this size are decoded counting their arrays, maps and ext
+values (those inside parameters: an executemany's parameter sets and a
+batch's items are counted as queries), whatever the operation."""
+BYTES_PER_CONTAINER = 3
+"""Wire bytes an array, map or ext value must average in a large body: a
+2-D array parameter of pairs of small integers does (3 bytes each); a flood
+of empty containers (1 byte, 56 in memory) does not, so decoding one stops
+at about 25 times its size (measured: a 4 MB body of empty arrays, +99 MB)."""
 
 OP_RESET = -1
 """Internal: roll back what is open, and DISCARD ALL when needed; no reply."""
@@ -173,45 +181,45 @@ class Decoder:
         op = job.op
         job.size = len(body)
         if op == OP_BEGIN:
-            begin, op, body = self._begin(job, body)
+            begin, op, body = self._begin(job, body, room)
             job.queries = [begin]
             if not op:
                 return
             job.first_op = op
         if op == OP_EXECUTE:
-            sql, params = self._args(op, body, 2)
+            sql, params = self._args(op, body, 2, room)
             self._statements(job, [self._convert(_text(sql), _params(params))],
                              batch=False, execute=True)
         elif op == OP_EXECUTEMANY or op == OP_BATCH:
             self._statements(job, self._stream(op, job, body, room), batch=op == OP_BATCH)
         elif op == OP_COPY_FROM:
-            sql, data, end = self._args(op, body, 3)
+            sql, data, end = self._args(op, body, 3, room)
             if not isinstance(data, bytes) or not isinstance(end, bool):
                 raise Refusal(ErrorKind.MESSAGE, "copy_from takes [sql or nil, bytes, bool]")
             job.copy_data, job.copy_end = data, end
             if sql is not None:
                 self._copy(job, _text(sql), from_stdin=True)
         elif op == OP_COPY_TO:
-            sql, max_bytes = self._args(op, body, 2)
+            sql, max_bytes = self._args(op, body, 2, room)
             if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
                 raise Refusal(ErrorKind.MESSAGE, "copy_to takes [sql or nil, positive int]")
             job.copy_max = max_bytes
             if sql is not None:
                 self._copy(job, _text(sql), from_stdin=False)
 
-    def _args(self, op: int, body: bytes, arity: int) -> list:
+    def _args(self, op: int, body: bytes, arity: int, room: int) -> list:
         try:
             if len(body) > LARGE_BODY:
-                args = protocol.unpack_containers(body, len(body) // BYTES_PER_CONTAINER)
+                args = protocol.unpack_within(body, _budget(body, room - len(body)))
             else:
                 args = protocol.unpack(body, self._max_bytes)
         except Exception as exc:
-            raise Refusal(ErrorKind.MESSAGE, f"undecodable body: {exc}") from None
+            raise _undecodable(exc, room) from None
         if not isinstance(args, list) or len(args) != arity:
             raise Refusal(ErrorKind.MESSAGE, f"{OP_NAMES[op]} takes {arity} arguments")
         return args
 
-    def _begin(self, job: Job, body: bytes) -> tuple[Query, int, bytes]:
+    def _begin(self, job: Job, body: bytes, room: int) -> tuple[Query, int, bytes]:
         """(the BEGIN to send, the op of the first statement or 0, its body).
 
         The transaction's characteristics arrive as values and are checked
@@ -220,7 +228,7 @@ class Decoder:
         job.in_session = True
         if body == _EMPTY_ARRAY:  # a bare BEGIN: nothing to decode
             return _BEGIN, 0, b""
-        characteristics, op, first = self._args(OP_BEGIN, body, 3)
+        characteristics, op, first = self._args(OP_BEGIN, body, 3, room)
         begin = _BEGIN if characteristics is None else begin_statement(characteristics)
         if op is None and first is None:
             return begin, 0, b""
@@ -237,8 +245,9 @@ class Decoder:
         usage = ("executemany takes [sql, list of parameter sets]" if many
                  else "batch takes [non-empty list of [sql, params]]")
         queries: list[Query] = []
+        budget = _budget(body, room - job.size) if len(body) > LARGE_BODY else None
         try:
-            reader = protocol.unpacker(body)
+            reader = protocol.unpacker(body, budget)
             if reader.read_array_header() != (2 if many else 1):
                 raise Refusal(ErrorKind.MESSAGE, usage)
             if many:
@@ -248,6 +257,13 @@ class Decoder:
             if not (many or count):
                 raise Refusal(ErrorKind.MESSAGE, usage)
             for _ in range(count):
+                if budget is not None:
+                    # A parameter set (an item and its parameters) is counted
+                    # in job.size as a query: only what it holds is budgeted,
+                    # within what the queries before it leave (their decoded
+                    # sets are gone).
+                    budget.grant(1 if many else 2)
+                    budget.room = room - job.size
                 if many:
                     queries.append(self._convert(sql, _params(reader.unpack()), template,
                                                  reuse=bool(queries)))
@@ -268,7 +284,7 @@ class Decoder:
         except Refusal:
             raise
         except Exception as exc:  # msgpack raises many types on garbage
-            raise Refusal(ErrorKind.MESSAGE, f"undecodable body: {exc}") from None
+            raise _undecodable(exc, room) from None
         return queries
 
     def _convert(self, sql: str, params: Any, query: Any = None, reuse: bool = False) -> Query:
@@ -278,6 +294,9 @@ class Decoder:
         try:
             if reuse:
                 query.dump(params)
+            elif params is not None and (len(sql) > SHORT_TEXT
+                                         or sql.count("%") > FEW_PERCENT_SIGNS):
+                convert_placeholders(query, sql, params)  # linear, whatever the text
             else:
                 query.convert(sql, params)
         except (TypeError, OverflowError) as exc:
@@ -353,6 +372,26 @@ def begin_statement(characteristics: Any) -> Query:
         modes.append("DEFERRABLE" if deferrable else "NOT DEFERRABLE")
     query = _BEGINS[key] = Query(f"BEGIN {', '.join(modes)}".rstrip().encode(), None, (), None)
     return query
+
+
+def _budget(body: bytes, room: int) -> protocol.DecodeBudget:
+    """What a large body may decode into: BYTES_PER_CONTAINER, and ``room``
+    (bytes of max_queued_bytes left besides what the request holds)."""
+    return protocol.DecodeBudget(len(body) // BYTES_PER_CONTAINER, len(body), room)
+
+
+def _undecodable(exc: Exception, room: int) -> Refusal:
+    """The refusal of a body msgpack (or a budget's hook) gave up on."""
+    why = str(exc)
+    # msgpack refuses an array or a map longer than the budget's room allows
+    # at its header, with this wording: the request is too big, not malformed.
+    if isinstance(exc, protocol.DecodeBudgetExceeded) or "exceeds max_array_len" in why \
+            or "exceeds max_map_len" in why:
+        return Refusal(ErrorKind.TOO_MANY_REQUESTS,
+                       f"decoded, the request would take more than the {room} bytes left of "
+                       "max_queued_bytes; it was not run: send it in smaller parts, or use "
+                       "copy() for bulk loads")
+    return Refusal(ErrorKind.MESSAGE, f"undecodable body: {why}")
 
 
 def _held(query: Query) -> int:

@@ -15,6 +15,7 @@ QUEUED_BYTES = "queued_bytes"  # bytes of requests waiting or running now
 CLIENTS_REFUSED = "clients_refused"  # sockets shut down at once: max_clients reached
 MESSAGES_REJECTED = "messages_rejected"  # dropped: sent over ipc by a uid not allowed
 POOL_PREDECESSORS = "pool_predecessors"  # a dead broker's connections counted against the cap
+STATEMENTS_UNPARSED = "statements_unparsed"  # new long texts not parsed: parsing's time was spent
 
 # Counters since start.
 REQUESTS_NUM = "requests_num"  # requests received

@@ -168,11 +168,25 @@ def _encode_ext(obj: Any) -> msgpack.ExtType:
     raise TypeError(f"cannot send a value of type {type(obj).__name__}: {obj!r}")
 
 
-def _plain(data: bytes) -> Any:
+def _plain(data: bytes, budget: DecodeBudget | None = None) -> Any:
     """An ext payload: plain msgpack, no ext types inside.  Decoding nested
     ext payloads recursively would let ~200 levels in a 700-byte message
-    overrun the C stack (msgpack uses about 40 KB of it per level)."""
-    return msgpack.unpackb(data, raw=False, ext_hook=_no_nested_ext)
+    overrun the C stack (msgpack uses about 40 KB of it per level).
+    Within ``budget`` (the message's) when one is given."""
+    hooks = {} if budget is None else budget.hooks()
+    hooks["ext_hook"] = _no_nested_ext
+    return msgpack.unpackb(data, raw=False, **hooks)
+
+
+SMALL_PAYLOAD = 256
+"""Bytes a datetime's or a timedelta's payload may take (they take under 100):
+nothing bigger is decoded for them."""
+
+
+def _small(data: bytes) -> Any:
+    if len(data) > SMALL_PAYLOAD:
+        raise ValueError(f"a payload of {len(data)} bytes (at most {SMALL_PAYLOAD})")
+    return _plain(data)
 
 
 def _no_nested_ext(code: int, data: bytes) -> Any:
@@ -180,7 +194,7 @@ def _no_nested_ext(code: int, data: bytes) -> Any:
 
 
 def _decode_datetime(data: bytes) -> _dt.datetime:
-    text, key = _plain(data)
+    text, key = _small(data)
     value = _dt.datetime.fromisoformat(text)
     if key is not None:
         value = value.astimezone(ZoneInfo(key))
@@ -188,7 +202,7 @@ def _decode_datetime(data: bytes) -> _dt.datetime:
 
 
 def _decode_timedelta(data: bytes) -> _dt.timedelta:
-    days, seconds, micro = _plain(data)
+    days, seconds, micro = _small(data)
     return _dt.timedelta(days=days, seconds=seconds, microseconds=micro)
 
 
@@ -240,30 +254,85 @@ def _unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
     return msgpack.unpackb(data, ext_hook=_decode_ext, raw=False)
 
 
-def unpacker(data: bytes) -> msgpack.Unpacker:
+ITEM_BYTES = 256
+"""What an item of an array or a map is estimated to cost the broker before
+its request runs: decoded, a slot and a small object (40 bytes), and dumped
+by psycopg for the server, which builds a token per item (measured: 180 to
+350 bytes a moment per item, for ints, floats, short strings, pairs)."""
+CONTAINER_BYTES = 128
+"""What an array or a map costs besides its items (an empty list: 56 bytes)."""
+EXT_BYTES = 256
+"""What an ext value costs, decoded and dumped (a Decimal alone: 104 bytes)."""
+
+
+class DecodeBudgetExceeded(ValueError):
+    """Decoded, the message would take more memory than its budget allows."""
+
+
+class DecodeBudget:
+    """What a large message may decode into, checked as msgpack builds it.
+
+    An empty array is one byte on the wire and 56 in memory, an ext value a
+    few bytes and a Python object, and a Json one holds a document of its
+    own: a body of them would take far more memory decoded than its size.
+    Two bounds: arrays, maps and ext values (``containers``, by count: past
+    it the message is malformed), and ``room``, bytes of memory estimated
+    (CONTAINER_BYTES, ITEM_BYTES, EXT_BYTES): past it DecodeBudgetExceeded.
+    msgpack calls the hooks as it builds each one, and refuses an array
+    whose header announces more items than ``room`` has space for before
+    building it, so decoding stops as soon as either is spent."""
+
+    __slots__ = ("left", "granted", "size", "room", "max_items")
+
+    def __init__(self, containers: int, size: int, room: int) -> None:
+        self.left = self.granted = containers
+        self.size = size  # of the message, for the error
+        self.room = room
+        self.max_items = max(room // ITEM_BYTES, 1)
+
+    def grant(self, containers: int) -> None:
+        """Allow ``containers`` more (ones the caller accounts for otherwise)."""
+        self.left += containers
+        self.granted += containers
+
+    def count(self, container: Any) -> Any:
+        self._take(CONTAINER_BYTES + ITEM_BYTES * len(container))
+        return container
+
+    def _take(self, nbytes: int) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError(f"more than {self.granted} arrays and maps (ext values "
+                             f"included) for a message of {self.size} bytes")
+        self.room -= nbytes
+        if self.room < 0:
+            raise DecodeBudgetExceeded("decoded, it would take more memory than is left")
+
+    def ext(self, code: int, data: bytes) -> Any:
+        self._take(EXT_BYTES)
+        if code == EXT_JSON:  # its document's arrays and maps count too
+            return Json(_plain(data, self))
+        return _decode_ext(code, data)
+
+    def hooks(self) -> dict[str, Any]:
+        """msgpack's keyword arguments that apply the budget."""
+        return {"ext_hook": self.ext, "list_hook": self.count, "object_hook": self.count,
+                "max_array_len": self.max_items, "max_map_len": self.max_items // 2}
+
+
+def unpacker(data: bytes, budget: DecodeBudget | None = None) -> msgpack.Unpacker:
     """A streaming reader over ``data``: a large message is decoded one item
-    at a time, so its decoded form never has to exist whole."""
-    reader = msgpack.Unpacker(ext_hook=_decode_ext, raw=False, max_buffer_size=len(data) or 1)
+    at a time, so its decoded form never has to exist whole; within
+    ``budget`` when one is given."""
+    hooks = budget.hooks() if budget is not None else {"ext_hook": _decode_ext}
+    reader = msgpack.Unpacker(raw=False, max_buffer_size=len(data) or 1, **hooks)
     reader.feed(data)
     return reader
 
 
-def unpack_containers(data: bytes, max_containers: int) -> Any:
-    """``unpack`` that gives up past ``max_containers`` arrays and maps: an
-    empty array is one byte on the wire and 56 in memory, so a large body of
-    them would take far more memory decoded than the message's size."""
-    left = max_containers
-
-    def count(container: Any) -> Any:
-        nonlocal left
-        left -= 1
-        if left < 0:
-            raise ValueError(f"more than {max_containers} arrays and maps for a message "
-                             f"of {len(data)} bytes")
-        return container
-
-    return msgpack.unpackb(data, ext_hook=_decode_ext, raw=False, list_hook=count,
-                           object_hook=count)
+def unpack_within(data: bytes, budget: DecodeBudget) -> Any:
+    """``unpack`` within ``budget``."""
+    return msgpack.unpackb(data, raw=False, **budget.hooks())
 
 
 def pack(obj: Any) -> bytes:

@@ -12,6 +12,14 @@ from broker.statements import CACHE_MAX_BYTES, CACHE_MAX_TEXT, Classification, K
 P, U, S, O, C, T = Kind.PLAIN, Kind.UTILITY, Kind.SESSION, Kind.OPAQUE, Kind.COPY, Kind.TRANSACTION
 
 
+@pytest.fixture(autouse=True)
+def unlimited_parse_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Classification itself is under test here, not the time given to it
+    (but in the test of that time): every text is parsed, however many
+    long ones a test sends at once."""
+    monkeypatch.setattr(statements, "budget", statements.ParseBudget(1.0, float("inf")))
+
+
 def case(case_id: str, sql: str | bytes, kind: Kind, reason: str = "") -> object:
     """One row: ``reason``, when given, must appear in the classification's reason."""
     return pytest.param(sql, kind, reason, id=case_id)
@@ -395,3 +403,24 @@ def test_ddl_is_told_apart_from_statements_that_keep_every_table_as_it_was(
         sql: str, changes: bool) -> None:
     # After DDL the broker drops every connection's prepared plans (0A000).
     assert classify(sql).changes_schema is changes
+
+
+def test_long_new_texts_beyond_the_parse_budget_run_unparsed_and_uncached(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A flood of distinct long texts: once the loop's share of parsing time
+    # is spent, the rest are treated as texts too long to parse (anything
+    # may happen: alone, reset after), and not cached, so they are parsed
+    # once there is time again.  Short texts are always parsed.
+    monkeypatch.setattr(statements, "budget", statements.ParseBudget(0.25, 0.002))
+    dense = "SELECT " + ",".join(str(i % 10) for i in range(2000))  # 4 KB, a few ms each
+    found = [classify(f"{dense} -- {n}") for n in range(20)]
+    unparsed = [f for f in found if f.reason.startswith("not parsed: the time")]
+    assert found[0].kind is Kind.PLAIN and unparsed
+    assert all(f.kind is Kind.OPAQUE and f.changes_schema for f in unparsed)
+    assert statements.budget.refused == len(unparsed)
+    assert sum(f"{dense} -- {n}" in statements._cache for n in range(20)) == 20 - len(unparsed)
+    dml = classify("INSERT INTO t VALUES " + ",".join(f"({i})" for i in range(1000)))
+    assert dml.reason.startswith("not parsed") and not dml.changes_schema  # DML by its first word
+    assert classify("SET search_path = a").kind is Kind.SESSION  # short: parsed all the same
+    statements.budget.at -= 1.0  # a second later: a quarter second of parsing is back
+    assert classify(f"{dense} -- later").kind is Kind.PLAIN
