@@ -262,6 +262,7 @@ class Broker:
         router, poller, by_fd = self._router, self._poller, self._by_fd
         recv = router.recv
         wakeup = self._pool.wakeup_fd
+        closing = self._pool.closing
         gate = self._gate
         monitor = gate.monitor
         poller.register(monitor, zmq.POLLIN)  # first: a socket beyond max_clients goes
@@ -285,6 +286,8 @@ class Broker:
                     elif (conn := by_fd.get(what)) is not None:
                         self._unflushed.add(conn)  # a rerun or a DEALLOCATE may follow
                         self._on_outcomes(conn, conn.read(now), now)
+                    elif what in closing:
+                        self._on_closing(what, now)
                 if requests:
                     for _ in range(ROUTER_BATCH):
                         try:
@@ -666,10 +669,21 @@ class Broker:
                 self._poller.unregister(fd)
         conn.polled = 0
         self._unflushed.discard(conn)
-        self._pool.move(conn, State.CLOSED)
+        held = self._pool.close(conn)
+        if held is not None:
+            self._poller.register(held, zmq.POLLIN)  # see _on_closing
         self._fail_if_unreachable(now)
         if self._pool.waiting:
             self._pool.grow(now, len(self._pool.waiting))
+
+    def _on_closing(self, fd: int, now: float) -> None:
+        """A closed connection's socket is readable.  Once the server has
+        closed its end, the backend has exited: its slot may go to a new
+        connection, if the queue wants one."""
+        if self._pool.backend_gone(fd):
+            self._poller.unregister(fd)
+            if self._pool.waiting:
+                self._dispatch(now)  # which grows the pool when it cannot serve
 
     def _on_opened(self, now: float) -> None:
         pool = self._pool
@@ -823,6 +837,9 @@ class Broker:
                 self._expire(session, (
                     f"the transaction was idle for more than {idle_limit:g} s "
                     "(idle_transaction_timeout) and was rolled back"), now)
+        if pool.closing:
+            for fd in pool.overdue(now):
+                self._poller.unregister(fd)
         if pool.waiting and not pool.count(State.IDLE):
             pool.grow(now, len(pool.waiting))
         if pool.foreign and now >= self._next_foreign_check:

@@ -18,7 +18,9 @@ the pool closes the connection, never hands it out again.
 from __future__ import annotations
 
 import logging
+import os
 import select
+import socket
 import threading
 import time
 from collections import deque
@@ -185,9 +187,35 @@ class PgConn:
         self._baseline = self.reported_parameters()
         self.clock_offset = clock_offset
 
-    def close(self) -> None:
-        if self._conn is not None and not self._conn.closed:
-            self._conn.close()
+    def close(self) -> socket.socket | None:
+        """Close the connection.  Returns our end of its socket, shut for
+        writing, while the server may still hold the backend: the server
+        closes its end only once the backend has exited and left its slot
+        (PostgreSQL closes the socket after releasing the backend's shared
+        state), which is when the slot may be given to another connection."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return None
+        try:
+            fd = os.dup(self._pgconn.socket)
+        except (OSError, psycopg.Error):
+            fd = -1  # libpq dropped the socket already: the server hung up
+        conn.close()  # sends Terminate; the duplicate keeps the socket open
+        if fd < 0:
+            return None
+        try:
+            held = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            held.setblocking(False)
+            # EOF for the server, should libpq have failed to send Terminate.
+            held.shutdown(socket.SHUT_WR)
+        except OSError:  # reset by the server: nothing left to wait for
+            held.close()
+            return None
+        return held
 
     def fileno(self) -> int:
         return self._pgconn.socket

@@ -5,6 +5,9 @@ Each connection has one state (``PgConn.state``), changed only through
 a connection blocks, so it happens on a short-lived thread that hands the
 finished connection back through a pipe the loop polls.
 
+A closed connection's slot stays counted until the server has let its
+backend go (``closing``), so a replacement never overlaps it.
+
 The first connection opens before the broker serves, and ends a dead
 predecessor's connections (``predecessors.sweep``).  The cap counts those
 it could not end (``foreign``); every connection that opens later looks
@@ -18,6 +21,7 @@ import logging
 import os
 import queue
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -49,6 +53,10 @@ FOREIGN_RECHECK_INTERVAL = 1.0
 """Seconds between looks at a dead predecessor's connections still counted."""
 UNREACHABLE_SQLSTATE = "08006"
 """connection_failure: what clients are told when nothing better is known."""
+BACKEND_EXIT_WAIT = 2.0
+"""Seconds a closed connection's slot stays counted while the server has not
+closed its end (its backend has not exited).  A server that never does (a
+network path gone silent) must not take the slot for good."""
 
 # libpq hands psycopg a refused connection's reason as text only (the
 # exception's sqlstate is None), so PostgreSQL's own FATAL messages are
@@ -104,6 +112,9 @@ class Pool:
         self._adapters = adapters
         self._redact = redact
         self.conns: dict[int, PgConn] = {}
+        # Closed connections whose backend may not have exited yet: the
+        # descriptor the loop watches -> (our end of the socket, when to stop waiting).
+        self.closing: dict[int, tuple[socket.socket, float]] = {}
         self._in: dict[State, dict[int, PgConn]] = {state: {} for state in State}
         self.waiting: deque[Job] = deque()
         self._next_id = 1
@@ -123,13 +134,53 @@ class Pool:
     # States
 
     def move(self, conn: PgConn, state: State) -> None:
+        """Put ``conn`` in ``state``; ``close`` closes it."""
         del self._in[conn.state][conn.conn_id]  # a StrEnum: "opening" finds State.OPENING
         conn.state = state
         if state == State.CLOSED:
             self.conns.pop(conn.conn_id, None)
-            conn.close()
         else:
             self._in[state][conn.conn_id] = conn
+
+    def close(self, conn: PgConn) -> int | None:
+        """Close ``conn``.  The descriptor returned, if any, is to be watched
+        for input and handed to ``backend_gone``: until then the backend may
+        still hold its slot on the server, and the cap counts it."""
+        self.move(conn, State.CLOSED)
+        held = conn.close()
+        if held is None:
+            return None
+        fd = held.fileno()
+        self.closing[fd] = (held, time.monotonic() + BACKEND_EXIT_WAIT)
+        return fd
+
+    def backend_gone(self, fd: int) -> bool:
+        """Read what the server sent on a closed connection's socket; True
+        once it has closed its end (the backend exited), the slot free."""
+        held, _ = self.closing[fd]
+        try:
+            while held.recv(4096):  # a TLS close_notify, a last notice: not wanted
+                pass
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # reset: the backend is gone as well
+        del self.closing[fd]
+        held.close()
+        return True
+
+    def overdue(self, now: float) -> list[int]:
+        """Closed connections whose backends have not let go within
+        BACKEND_EXIT_WAIT: no longer counted, their descriptors closed."""
+        late = [fd for fd, (_, until) in self.closing.items() if until <= now]
+        for fd in late:
+            held, _ = self.closing.pop(fd)
+            held.close()
+        if late:
+            logger.warning("%d closed server connections not ended by the server within "
+                           "%.0f s: no longer counted against max_connections",
+                           len(late), BACKEND_EXIT_WAIT)
+        return late
 
     def count(self, state: State) -> int:
         return len(self._in[state])
@@ -147,7 +198,9 @@ class Pool:
 
     @property
     def at_cap(self) -> bool:
-        return len(self.conns) + len(self.foreign) >= self.settings.max_connections
+        # Closed connections whose backends have not exited still count.
+        return len(self.conns) + len(self.closing) + len(self.foreign) \
+            >= self.settings.max_connections
 
     # Statement durations: what may be pipelined behind what
 
@@ -170,7 +223,7 @@ class Pool:
         """Open up to ``wanted`` more connections, never beyond the cap."""
         if now < self._retry_at:
             return
-        room = self.settings.max_connections - len(self.foreign)
+        room = self.settings.max_connections - len(self.foreign) - len(self.closing)
         opening = self.count(State.OPENING)
         if self._sweep_pending:
             # The first connection could not open: the next one sweeps, alone.
@@ -312,6 +365,10 @@ class Pool:
         return self._connect_error
 
     def close_all(self) -> None:
+        """At exit: close everything, waiting for no backend."""
         for conn in list(self.conns.values()):
             if conn.state != State.OPENING:
-                self.move(conn, State.CLOSED)
+                self.close(conn)
+        for held, _ in self.closing.values():
+            held.close()
+        self.closing.clear()
