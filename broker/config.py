@@ -33,7 +33,16 @@ class Settings:
     endpoint: str = dataclasses.field(default_factory=default_endpoint)
     """ZeroMQ endpoint to bind (env POOLBROKER_ENDPOINT)."""
     max_connections: int = 10
-    """Hard cap on server connections, opened lazily (env POOLBROKER_MAX_CONNECTIONS)."""
+    """Hard cap on server connections (env POOLBROKER_MAX_CONNECTIONS)."""
+    min_connections: int = 1
+    """Server connections opened at start and kept open: reopened when lost (with the
+    reconnect backoff), never closed for idling.  At most max_connections."""
+    max_idle: float = 600.0
+    """Seconds a connection above min_connections may sit unused before it is closed (0: never)."""
+    max_lifetime: float = 3600.0
+    """Seconds after which a connection is replaced, less up to 10% at random so that
+    connections opened together do not all go at once; one in use is closed when it
+    next becomes idle, never during a transaction or a statement (0: never)."""
     pool_timeout: float = 30.0
     """Seconds a request may wait for a connection before PoolTimeout."""
     max_waiting: int = 10_000
@@ -140,6 +149,9 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
     settings = Settings(**values)
     if settings.max_connections < 1:
         raise ConfigError("max_connections must be at least 1")
+    if settings.min_connections > settings.max_connections:
+        raise ConfigError(f"min_connections ({settings.min_connections}) must not exceed "
+                          f"max_connections ({settings.max_connections})")
     if bool(settings.curve_secret_key_file) != bool(settings.curve_allowed_clients):
         raise ConfigError("CURVE needs both curve_secret_key_file and curve_allowed_clients")
     name = settings.application_name

@@ -47,7 +47,7 @@ from .clients import ClientGate, default_max_clients, peer_credentials, raise_op
 from .config import ConfigError, Settings
 from .memory import return_large_buffers
 from .pgconn import Outcome, PgConn
-from .pool import FOREIGN_RECHECK_INTERVAL, ConnectError, Pool, State
+from .pool import AGED, FOREIGN_RECHECK_INTERVAL, ConnectError, Pool, State
 from .redact import Redactor
 from .requests import (
     ENDING_OPS, NO_DEADLINE, OP_RESET, POOLED_OPS, SESSION_OPS, Decoder, Job, Query, Refusal,
@@ -168,9 +168,10 @@ class Broker:
         endpoints.bind(router, endpoint)
         self._gate = ClientGate(router, max_clients=max_clients,
                                 ipc=endpoint.startswith("ipc://"), allowed_uids=s.allowed_uids)
-        logger.info("listening on %s, max_connections=%d, max_clients=%d (open files: %d), "
-                    "server connections marked application_name=%s", endpoint,
-                    s.max_connections, max_clients, open_files, self._pool.application_name)
+        logger.info("listening on %s, min_connections=%d, max_connections=%d, max_clients=%d "
+                    "(open files: %d), server connections marked application_name=%s", endpoint,
+                    s.min_connections, s.max_connections, max_clients, open_files,
+                    self._pool.application_name)
 
     def _enable_curve(self) -> None:
         """Encrypt the transport and admit only clients on the allow-list."""
@@ -611,8 +612,8 @@ class Broker:
                 pool.move(conn, State.RESETTING)
             self._send(conn, Job(OP_RESET, b"", 0, float("inf"), [_DISCARD]), now)
             return
-        if self._stopping or conn.bulky:  # bulky: its libpq buffers go with it
-            self._close_conn(conn, now)
+        if self._stopping or conn.retiring:
+            self._retire(conn, now)
             return
         pool.move(conn, State.IDLE)
         if pool.waiting:
@@ -675,6 +676,14 @@ class Broker:
         self._fail_if_unreachable(now)
         if self._pool.waiting:
             self._pool.grow(now, len(self._pool.waiting))
+
+    def _retire(self, conn: PgConn, now: float) -> None:
+        """Close ``conn`` once nothing of a client's is on it: at shutdown,
+        after a burst that grew its buffers, or at its lifetime."""
+        if conn.retiring == AGED:
+            self.stats[S.CONNECTIONS_RECYCLED] += 1
+            logger.debug("server connection %d reached max_lifetime: closed", conn.conn_id)
+        self._close_conn(conn, now)
 
     def _on_closing(self, fd: int, now: float) -> None:
         """A closed connection's socket is readable.  Once the server has
@@ -840,11 +849,30 @@ class Broker:
         if pool.closing:
             for fd in pool.overdue(now):
                 self._poller.unregister(fd)
+        if not self._stopping:
+            self._size_pool(now)
         if pool.waiting and not pool.count(State.IDLE):
             pool.grow(now, len(pool.waiting))
         if pool.foreign and now >= self._next_foreign_check:
             self._next_foreign_check = now + FOREIGN_RECHECK_INTERVAL
             self._recheck_foreign(now)
+
+    def _size_pool(self, now: float) -> None:
+        """min_connections, max_idle and max_lifetime, on the housekeeping
+        tick: the request path does none of it."""
+        pool = self._pool
+        if self.settings.max_lifetime:
+            for conn in pool.aged(now):
+                conn.retiring = AGED  # _settle closes it once drained
+                if conn.state == State.IDLE:
+                    self._retire(conn, now)
+                elif conn.state == State.SHARED:
+                    pool.move(conn, State.BUSY)  # nothing more is pipelined onto it
+        for conn in pool.idled_out(now):
+            self.stats[S.CONNECTIONS_CLOSED_IDLE] += 1
+            logger.debug("server connection %d idle for max_idle: closed", conn.conn_id)
+            self._close_conn(conn, now)
+        pool.keep_warm(now)
 
     def _recheck_foreign(self, now: float) -> None:
         """Learn whether a dead predecessor's connections have ended, so the
@@ -935,6 +963,7 @@ class Broker:
         pool = self._pool
         result: dict[str, Any] = dict(self.stats)
         result[S.POOL_MAX] = self.settings.max_connections
+        result[S.POOL_MIN] = self.settings.min_connections
         result[S.POOL_SIZE] = len(pool.conns)
         result[S.POOL_AVAILABLE] = pool.count(State.IDLE)
         result[S.REQUESTS_WAITING] = len(pool.waiting)

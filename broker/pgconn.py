@@ -49,6 +49,8 @@ BUFFERS_KEPT = 8 * 1024 * 1024
 """libpq's buffers grow to the most bytes in flight at once and never shrink:
 a connection that carried more than this in one go is closed once drained
 (and reopened on demand), so the memory of a burst goes back with it."""
+BULKY = "its libpq buffers grew past BUFFERS_KEPT"
+"""``PgConn.retiring``: why a connection that carried a burst is closed once drained."""
 
 RESULT_TOO_LARGE = "54000"  # program_limit_exceeded
 DEADLINE_PASSED = "22012"  # what the guard raises: division_by_zero
@@ -151,12 +153,15 @@ class PgConn:
         self.broken = ""  # why it must be closed, once it must
         self.dirty = False  # session state changed: DISCARD ALL before reuse
         self.changed_schema = False  # ran DDL not yet known to have ended (see Broker._settle)
-        self.head_since = 0.0  # when the job at the head got there
+        # When the job at the head got there; with nothing in flight, since
+        # when the connection has been idle (its last job ended, or it opened).
+        self.head_since = 0.0
         self.slow_in_flight = 0  # jobs in flight not known to be quick
         self.clock_offset = 0.0  # the server's clock minus ours, measured at connect
         self.sending = False  # libpq holds output the kernel has not taken yet
         self.polled = 0  # owned by the loop: the poll events its socket is registered for
-        self.bulky = False  # carried over BUFFERS_KEPT at once: close it once drained
+        self.retiring = ""  # why it is closed once drained (BULKY, its age); "": it stays
+        self.expires_at = float("inf")  # monotonic: retire it from then on (max_lifetime)
         self._sent_bytes = 0  # request bytes sent since the pipeline was last empty
         self.prepared = PreparedCache()
         self._conn: psycopg.Connection | None = None
@@ -177,8 +182,8 @@ class PgConn:
 
     # Life
 
-    def attach(self, conn: psycopg.Connection, clock_offset: float) -> None:
-        """Take over a connection opened (off the loop) by the pool."""
+    def attach(self, conn: psycopg.Connection, clock_offset: float, now: float) -> None:
+        """Take over a connection opened (off the loop) by the pool; idle from ``now``."""
         self._conn = conn
         self._pgconn = conn.pgconn
         self._pgconn.nonblocking = 1
@@ -186,6 +191,7 @@ class PgConn:
         self._transformer = adapt.Transformer(conn)
         self._baseline = self.reported_parameters()
         self.clock_offset = clock_offset
+        self.head_since = now
 
     def close(self) -> socket.socket | None:
         """Close the connection.  Returns our end of its socket, shut for
@@ -435,7 +441,7 @@ class PgConn:
         pipeline.popleft()
         job = run.job
         if run.size > BUFFERS_KEPT:
-            self.bulky = True
+            self.retiring = self.retiring or BULKY
         if job is not None:
             job.ran_for = now - self.head_since
             if not job.expected_fast:
@@ -450,7 +456,7 @@ class PgConn:
             if self._cancels_finished == self._cancels_started:
                 self._cancel_in_doubt = False
             if self._sent_bytes > BUFFERS_KEPT:
-                self.bulky = True
+                self.retiring = self.retiring or BULKY
             self._sent_bytes = 0
 
     def _rerun(self, run: _Run) -> bool:

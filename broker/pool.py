@@ -5,6 +5,10 @@ Each connection has one state (``PgConn.state``), changed only through
 a connection blocks, so it happens on a short-lived thread that hands the
 finished connection back through a pipe the loop polls.
 
+Sizing, from the loop's housekeeping tick (never on the request path):
+``keep_warm`` opens up to ``min_connections``; ``idled_out`` names the
+connections above it unused for ``max_idle``; ``aged`` those past their
+lifetime, which the loop retires as soon as nothing of a client is on them.
 A closed connection's slot stays counted until the server has let its
 backend go (``closing``), so a replacement never overlaps it.
 
@@ -20,6 +24,7 @@ import enum
 import logging
 import os
 import queue
+import random
 import re
 import socket
 import threading
@@ -53,6 +58,12 @@ FOREIGN_RECHECK_INTERVAL = 1.0
 """Seconds between looks at a dead predecessor's connections still counted."""
 UNREACHABLE_SQLSTATE = "08006"
 """connection_failure: what clients are told when nothing better is known."""
+LIFETIME_JITTER = 0.1
+"""A connection's lifetime is max_lifetime less up to this fraction, at random:
+connections opened together (min_connections at start) leave one by one, and
+none outlives max_lifetime, which may have been set under an outside limit."""
+AGED = "max_lifetime"
+"""``PgConn.retiring``: the connection reached its lifetime."""
 BACKEND_EXIT_WAIT = 2.0
 """Seconds a closed connection's slot stays counted while the server has not
 closed its end (its backend has not exited).  A server that never does (a
@@ -237,6 +248,41 @@ class Pool:
                              args=(self._add_opening(), self._sweep_pending, self.foreign),
                              name="poolbroker-connect", daemon=True).start()
 
+    def keep_warm(self, now: float) -> None:
+        """Open connections up to ``min_connections``: at start, and again
+        after losses and retirements (the backoff applies)."""
+        opening = self.count(State.OPENING)
+        wanted = self.settings.min_connections - (self._staying() - opening)
+        if wanted > opening:
+            self.grow(now, wanted)  # up to ``wanted`` opening at once
+
+    def _staying(self) -> int:
+        """Connections open or opening, less those being retired."""
+        return sum(1 for conn in self.conns.values() if not conn.retiring)
+
+    def idled_out(self, now: float) -> list[PgConn]:
+        """Idle connections unused for ``max_idle``, longest idle first, as
+        many as stand above ``min_connections``.  Idle connections are
+        handed out most recently used first, so under a steady load the
+        ones it does not need are these."""
+        max_idle = self.settings.max_idle
+        idle = self._in[State.IDLE]
+        if not max_idle or not idle:
+            return []
+        spare = self._staying() - self.count(State.OPENING) - self.settings.min_connections
+        out: list[PgConn] = []
+        for conn in idle.values():  # in the order they became idle
+            if len(out) >= spare:
+                break
+            if now - conn.head_since >= max_idle:
+                out.append(conn)
+        return out
+
+    def aged(self, now: float) -> list[PgConn]:
+        """Connections past their lifetime, not yet being retired."""
+        return [conn for conn in self.conns.values()
+                if conn.expires_at <= now and not conn.retiring]
+
     def _add_opening(self) -> int:
         conn = PgConn(self._next_id, result_limit=self.settings.max_result_bytes,
                       chunked=bool(self.settings.max_result_bytes))
@@ -352,7 +398,10 @@ class Pool:
             self._backoff = 0.0
             self._connect_error = None
             self._update_foreign(left, swept)
-            pgconn.attach(conn, offset)
+            pgconn.attach(conn, offset, now)
+            if self.settings.max_lifetime:
+                pgconn.expires_at = now + self.settings.max_lifetime * (
+                    1 - LIFETIME_JITTER * random.random())
             ready.append(pgconn)
 
     def unreachable(self, now: float) -> ConnectError | None:
