@@ -35,6 +35,7 @@ def test_shipped_config_parses_and_matches_the_defaults():
     ("[poolbroker]\nmax_conections = 3\n", "unknown setting"),
     ("[poolbroker]\nmax_connections = 'many'\n", "must be int"),
     ("[poolbroker]\nmax_connections = 0\n", "at least 1"),
+    ("[poolbroker]\nmax_connections = 2\nmin_connections = 3\n", "must not exceed"),
     ("[poolbroker]\npool_timeout = -1\n", "negative"),
     ("[poolbroker\n", "cannot read"),
     ("[poolbroker]\napplication_name = 'app~1'\n", "application_name must be"),
