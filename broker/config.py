@@ -174,6 +174,21 @@ class Settings:
         doc="A dead predecessor's connections count too, while they last. One opens at "
             "start, the others as needed.")
 
+    min_connections: int = setting(
+        1, help="server connections opened at start and kept open",
+        doc="Reopened when lost (with the reconnect backoff), never closed for idling. "
+            "At most `max_connections`.")
+
+    max_idle: float = setting(
+        600.0, help="seconds a connection above `min_connections` may sit unused before it "
+                    "is closed (0: never)")
+
+    max_lifetime: float = setting(
+        3600.0, help="seconds after which a connection is replaced (0: never)",
+        doc="Less up to 10% at random, so that connections opened together do not all go "
+            "at once; one in use is closed when it next becomes idle, never during a "
+            "transaction or a statement.")
+
     pool_timeout: float = setting(
         30.0, help="seconds a request may wait for a connection before `PoolTimeout`")
 
@@ -423,6 +438,10 @@ class _Merge:
     def cross_check(self, s: Settings) -> None:
         """Checks that span settings; each is skipped when a value it reads was
         invalid (already reported)."""
+        if not self.invalid & {"min_connections", "max_connections"} \
+                and s.min_connections > s.max_connections:
+            self.problems.append(f"min_connections ({s.min_connections}) must not exceed "
+                                 f"max_connections ({s.max_connections})")
         if not self.invalid & {"curve_secret_key_file", "curve_allowed_clients"} \
                 and bool(s.curve_secret_key_file) != bool(s.curve_allowed_clients):
             self.problems.append(

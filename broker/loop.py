@@ -47,7 +47,7 @@ from .clients import ClientGate, default_max_clients, peer_credentials, raise_op
 from .config import ConfigError, Settings
 from .memory import return_large_buffers
 from .pgconn import Outcome, PgConn
-from .pool import FOREIGN_RECHECK_INTERVAL, ConnectError, Pool, State
+from .pool import AGED, FOREIGN_RECHECK_INTERVAL, ConnectError, Pool, State
 from .redact import Redactor
 from .requests import (
     ENDING_OPS, NO_DEADLINE, OP_RESET, POOLED_OPS, SESSION_OPS, Decoder, Job, Query, Refusal,
@@ -168,9 +168,10 @@ class Broker:
         endpoints.bind(router, endpoint)
         self._gate = ClientGate(router, max_clients=max_clients,
                                 ipc=endpoint.startswith("ipc://"), allowed_uids=s.allowed_uids)
-        logger.info("listening on %s, max_connections=%d, max_clients=%d (open files: %d), "
-                    "server connections marked application_name=%s", endpoint,
-                    s.max_connections, max_clients, open_files, self._pool.application_name)
+        logger.info("listening on %s, min_connections=%d, max_connections=%d, max_clients=%d "
+                    "(open files: %d), server connections marked application_name=%s", endpoint,
+                    s.min_connections, s.max_connections, max_clients, open_files,
+                    self._pool.application_name)
 
     def _enable_curve(self) -> None:
         """Encrypt the transport and admit only clients on the allow-list."""
@@ -262,6 +263,7 @@ class Broker:
         router, poller, by_fd = self._router, self._poller, self._by_fd
         recv = router.recv
         wakeup = self._pool.wakeup_fd
+        closing = self._pool.closing
         gate = self._gate
         monitor = gate.monitor
         poller.register(monitor, zmq.POLLIN)  # first: a socket beyond max_clients goes
@@ -285,6 +287,8 @@ class Broker:
                     elif (conn := by_fd.get(what)) is not None:
                         self._unflushed.add(conn)  # a rerun or a DEALLOCATE may follow
                         self._on_outcomes(conn, conn.read(now), now)
+                    elif what in closing:
+                        self._on_closing(what, now)
                 if requests:
                     for _ in range(ROUTER_BATCH):
                         try:
@@ -611,8 +615,8 @@ class Broker:
                 pool.move(conn, State.RESETTING)
             self._send(conn, Job(OP_RESET, b"", 0, float("inf"), [_DISCARD]), now)
             return
-        if self._stopping or conn.bulky:  # bulky: its libpq buffers go with it
-            self._close_conn(conn, now)
+        if self._stopping or conn.retiring:
+            self._retire(conn, now)
             return
         pool.move(conn, State.IDLE)
         if pool.waiting:
@@ -670,10 +674,29 @@ class Broker:
                 self._poller.unregister(fd)
         conn.polled = 0
         self._unflushed.discard(conn)
-        self._pool.move(conn, State.CLOSED)
+        held = self._pool.close(conn)
+        if held is not None:
+            self._poller.register(held, zmq.POLLIN)  # see _on_closing
         self._fail_if_unreachable(now)
         if self._pool.waiting:
             self._pool.grow(now, len(self._pool.waiting))
+
+    def _retire(self, conn: PgConn, now: float) -> None:
+        """Close ``conn`` once nothing of a client's is on it: at shutdown,
+        after a burst that grew its buffers, or at its lifetime."""
+        if conn.retiring == AGED:
+            self.stats[S.CONNECTIONS_RECYCLED] += 1
+            logger.debug("server connection %d reached max_lifetime: closed", conn.conn_id)
+        self._close_conn(conn, now)
+
+    def _on_closing(self, fd: int, now: float) -> None:
+        """A closed connection's socket is readable.  Once the server has
+        closed its end, the backend has exited: its slot may go to a new
+        connection, if the queue wants one."""
+        if self._pool.backend_gone(fd):
+            self._poller.unregister(fd)
+            if self._pool.waiting:
+                self._dispatch(now)  # which grows the pool when it cannot serve
 
     def _on_opened(self, now: float) -> None:
         pool = self._pool
@@ -827,11 +850,33 @@ class Broker:
                 self._expire(session, (
                     f"the transaction was idle for more than {idle_limit:g} s "
                     "(idle_transaction_timeout) and was rolled back"), now)
+        if pool.closing:
+            for fd in pool.overdue(now):
+                self._poller.unregister(fd)
+        if not self._stopping:
+            self._size_pool(now)
         if pool.waiting and not pool.count(State.IDLE):
             pool.grow(now, len(pool.waiting))
         if pool.foreign and now >= self._next_foreign_check:
             self._next_foreign_check = now + FOREIGN_RECHECK_INTERVAL
             self._recheck_foreign(now)
+
+    def _size_pool(self, now: float) -> None:
+        """min_connections, max_idle and max_lifetime, on the housekeeping
+        tick: the request path does none of it."""
+        pool = self._pool
+        if self.settings.max_lifetime:
+            for conn in pool.aged(now):
+                conn.retiring = AGED  # _settle closes it once drained
+                if conn.state == State.IDLE:
+                    self._retire(conn, now)
+                elif conn.state == State.SHARED:
+                    pool.move(conn, State.BUSY)  # nothing more is pipelined onto it
+        for conn in pool.idled_out(now):
+            self.stats[S.CONNECTIONS_CLOSED_IDLE] += 1
+            logger.debug("server connection %d idle for max_idle: closed", conn.conn_id)
+            self._close_conn(conn, now)
+        pool.keep_warm(now)
 
     def _recheck_foreign(self, now: float) -> None:
         """Learn whether a dead predecessor's connections have ended, so the
@@ -922,6 +967,7 @@ class Broker:
         pool = self._pool
         result: dict[str, Any] = dict(self.stats)
         result[S.POOL_MAX] = self.settings.max_connections
+        result[S.POOL_MIN] = self.settings.min_connections
         result[S.POOL_SIZE] = len(pool.conns)
         result[S.POOL_AVAILABLE] = pool.count(State.IDLE)
         result[S.REQUESTS_WAITING] = len(pool.waiting)

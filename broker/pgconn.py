@@ -18,6 +18,8 @@ the pool closes the connection, never hands it out again.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -46,6 +48,8 @@ BUFFERS_KEPT = 8 * 1024 * 1024
 """libpq's buffers grow to the most bytes in flight at once and never shrink:
 a connection that carried more than this in one go is closed once drained
 (and reopened on demand), so the memory of a burst goes back with it."""
+BULKY = "its libpq buffers grew past BUFFERS_KEPT"
+"""``PgConn.retiring``: why a connection that carried a burst is closed once drained."""
 
 COPY_PIECE_BYTES = 256 * 1024
 """COPY FROM data is handed to libpq this much at a time, each piece once
@@ -154,12 +158,15 @@ class PgConn:
         self.broken = ""  # why it must be closed, once it must
         self.dirty = False  # session state changed: DISCARD ALL before reuse
         self.changed_schema = False  # ran DDL not yet known to have ended (see Broker._settle)
-        self.head_since = 0.0  # when the job at the head got there
+        # When the job at the head got there; with nothing in flight, since
+        # when the connection has been idle (its last job ended, or it opened).
+        self.head_since = 0.0
         self.slow_in_flight = 0  # jobs in flight not known to be quick
         self.clock_offset = 0.0  # the server's clock minus ours, measured at connect
         self.sending = False  # libpq holds output the kernel has not taken yet
         self.polled = 0  # owned by the loop: the poll events its socket is registered for
-        self.bulky = False  # carried over BUFFERS_KEPT at once: close it once drained
+        self.retiring = ""  # why it is closed once drained (BULKY, its age); "": it stays
+        self.expires_at = float("inf")  # monotonic: retire it from then on (max_lifetime)
         self._sent_bytes = 0  # request bytes sent since the pipeline was last empty
         self.prepared = PreparedCache()
         self._conn: psycopg.Connection | None = None
@@ -180,8 +187,8 @@ class PgConn:
 
     # Life
 
-    def attach(self, conn: psycopg.Connection, clock_offset: float) -> None:
-        """Take over a connection opened (off the loop) by the pool."""
+    def attach(self, conn: psycopg.Connection, clock_offset: float, now: float) -> None:
+        """Take over a connection opened (off the loop) by the pool; idle from ``now``."""
         self._conn = conn
         self._pgconn = conn.pgconn
         self._pgconn.nonblocking = 1
@@ -189,10 +196,37 @@ class PgConn:
         self._transformer = adapt.Transformer(conn)
         self._baseline = self.reported_parameters()
         self.clock_offset = clock_offset
+        self.head_since = now
 
-    def close(self) -> None:
-        if self._conn is not None and not self._conn.closed:
-            self._conn.close()
+    def close(self) -> socket.socket | None:
+        """Close the connection.  Returns our end of its socket, shut for
+        writing, while the server may still hold the backend: the server
+        closes its end only once the backend has exited and left its slot
+        (PostgreSQL closes the socket after releasing the backend's shared
+        state), which is when the slot may be given to another connection."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return None
+        try:
+            fd = os.dup(self._pgconn.socket)
+        except (OSError, psycopg.Error):
+            fd = -1  # libpq dropped the socket already: the server hung up
+        conn.close()  # sends Terminate; the duplicate keeps the socket open
+        if fd < 0:
+            return None
+        try:
+            held = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            held.setblocking(False)
+            # EOF for the server, should libpq have failed to send Terminate.
+            held.shutdown(socket.SHUT_WR)
+        except OSError:  # reset by the server: nothing left to wait for
+            held.close()
+            return None
+        return held
 
     def fileno(self) -> int:
         return self._pgconn.socket
@@ -414,7 +448,7 @@ class PgConn:
         pipeline.popleft()
         job = run.job
         if run.size > BUFFERS_KEPT:
-            self.bulky = True
+            self.retiring = self.retiring or BULKY
         if job is not None:
             job.ran_for = now - self.head_since
             if not job.expected_fast:
@@ -429,7 +463,7 @@ class PgConn:
             if self._cancels_finished == self._cancels_started:
                 self._cancel_in_doubt = False
             if self._sent_bytes > BUFFERS_KEPT:
-                self.bulky = True
+                self.retiring = self.retiring or BULKY
             self._sent_bytes = 0
 
     def _rerun(self, run: _Run) -> bool:

@@ -5,6 +5,13 @@ Each connection has one state (``PgConn.state``), changed only through
 a connection blocks, so it happens on a short-lived thread that hands the
 finished connection back through a pipe the loop polls.
 
+Sizing, from the loop's housekeeping tick (never on the request path):
+``keep_warm`` opens up to ``min_connections``; ``idled_out`` names the
+connections above it unused for ``max_idle``; ``aged`` those past their
+lifetime, which the loop retires as soon as nothing of a client is on them.
+A closed connection's slot stays counted until the server has let its
+backend go (``closing``), so a replacement never overlaps it.
+
 The first connection opens before the broker serves, and ends a dead
 predecessor's connections (``predecessors.sweep``).  The cap counts those
 it could not end (``foreign``); every connection that opens later looks
@@ -17,7 +24,9 @@ import enum
 import logging
 import os
 import queue
+import random
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -49,6 +58,16 @@ FOREIGN_RECHECK_INTERVAL = 1.0
 """Seconds between looks at a dead predecessor's connections still counted."""
 UNREACHABLE_SQLSTATE = "08006"
 """connection_failure: what clients are told when nothing better is known."""
+LIFETIME_JITTER = 0.1
+"""A connection's lifetime is max_lifetime less up to this fraction, at random:
+connections opened together (min_connections at start) leave one by one, and
+none outlives max_lifetime, which may have been set under an outside limit."""
+AGED = "max_lifetime"
+"""``PgConn.retiring``: the connection reached its lifetime."""
+BACKEND_EXIT_WAIT = 2.0
+"""Seconds a closed connection's slot stays counted while the server has not
+closed its end (its backend has not exited).  A server that never does (a
+network path gone silent) must not take the slot for good."""
 
 # libpq hands psycopg a refused connection's reason as text only (the
 # exception's sqlstate is None), so PostgreSQL's own FATAL messages are
@@ -104,6 +123,9 @@ class Pool:
         self._adapters = adapters
         self._redact = redact
         self.conns: dict[int, PgConn] = {}
+        # Closed connections whose backend may not have exited yet: the
+        # descriptor the loop watches -> (our end of the socket, when to stop waiting).
+        self.closing: dict[int, tuple[socket.socket, float]] = {}
         self._in: dict[State, dict[int, PgConn]] = {state: {} for state in State}
         self.waiting: deque[Job] = deque()
         self._next_id = 1
@@ -123,13 +145,53 @@ class Pool:
     # States
 
     def move(self, conn: PgConn, state: State) -> None:
+        """Put ``conn`` in ``state``; ``close`` closes it."""
         del self._in[conn.state][conn.conn_id]  # a StrEnum: "opening" finds State.OPENING
         conn.state = state
         if state == State.CLOSED:
             self.conns.pop(conn.conn_id, None)
-            conn.close()
         else:
             self._in[state][conn.conn_id] = conn
+
+    def close(self, conn: PgConn) -> int | None:
+        """Close ``conn``.  The descriptor returned, if any, is to be watched
+        for input and handed to ``backend_gone``: until then the backend may
+        still hold its slot on the server, and the cap counts it."""
+        self.move(conn, State.CLOSED)
+        held = conn.close()
+        if held is None:
+            return None
+        fd = held.fileno()
+        self.closing[fd] = (held, time.monotonic() + BACKEND_EXIT_WAIT)
+        return fd
+
+    def backend_gone(self, fd: int) -> bool:
+        """Read what the server sent on a closed connection's socket; True
+        once it has closed its end (the backend exited), the slot free."""
+        held, _ = self.closing[fd]
+        try:
+            while held.recv(4096):  # a TLS close_notify, a last notice: not wanted
+                pass
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # reset: the backend is gone as well
+        del self.closing[fd]
+        held.close()
+        return True
+
+    def overdue(self, now: float) -> list[int]:
+        """Closed connections whose backends have not let go within
+        BACKEND_EXIT_WAIT: no longer counted, their descriptors closed."""
+        late = [fd for fd, (_, until) in self.closing.items() if until <= now]
+        for fd in late:
+            held, _ = self.closing.pop(fd)
+            held.close()
+        if late:
+            logger.warning("%d closed server connections not ended by the server within "
+                           "%.0f s: no longer counted against max_connections",
+                           len(late), BACKEND_EXIT_WAIT)
+        return late
 
     def count(self, state: State) -> int:
         return len(self._in[state])
@@ -147,7 +209,9 @@ class Pool:
 
     @property
     def at_cap(self) -> bool:
-        return len(self.conns) + len(self.foreign) >= self.settings.max_connections
+        # Closed connections whose backends have not exited still count.
+        return len(self.conns) + len(self.closing) + len(self.foreign) \
+            >= self.settings.max_connections
 
     # Statement durations: what may be pipelined behind what
 
@@ -170,7 +234,7 @@ class Pool:
         """Open up to ``wanted`` more connections, never beyond the cap."""
         if now < self._retry_at or self.at_cap:  # at cap: the common case under load
             return
-        room = self.settings.max_connections - len(self.foreign)
+        room = self.settings.max_connections - len(self.foreign) - len(self.closing)
         opening = self.count(State.OPENING)
         if self._sweep_pending:
             # The first connection could not open: the next one sweeps, alone.
@@ -183,6 +247,41 @@ class Pool:
             threading.Thread(target=self._open,
                              args=(self._add_opening(), self._sweep_pending, self.foreign),
                              name="poolbroker-connect", daemon=True).start()
+
+    def keep_warm(self, now: float) -> None:
+        """Open connections up to ``min_connections``: at start, and again
+        after losses and retirements (the backoff applies)."""
+        opening = self.count(State.OPENING)
+        wanted = self.settings.min_connections - (self._staying() - opening)
+        if wanted > opening:
+            self.grow(now, wanted)  # up to ``wanted`` opening at once
+
+    def _staying(self) -> int:
+        """Connections open or opening, less those being retired."""
+        return sum(1 for conn in self.conns.values() if not conn.retiring)
+
+    def idled_out(self, now: float) -> list[PgConn]:
+        """Idle connections unused for ``max_idle``, longest idle first, as
+        many as stand above ``min_connections``.  Idle connections are
+        handed out most recently used first, so under a steady load the
+        ones it does not need are these."""
+        max_idle = self.settings.max_idle
+        idle = self._in[State.IDLE]
+        if not max_idle or not idle:
+            return []
+        spare = self._staying() - self.count(State.OPENING) - self.settings.min_connections
+        out: list[PgConn] = []
+        for conn in idle.values():  # in the order they became idle
+            if len(out) >= spare:
+                break
+            if now - conn.head_since >= max_idle:
+                out.append(conn)
+        return out
+
+    def aged(self, now: float) -> list[PgConn]:
+        """Connections past their lifetime, not yet being retired."""
+        return [conn for conn in self.conns.values()
+                if conn.expires_at <= now and not conn.retiring]
 
     def _add_opening(self) -> int:
         conn = PgConn(self._next_id, result_limit=self.settings.max_result_bytes,
@@ -299,7 +398,10 @@ class Pool:
             self._backoff = 0.0
             self._connect_error = None
             self._update_foreign(left, swept)
-            pgconn.attach(conn, offset)
+            pgconn.attach(conn, offset, now)
+            if self.settings.max_lifetime:
+                pgconn.expires_at = now + self.settings.max_lifetime * (
+                    1 - LIFETIME_JITTER * random.random())
             ready.append(pgconn)
 
     def unreachable(self, now: float) -> ConnectError | None:
@@ -312,6 +414,10 @@ class Pool:
         return self._connect_error
 
     def close_all(self) -> None:
+        """At exit: close everything, waiting for no backend."""
         for conn in list(self.conns.values()):
             if conn.state != State.OPENING:
-                self.move(conn, State.CLOSED)
+                self.close(conn)
+        for held, _ in self.closing.values():
+            held.close()
+        self.closing.clear()

@@ -2,6 +2,7 @@
 
 # Gauges, computed when asked.
 POOL_MAX = "pool_max"  # max_connections
+POOL_MIN = "pool_min"  # min_connections
 POOL_SIZE = "pool_size"  # server connections open or opening
 POOL_AVAILABLE = "pool_available"  # open and idle
 REQUESTS_WAITING = "requests_waiting"  # queued for a connection now
@@ -34,6 +35,8 @@ REPLIES_UNDELIVERABLE = "replies_undeliverable"  # the client was gone or not re
 CONNECTIONS_NUM = "connections_num"  # server connections opened
 CONNECTIONS_ERRORS = "connections_errors"  # failed connection attempts
 CONNECTIONS_LOST = "connections_lost"  # connections found broken
+CONNECTIONS_CLOSED_IDLE = "connections_closed_idle"  # unused for max_idle, above min_connections
+CONNECTIONS_RECYCLED = "connections_recycled"  # replaced at max_lifetime, once idle
 TRANSACTIONS_EXPIRED = "transactions_expired"  # rolled back: idle, owner dead, shutdown
 
 COUNTERS = (
@@ -41,5 +44,6 @@ COUNTERS = (
     REQUESTS_TIMEOUTS, REQUESTS_ABANDONED, REQUESTS_REFUSED, REQUESTS_CANCELLED,
     REQUESTS_PIPELINED, REQUESTS_RERUN, REQUESTS_DROPPED,
     MESSAGES_MALFORMED, REPLIES_UNDELIVERABLE, CONNECTIONS_NUM,
-    CONNECTIONS_ERRORS, CONNECTIONS_LOST, TRANSACTIONS_EXPIRED,
+    CONNECTIONS_ERRORS, CONNECTIONS_LOST, CONNECTIONS_CLOSED_IDLE, CONNECTIONS_RECYCLED,
+    TRANSACTIONS_EXPIRED,
 )

@@ -135,6 +135,8 @@ def test_config_prints_what_serve_would_run_with(tmp_path):
      "log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not the string \"verbose\""),
     ("[poolbroker]\nmax_connections = 0\n", "max_connections must be at least 1, not 0"),
     ("[poolbroker]\npool_timeout = -1\n", "pool_timeout must be at least 0, not -1.0"),
+    ("[poolbroker]\nmax_connections = 2\nmin_connections = 3\n",
+     "min_connections (3) must not exceed max_connections (2)"),
     ("[poolbroker\n", "cannot read"),
     ("max_connections = 4\n", "no [poolbroker] table"),
     ("max_connections = 4\n", "max_connections is outside the [poolbroker] table"),
