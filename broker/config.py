@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -73,6 +74,14 @@ class Settings:
     """Directory of the public certificates of the clients allowed in over tcp."""
     insecure_tcp: bool = False
     """Allow a plain-text tcp endpoint without CURVE, on a network you trust."""
+    metrics_listen: str = ""
+    """Where to serve Prometheus metrics over HTTP, ``HOST:PORT`` (``[::1]:PORT``
+    for IPv6) or a bare ``PORT`` for 127.0.0.1; empty: no metrics endpoint.
+    A loopback address unless metrics_allow_remote is set."""
+    metrics_allow_remote: bool = False
+    """Allow metrics_listen on an address other than loopback: the endpoint has
+    neither authentication nor TLS, and every scrape costs the broker's loop a
+    snapshot."""
     log_level: str = "INFO"
 
 
@@ -81,6 +90,35 @@ _ENV = {
     "endpoint": "POOLBROKER_ENDPOINT",
     "max_connections": "POOLBROKER_MAX_CONNECTIONS",
 }
+
+
+METRICS_DEFAULT_HOST = "127.0.0.1"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """(host, port) of a metrics_listen value; ConfigError if malformed."""
+    text = text.strip()
+    if text.isdigit():
+        host, port = METRICS_DEFAULT_HOST, text
+    elif text.startswith("["):  # [v6 address]:port
+        host, _, port = text[1:].partition("]:")
+    else:
+        host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics_listen must be HOST:PORT, [IPV6]:PORT or PORT "
+                          f"(1-65535), got {text!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface, without DNS:
+    any other name may resolve to a public address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _coerce(name: str, kind: Any, value: Any, origin: str) -> Any:
@@ -149,6 +187,14 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
             f"application_name must be printable ASCII without {MARK!r}, at most "
             f"{APPLICATION_NAME_MAX} characters (the broker appends its mark and PostgreSQL "
             f"keeps {NAMEDATALEN - 1} bytes), got {name!r}")
+    if settings.metrics_listen:
+        host, _ = parse_listen(settings.metrics_listen)
+        if not is_loopback(host) and not settings.metrics_allow_remote:
+            raise ConfigError(
+                f"metrics_listen {settings.metrics_listen!r} is not a loopback address: the "
+                "metrics endpoint has no authentication nor TLS. Keep it on 127.0.0.1 (scrape "
+                "through a proxy or tunnel), or set metrics_allow_remote = true on a network "
+                "you trust")
     if not settings.dsn:
         raise ConfigError("no database: give --dsn, POOLBROKER_DSN or dsn in the config file")
     try:

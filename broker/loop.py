@@ -24,7 +24,7 @@ import secrets
 import signal
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import zmq
@@ -54,6 +54,9 @@ from .requests import (
     decode_header,
 )
 from .sessions import Session, Sessions, pid_alive
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 logger = logging.getLogger("poolbroker")
 
@@ -134,6 +137,7 @@ class Broker:
         self._malformed_unlogged = 0
         self.stats: dict[str, int] = dict.fromkeys(S.COUNTERS, 0)
         self._started = time.monotonic()
+        self._metrics: MetricsServer | None = None
 
     # Set-up and teardown
 
@@ -172,6 +176,10 @@ class Broker:
         logger.info("listening on %s, max_connections=%d, max_clients=%d (open files: %d), "
                     "server connections marked application_name=%s", endpoint,
                     s.max_connections, max_clients, open_files, self._pool.application_name)
+        if s.metrics_listen:
+            # Imported here: a broker without metrics never loads prometheus_client.
+            from .metrics import MetricsServer
+            self._metrics = MetricsServer(s.metrics_listen)  # ConfigError if it cannot listen
 
     def _enable_curve(self) -> None:
         """Encrypt the transport and admit only clients on the allow-list."""
@@ -239,6 +247,8 @@ class Broker:
         logger.info("stopped")
 
     def _close_transport(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()  # scrapes waiting for the loop get poolbroker_up 0
         if self._gate is not None:
             self._gate.close()
         # Give the last replies (answers to drained statements) a moment to
@@ -268,6 +278,10 @@ class Broker:
         poller.register(monitor, zmq.POLLIN)  # first: a socket beyond max_clients goes
         poller.register(router, zmq.POLLIN)   # before its requests are read, if it can
         poller.register(wakeup, zmq.POLLIN)
+        scrapes = -1  # no descriptor is -1: the branch below never matches
+        if self._metrics is not None:
+            scrapes = self._metrics.handoff.fileno()
+            poller.register(scrapes, zmq.POLLIN)
         timeout_ms = int(HOUSEKEEPING_INTERVAL * 1000)
         try:
             # Requests queue in the socket meanwhile: none is served before it.
@@ -286,6 +300,8 @@ class Broker:
                     elif (conn := by_fd.get(what)) is not None:
                         self._unflushed.add(conn)  # a rerun or a DEALLOCATE may follow
                         self._on_outcomes(conn, conn.read(now), now)
+                    elif what == scrapes:
+                        self._metrics.handoff.answer(self.snapshot)
                 if requests:
                     for _ in range(ROUTER_BATCH):
                         try:
