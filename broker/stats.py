@@ -116,12 +116,15 @@ STATEMENT_SECONDS = "statement_seconds"
 SHOW_POOLS = (CL_ACTIVE, CL_WAITING, SV_ACTIVE, SV_IDLE, SV_USED, SV_TESTED, SV_LOGIN, MAXWAIT)
 """The columns of ``poolbroker stats``'s pool table, in PgBouncer's order."""
 
-SECONDS_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+SECONDS_BUCKETS = (0.0, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
                    0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 """Upper bounds of the wait and statement time buckets, 100 us to a minute
 (pool_timeout's default, 30 s, is a bound): 1-2-5 steps keep a percentile
 within its bucket, a factor of 2-2.5, and a wait that ended in PoolTimeout
-lands beside the others instead of off the scale."""
+lands beside the others instead of off the scale.  0 first: a request served
+in the loop turn it arrived in waited 0 by the loop's clock, the commonest
+wait of all, and without that bucket its percentiles would read as a made-up
+fraction of 100 us."""
 
 
 class Histogram:
