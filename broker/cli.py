@@ -7,8 +7,10 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from . import config
+from . import stats as S
 from .config import ConfigError, load
 from .redact import Redactor
 
@@ -59,10 +61,54 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(numbers, indent=2, sort_keys=True))
     else:
-        width = max(map(len, numbers))
-        for name in sorted(numbers):
-            print(f"{name:<{width}}  {numbers[name]}")
+        print(format_stats(numbers))
     return 0
+
+
+def format_stats(numbers: dict[str, Any]) -> str:
+    """``poolbroker stats`` as text: uptime, the pools as SHOW POOLS shows
+    them, peaks, percentiles, then every counter and gauge by name."""
+    pools = numbers.get(S.POOLS, [])
+    lines = [f"uptime {_duration(numbers[S.UPTIME_SECONDS])}", ""]
+    columns = (S.POOL_NAME, *S.SHOW_POOLS)
+    rows = [columns] + [tuple(_cell(entry[c]) for c in columns) for entry in pools]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    lines += ["", "peaks since start: " + ", ".join(
+        f"{title} {_cell(numbers.get(name))}" for title, name in (
+            ("clients", S.CLIENTS_CONNECTED_PEAK), ("requests waiting", S.REQUESTS_WAITING_PEAK),
+            ("server connections active", S.POOL_ACTIVE_PEAK)))]
+    waits = sum(sum(entry[S.WAIT_SECONDS]["counts"]) for entry in pools)
+    timed_out = numbers[S.REQUESTS_TIMEOUTS] + numbers[S.REQUESTS_ABANDONED]
+    for title, name, note in (
+            ("queue wait", S.REQUESTS_WAIT_PERCENTILE,
+             f"of {waits} requests through the queue, {timed_out} ended in PoolTimeout"),
+            ("statement time", S.STATEMENT_PERCENTILE, "server time")):
+        values = ", ".join(f"p{p} {_cell(numbers[name.format(p)])}" for p in S.PERCENTILES)
+        lines.append(f"{title} ms: {values} ({note})")
+    scalars = {k: v for k, v in numbers.items() if not isinstance(v, (list, dict))}
+    width = max(map(len, scalars))
+    lines.append("")
+    lines += [f"{name:<{width}}  {_cell(scalars[name])}" for name in sorted(scalars)]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    """``3723.5`` -> ``1h 02m 03s (3723 s)``."""
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{days}d {text} ({whole} s)" if days else f"{text} ({whole} s)"
 
 
 def _embedded_postgres(args: argparse.Namespace) -> int:

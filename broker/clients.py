@@ -88,6 +88,7 @@ class ClientGate:
         self.connected = 0
         self.refused = 0  # sockets shut down beyond max_clients
         self.rejected = 0  # messages dropped from a uid not allowed
+        self.peak = 0  # most sockets admitted at once since start
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._check_uids = ipc
         self._uids = frozenset((os.getuid(), *allowed_uids))
@@ -110,6 +111,9 @@ class ClientGate:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
+                # Here, not per event: a burst of accepts and refusals is
+                # counted once it is settled, never a refused socket with it.
+                self.peak = max(self.peak, self.admitted)
                 return
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected -= 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -282,6 +283,17 @@ class Settings:
         False, help="allow a plain-text `tcp://` endpoint without CURVE, on a network you "
                     "trust")
 
+    metrics_listen: str = setting(
+        "",
+        help="where to serve Prometheus metrics over HTTP: HOST:PORT, [IPV6]:PORT or a bare "
+             "PORT for 127.0.0.1 (empty: no metrics endpoint)",
+        doc="A loopback address unless `metrics_allow_remote` is set.")
+
+    metrics_allow_remote: bool = setting(
+        False, help="allow `metrics_listen` on an address other than loopback",
+        doc="The endpoint has neither authentication nor TLS, and every scrape costs the "
+            "broker's loop a snapshot.")
+
     log_level: LogLevel = setting("INFO", help="least severe level of the messages logged")
 
 
@@ -385,6 +397,35 @@ SPECS: dict[str, Spec] = _specs()
 """Every setting by name, in declaration order."""
 
 
+METRICS_DEFAULT_HOST = "127.0.0.1"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """(host, port) of a metrics_listen value; ConfigError if malformed."""
+    text = text.strip()
+    if text.isdigit():
+        host, port = METRICS_DEFAULT_HOST, text
+    elif text.startswith("["):  # [v6 address]:port
+        host, _, port = text[1:].partition("]:")
+    else:
+        host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics_listen must be HOST:PORT, [IPV6]:PORT or PORT "
+                          f"(1-65535), got {text!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface, without DNS:
+    any other name may resolve to a public address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -446,6 +487,18 @@ class _Merge:
                 and bool(s.curve_secret_key_file) != bool(s.curve_allowed_clients):
             self.problems.append(
                 "CURVE needs both curve_secret_key_file and curve_allowed_clients")
+        if s.metrics_listen and "metrics_listen" not in self.invalid:
+            try:
+                host, _ = parse_listen(s.metrics_listen)
+            except ConfigError as exc:
+                self.problems.extend(exc.problems)
+            else:
+                if not is_loopback(host) and not s.metrics_allow_remote:
+                    self.problems.append(
+                        f"metrics_listen {s.metrics_listen!r} is not a loopback address: the "
+                        "metrics endpoint has no authentication nor TLS. Keep it on 127.0.0.1 "
+                        "(scrape through a proxy or tunnel), or set metrics_allow_remote = "
+                        "true on a network you trust")
         if "dsn" in self.invalid:
             return
         if not s.dsn:

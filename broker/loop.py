@@ -24,7 +24,7 @@ import secrets
 import signal
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import zmq
@@ -54,6 +54,9 @@ from .requests import (
     decode_header,
 )
 from .sessions import Session, Sessions, pid_alive
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 logger = logging.getLogger("poolbroker")
 
@@ -133,6 +136,8 @@ class Broker:
         self._malformed_log_at = 0.0
         self._malformed_unlogged = 0
         self.stats: dict[str, int] = dict.fromkeys(S.COUNTERS, 0)
+        self._started = time.monotonic()
+        self._metrics: MetricsServer | None = None
 
     # Set-up and teardown
 
@@ -172,6 +177,10 @@ class Broker:
                     "(open files: %d), server connections marked application_name=%s", endpoint,
                     s.min_connections, s.max_connections, max_clients, open_files,
                     self._pool.application_name)
+        if s.metrics_listen:
+            # Imported here: a broker without metrics never loads prometheus_client.
+            from .metrics import MetricsServer
+            self._metrics = MetricsServer(s.metrics_listen)  # ConfigError if it cannot listen
 
     def _enable_curve(self) -> None:
         """Encrypt the transport and admit only clients on the allow-list."""
@@ -239,6 +248,8 @@ class Broker:
         logger.info("stopped")
 
     def _close_transport(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()  # scrapes waiting for the loop get poolbroker_up 0
         if self._gate is not None:
             self._gate.close()
         # Give the last replies (answers to drained statements) a moment to
@@ -269,6 +280,10 @@ class Broker:
         poller.register(monitor, zmq.POLLIN)  # first: a socket beyond max_clients goes
         poller.register(router, zmq.POLLIN)   # before its requests are read, if it can
         poller.register(wakeup, zmq.POLLIN)
+        scrapes = -1  # no descriptor is -1: the branch below never matches
+        if self._metrics is not None:
+            scrapes = self._metrics.handoff.fileno()
+            poller.register(scrapes, zmq.POLLIN)
         timeout_ms = int(HOUSEKEEPING_INTERVAL * 1000)
         try:
             # Requests queue in the socket meanwhile: none is served before it.
@@ -289,6 +304,8 @@ class Broker:
                         self._on_outcomes(conn, conn.read(now), now)
                     elif what in closing:
                         self._on_closing(what, now)
+                    elif what == scrapes:
+                        self._metrics.handoff.answer(self.snapshot)
                 if requests:
                     for _ in range(ROUTER_BATCH):
                         try:
@@ -381,6 +398,10 @@ class Broker:
         self._admit(job)
         pool.waiting.append(job)
         self._dispatch(now)
+        # After the dispatch: a request served at once never counts as waiting,
+        # and only here does the queue grow.
+        if len(pool.waiting) > pool.waiting_peak:
+            pool.waiting_peak = len(pool.waiting)
 
     def _decode(self, job: Job, body: bytes) -> bool:
         """Fill ``job`` from its body; False if it was refused (and answered)."""
@@ -466,10 +487,7 @@ class Broker:
             if conn is None:
                 break  # first come, first served: nothing overtakes the head
             waiting.popleft()
-            waited = now - job.queued_at
-            if waited > 0.001:
-                self.stats[S.REQUESTS_QUEUED] += 1
-                self.stats[S.REQUESTS_WAIT_MS] += int(waited * 1000)
+            self._left_queue(job, now)
             if job.op == OP_BEGIN:
                 self._sessions.open(Session(job.session, job.routing_id, conn, job.owner_pid, now))
                 pool.move(conn, State.PINNED)
@@ -543,6 +561,7 @@ class Broker:
 
     def _on_outcomes(self, conn: PgConn, outcomes: list[Outcome], now: float) -> None:
         sessions = self._sessions
+        statement_times = self._pool.statement_times
         for job, ok, reply in outcomes:
             if job.ran_for and job.shareable:
                 self._pool.ran(job.queries[0].key, job.ran_for)
@@ -554,6 +573,8 @@ class Broker:
                     logger.error("a statement refused at its deadline ran after all: "
                                  "the clocks of the broker and the server disagree")
                 continue
+            if job.ran_for is not None:  # it reached the server, did not fail unsent
+                statement_times.observe(job.ran_for)
             self._finish(job)
             if not ok:
                 self.stats[S.REQUESTS_ERRORS] += 1
@@ -718,6 +739,7 @@ class Broker:
         if pool.waiting and (error := pool.unreachable(now)) is not None:
             while pool.waiting:
                 job = pool.waiting.popleft()
+                self._left_queue(job, now)
                 self._finish(job)
                 self._cannot_connect(job, error)
 
@@ -760,11 +782,21 @@ class Broker:
         else:
             self._in_flight.pop(routing_id, None)
 
+    def _left_queue(self, job: Job, now: float) -> None:
+        """``job`` leaves the queue, for a connection or not: its wait counts
+        the same either way (a PoolTimeout's wait is the longest of all)."""
+        waited = now - job.queued_at
+        self._pool.waits.observe(waited)
+        if waited > 0.001:
+            self.stats[S.REQUESTS_QUEUED] += 1
+
     def _fail_waiting(self, job: Job, kind: ErrorKind, message: str, **extra: Any) -> None:
         self._finish(job)
         self._reply_error(job.routing_id, job.request_id, kind, message, **extra)
 
     def _abandon(self, job: Job, now: float) -> None:
+        """Its deadline passed while it was queued."""
+        self._left_queue(job, now)
         self.stats[S.REQUESTS_ABANDONED] += 1
         self._fail_waiting(
             job, ErrorKind.POOL_TIMEOUT,
@@ -841,11 +873,11 @@ class Broker:
                     self._expire(session, "the broker is shutting down", now)
             elif check_owners and session.owner_pid and not pid_alive(session.owner_pid):
                 self._expire(session, f"its owner process {session.owner_pid} exited", now)
-                self._forget_client(session.routing_id)
+                self._forget_client(session.routing_id, now)
             elif probe_peers and not self._peer_connected(session.routing_id):
                 self._expire(session, "its client's connection was lost (closed, or "
                                       "no answer to transport heartbeats)", now)
-                self._forget_client(session.routing_id)
+                self._forget_client(session.routing_id, now)
             elif idle_limit and not session.busy and now - session.last_active > idle_limit:
                 self._expire(session, (
                     f"the transaction was idle for more than {idle_limit:g} s "
@@ -907,7 +939,7 @@ class Broker:
                 "waited behind another client's statement on the server connection; "
                 "the statement was not run")
 
-    def _forget_client(self, routing_id: bytes) -> None:
+    def _forget_client(self, routing_id: bytes, now: float) -> None:
         """Drop what a dead client queued (a BEGIN among it would pin a
         connection to nobody) and whatever of its backlog arrives later."""
         gone = self._gone
@@ -921,6 +953,7 @@ class Broker:
                 kept.append(job)
             else:
                 self.stats[S.REQUESTS_DROPPED] += 1
+                self._left_queue(job, now)
                 self._finish(job)
         if len(kept) != len(waiting):
             waiting.clear()
@@ -933,6 +966,7 @@ class Broker:
             if job.deadline <= now:
                 self._abandon(job, now)
             elif pool_timeout and now - job.queued_at > pool_timeout:
+                self._left_queue(job, now)
                 self.stats[S.REQUESTS_TIMEOUTS] += 1
                 self._fail_waiting(
                     job, ErrorKind.POOL_TIMEOUT,
@@ -951,7 +985,9 @@ class Broker:
             logger.info("shutting down: draining %d running statements",
                         sum(c.in_flight for c in pool.conns.values()))
             while pool.waiting:
-                self._fail_waiting(pool.waiting.popleft(), ErrorKind.BROKER_UNAVAILABLE,
+                job = pool.waiting.popleft()
+                self._left_queue(job, now)
+                self._fail_waiting(job, ErrorKind.BROKER_UNAVAILABLE,
                                    "the broker is shutting down; the request was not run")
             for conn in pool.in_state(State.IDLE):
                 self._close_conn(conn, now)
@@ -963,23 +999,49 @@ class Broker:
         return not busy and not pool.count(State.OPENING) and not self._sessions.by_conn
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters plus gauges, for ``poolbroker stats``."""
+        """Counters, gauges, peaks and percentiles, with one entry per pool
+        (``stats.POOLS``), for ``poolbroker stats`` and the metrics endpoint:
+        built by the loop's thread between two turns, so its numbers agree."""
+        now = time.monotonic()
         pool = self._pool
+        sessions = self._sessions.by_conn
         result: dict[str, Any] = dict(self.stats)
+        entry = pool.snapshot(now)
+        # A client counts where it waits: PgBouncer's cl_active are those
+        # served, not waiting.  A connected client with nothing asked belongs
+        # to no pool (see clients_connected).
+        busy = set(self._in_flight)
+        busy.update(session.routing_id for session in sessions.values())
+        busy.difference_update(job.routing_id for job in pool.waiting)
+        entry[S.CL_ACTIVE] = len(busy)
+        result[S.POOLS] = [entry]
+        result[S.UPTIME_SECONDS] = round(now - self._started, 3)
         result[S.POOL_MAX] = self.settings.max_connections
         result[S.POOL_MIN] = self.settings.min_connections
         result[S.POOL_SIZE] = len(pool.conns)
         result[S.POOL_AVAILABLE] = pool.count(State.IDLE)
+        result[S.POOL_ACTIVE] = pool.active
+        result[S.POOL_ACTIVE_PEAK] = pool.active_peak
         result[S.REQUESTS_WAITING] = len(pool.waiting)
-        result[S.SESSIONS_ACTIVE] = len(self._sessions.by_conn)
+        result[S.REQUESTS_WAITING_PEAK] = pool.waiting_peak
+        result[S.SESSIONS_ACTIVE] = len(sessions)
         result[S.CLIENTS_ACTIVE] = len(self._in_flight)
         result[S.QUEUED_BYTES] = self._queued_bytes
         result[S.POOL_PREDECESSORS] = len(pool.foreign)
         result[S.STATEMENTS_UNPARSED] = statements.budget.refused
+        waits, statement_times = entry[S.WAIT_SECONDS], entry[S.STATEMENT_SECONDS]
+        result[S.REQUESTS_WAIT_MS] = int(waits["sum"] * 1000)
+        for p in S.PERCENTILES:
+            result[S.REQUESTS_WAIT_PERCENTILE.format(p)] = _ms(S.quantile(waits, p / 100))
+            result[S.STATEMENT_PERCENTILE.format(p)] = _ms(S.quantile(statement_times, p / 100))
         if self._gate is not None:
             result[S.CLIENTS_CONNECTED] = self._gate.admitted
+            result[S.CLIENTS_CONNECTED_PEAK] = self._gate.peak
             result[S.CLIENTS_MAX] = self._gate.max_clients
             result[S.CLIENTS_REFUSED] = self._gate.refused
             result[S.MESSAGES_REJECTED] = self._gate.rejected
         return result
 
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)

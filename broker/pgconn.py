@@ -450,7 +450,9 @@ class PgConn:
         if run.size > BUFFERS_KEPT:
             self.retiring = self.retiring or BULKY
         if job is not None:
-            job.ran_for = now - self.head_since
+            # Not below 0: a job sent in this turn has a head_since later than
+            # the turn's ``now`` when a read in the same turn ends it.
+            job.ran_for = max(now - self.head_since, 0.0)
             if not job.expected_fast:
                 self.slow_in_flight -= 1
             if run.error is None or not self._rerun(run):

@@ -30,12 +30,13 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import psycopg
 from psycopg.adapt import AdaptersMap
 
 from . import predecessors
+from . import stats as S
 from .config import Settings
 from .endpoint import canonical
 from .pgconn import PgConn
@@ -56,6 +57,8 @@ SWEEP_CONNECT_TIMEOUT = 2
 that is down or unreachable must not hold the broker's start (libpq's minimum)."""
 FOREIGN_RECHECK_INTERVAL = 1.0
 """Seconds between looks at a dead predecessor's connections still counted."""
+DEFAULT_POOL = "default"
+"""The name (metrics' ``pool`` label) of the pool of the broker's one DSN."""
 UNREACHABLE_SQLSTATE = "08006"
 """connection_failure: what clients are told when nothing better is known."""
 LIFETIME_JITTER = 0.1
@@ -118,7 +121,9 @@ class State(enum.StrEnum):
 class Pool:
     """Owns the server connections; the loop drives them."""
 
-    def __init__(self, settings: Settings, adapters: AdaptersMap, redact: Redactor) -> None:
+    def __init__(self, settings: Settings, adapters: AdaptersMap, redact: Redactor,
+                 name: str = DEFAULT_POOL) -> None:
+        self.name = name
         self.settings = settings
         self._adapters = adapters
         self._redact = redact
@@ -141,6 +146,11 @@ class Pool:
         self.application_name = f"{self._marked}{os.getpid()}"
         self.foreign: frozenset[Backend] = frozenset()  # a dead predecessor's, counted
         self._sweep_pending = True  # no connection opens beside the one that sweeps
+        # Statistics, kept by the loop's thread alone (see snapshot()).
+        self.waits = S.Histogram()  # queue waits, whatever ended them
+        self.statement_times = S.Histogram()  # server time of each statement run
+        self.waiting_peak = 0  # the loop updates it where the queue grows
+        self.active_peak = 0
 
     # States
 
@@ -152,6 +162,39 @@ class Pool:
             self.conns.pop(conn.conn_id, None)
         else:
             self._in[state][conn.conn_id] = conn
+            # Identity tests: hashing an enum member calls Python code.
+            if state is State.SHARED or state is State.BUSY or state is State.PINNED:
+                active = self.active
+                if active > self.active_peak:
+                    self.active_peak = active
+
+    @property
+    def active(self) -> int:
+        """Connections running clients' work (PgBouncer's sv_active)."""
+        return len(self._in[State.SHARED]) + len(self._in[State.BUSY]) \
+            + len(self._in[State.PINNED])
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The pool's entry of the broker's statistics (``stats.POOLS``), but
+        for the clients' columns, which the loop knows."""
+        waiting = self.waiting
+        return {
+            S.POOL_NAME: self.name,
+            S.CL_WAITING: len({job.routing_id for job in waiting}),
+            S.SV_ACTIVE: self.active,
+            S.SV_IDLE: self.count(State.IDLE),
+            S.SV_USED: 0,  # idle connections are handed out without a check query
+            S.SV_TESTED: self.count(State.RESETTING),
+            S.SV_LOGIN: self.count(State.OPENING),
+            S.MAXWAIT: round(now - waiting[0].queued_at, 6) if waiting else 0.0,
+            S.POOL_MAX: self.settings.max_connections,
+            S.POOL_MIN: self.settings.min_connections,
+            S.REQUESTS_WAITING: len(waiting),
+            S.REQUESTS_WAITING_PEAK: self.waiting_peak,
+            S.POOL_ACTIVE_PEAK: self.active_peak,
+            S.WAIT_SECONDS: self.waits.as_dict(),
+            S.STATEMENT_SECONDS: self.statement_times.as_dict(),
+        }
 
     def close(self, conn: PgConn) -> int | None:
         """Close ``conn``.  The descriptor returned, if any, is to be watched

@@ -133,7 +133,7 @@ class Job:
     answered: bool = False  # its client was told at its deadline; its outcome is not sent
     rerun: bool = False  # sent a second time (see PgConn._rerun)
     expected_fast: bool = False  # its statement is known to finish within PIPELINE_STALL
-    ran_for: float = 0.0  # seconds from reaching the head of its pipeline to its end
+    ran_for: float | None = None  # seconds from reaching the head of its pipeline to its end
 
 
 def decode_header(header_bytes: bytes, now: float) -> tuple[int, int, float, bytes | None]:
