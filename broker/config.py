@@ -72,6 +72,9 @@ class Spec:
     shown: str
     minimum: float
     check: Callable[[Any], str | None] | None
+    live: bool
+    """Whether a reload (SIGHUP, ``poolbroker ctl reload``) applies a new value;
+    otherwise a change is logged and the old value kept until a restart."""
 
     @property
     def env(self) -> str:
@@ -110,7 +113,8 @@ class Spec:
 
 def setting(default: Any = MISSING, *, help: str, doc: str = "",
             factory: Callable[[], Any] | None = None, example: Any = None, shown: str = "",
-            minimum: float = 0, check: Callable[[Any], str | None] | None = None) -> Any:
+            minimum: float = 0, check: Callable[[Any], str | None] | None = None,
+            live: bool = False) -> Any:
     """Declare a field of :class:`Settings`.
 
     ``help``: one line, a phrase (``--help`` shows it alone); ``doc``: sentences
@@ -118,10 +122,11 @@ def setting(default: Any = MISSING, *, help: str, doc: str = "",
     is computed at start; ``example`` is then the value the documents show, and
     ``shown`` words a default that no value says (``"required"``).  ``minimum``
     bounds a number; ``check`` returns what is wrong with a value ("must be ..."),
-    or None.
+    or None.  ``live``: the broker reads the value each time it uses it (or
+    applies a new one on reload), so a reload may change it; say so only then.
     """
     metadata = {Spec: dict(help=help, doc=doc, example=example, shown=shown, minimum=minimum,
-                           check=check)}
+                           check=check, live=live)}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -170,41 +175,48 @@ class Settings:
             "claim.")
 
     max_connections: int = setting(
-        10, minimum=1,
+        10, minimum=1, live=True,
         help="hard cap on server connections, across every client process and thread",
         doc="A dead predecessor's connections count too, while they last. One opens at "
             "start, the others as needed.")
 
     min_connections: int = setting(
-        1, help="server connections opened at start and kept open",
+        1, live=True,
+        help="server connections opened at start and kept open",
         doc="Reopened when lost (with the reconnect backoff), never closed for idling. "
             "At most `max_connections`.")
 
     max_idle: float = setting(
-        600.0, help="seconds a connection above `min_connections` may sit unused before it "
-                    "is closed (0: never)")
+        600.0, live=True,
+        help="seconds a connection above `min_connections` may sit unused before it "
+             "is closed (0: never)")
 
     max_lifetime: float = setting(
-        3600.0, help="seconds after which a connection is replaced (0: never)",
+        3600.0, live=True,
+        help="seconds after which a connection is replaced (0: never)",
         doc="Less up to 10% at random, so that connections opened together do not all go "
             "at once; one in use is closed when it next becomes idle, never during a "
             "transaction or a statement.")
 
     pool_timeout: float = setting(
-        30.0, help="seconds a request may wait for a connection before `PoolTimeout`")
+        30.0, live=True,
+        help="seconds a request may wait for a connection before `PoolTimeout`")
 
     max_waiting: int = setting(
-        10_000, help="queued requests beyond which new ones fail at once with "
-                     "`TooManyRequests`")
+        10_000, live=True,
+        help="queued requests beyond which new ones fail at once with "
+             "`TooManyRequests`")
 
     idle_transaction_timeout: float = setting(
-        60.0, help="seconds a transaction may sit idle between statements before the "
-                   "broker rolls it back (0: never)",
+        60.0, live=True,
+        help="seconds a transaction may sit idle between statements before the "
+             "broker rolls it back (0: never)",
         doc="Server connections also get `idle_in_transaction_session_timeout` at twice "
             "this: a backstop, not the mechanism.")
 
     drain_timeout: float = setting(
-        10.0, help="seconds SIGTERM waits for running statements before cancelling them")
+        10.0, live=True,
+        help="seconds SIGTERM waits for running statements before cancelling them")
 
     max_message_bytes: int = setting(
         DEFAULT_MAX_MESSAGE_BYTES,
@@ -218,12 +230,13 @@ class Settings:
             "results are read whole, with no bound on the broker's memory.")
 
     max_client_requests: int = setting(
-        100, help="requests one client socket (one thread of one process) may have "
-                  "waiting or running at once",
+        100, live=True,
+        help="requests one client socket (one thread of one process) may have "
+             "waiting or running at once",
         doc="More fail at once with `TooManyRequests`.")
 
     max_queued_bytes: int = setting(
-        256 * 1024 * 1024,
+        256 * 1024 * 1024, live=True,
         help="bytes of requests waiting or running at once, over every client",
         doc="Each request counts its size as received plus an estimate of its decoded "
             "statements (256 B) and parameters (64 B each). One that would pass the limit "
@@ -240,15 +253,17 @@ class Settings:
             "per server connection.")
 
     allowed_uids: tuple[int, ...] = setting(
-        (), help="over ipc, uids besides the broker's own whose processes may send requests",
+        (), live=True,
+        help="over ipc, uids besides the broker's own whose processes may send requests",
         doc="A TOML list; comma-separated in the environment and on the command line. "
             "Messages from any other uid are dropped unanswered, counted in "
             "`messages_rejected`. This also protects abstract endpoints (`ipc://@name`), "
             "which have no directory.")
 
     query_timeout: float = setting(
-        0.0, help="seconds a statement may run before it is cancelled on the server with "
-                  "`QueryCanceled` (0: no limit)",
+        0.0, live=True,
+        help="seconds a statement may run before it is cancelled on the server with "
+             "`QueryCanceled` (0: no limit)",
         doc="The client's own timeout applies besides.")
 
     application_name: str = setting(
@@ -260,13 +275,15 @@ class Settings:
             f"ASCII without `~`, at most {APPLICATION_NAME_MAX} characters.")
 
     connection_check_interval: float = setting(
-        1.0, help="seconds between the server's checks, even mid-statement, that the broker "
-                  "is still connected (0: off)",
+        1.0, live=True,
+        help="seconds between the server's checks, even mid-statement, that the broker "
+             "is still connected (0: off)",
         doc="PostgreSQL's `client_connection_check_interval`: a dead broker's statements "
             "end with it. PostgreSQL 14 and later; set 0 for older servers.")
 
     connect_timeout: float = setting(
-        10.0, help="seconds to wait for one server connection to PostgreSQL to open",
+        10.0, live=True,
+        help="seconds to wait for one server connection to PostgreSQL to open",
         doc="Not the client's setting of the same name, which is for reaching the broker.")
 
     curve_secret_key_file: str = setting(
@@ -276,7 +293,8 @@ class Settings:
             "and `POOLBROKER_CURVE_CLIENT_CERT` (their own secret one).")
 
     curve_allowed_clients: str = setting(
-        "", help="directory of the public certificates of the clients allowed in over tcp",
+        "", live=True,
+        help="directory of the public certificates of the clients allowed in over tcp",
         doc="One file per client; SIGHUP re-reads it.")
 
     insecure_tcp: bool = setting(
@@ -294,7 +312,8 @@ class Settings:
         doc="The endpoint has neither authentication nor TLS, and every scrape costs the "
             "broker's loop a snapshot.")
 
-    log_level: LogLevel = setting("INFO", help="least severe level of the messages logged")
+    log_level: LogLevel = setting(
+        "INFO", live=True, help="least severe level of the messages logged")
 
 
 _TRUE = ("1", "true", "yes", "on")

@@ -25,6 +25,8 @@ _HEADER = f"""\
 # {ENV_PREFIX}MAX_CONNECTIONS) and its flag --<name-with-dashes>
 # (poolbroker serve --max-connections 4).
 # Give the file with: poolbroker serve --config etc/poolbroker.toml
+# SIGHUP or `poolbroker ctl reload` re-reads it: "On reload: live" settings
+# change at once, the others keep their value until a restart (logged).
 # Written from broker/config.py by `make docs` (poolbroker config --defaults).
 
 [{TABLE}]
@@ -37,11 +39,17 @@ def _meaning(spec: Spec) -> str:
     return f"{spec.help}.{listed} {spec.doc}".strip()
 
 
+def _on_reload(spec: Spec) -> str:
+    """What a reload (SIGHUP, ``poolbroker ctl reload``) does with a changed value."""
+    return "live" if spec.live else "restart"
+
+
 def defaults_toml() -> str:
     """A TOML file of every setting, commented out with its default and meaning."""
     parts = [_HEADER]
     for spec in SPECS.values():
-        comment = textwrap.fill(plain(_meaning(spec)), width=78, initial_indent="# ",
+        meaning = f"{_meaning(spec)} On reload: {_on_reload(spec)}."
+        comment = textwrap.fill(plain(meaning), width=78, initial_indent="# ",
                                 subsequent_indent="# ", break_on_hyphens=False)
         shown = spec.default if spec.example is None else spec.example
         parts.append(f"\n{comment}\n# {spec.name} = {toml_literal(shown)}\n")
@@ -57,11 +65,12 @@ def settings_toml(settings: Settings) -> str:
 
 def markdown_table() -> str:
     """README's table: setting, environment variable, default, meaning."""
-    rows = ["| setting | env | default | meaning |", "|---|---|---|---|"]
+    rows = ["| setting | env | default | on reload | meaning |", "|---|---|---|---|---|"]
     for spec in SPECS.values():
         default = spec.shown or f"`{spec.shown_default}`"
         meaning = _meaning(spec).replace("|", "\\|")
-        rows.append(f"| `{spec.name}` | `{spec.env}` | {default} | {meaning} |")
+        rows.append(f"| `{spec.name}` | `{spec.env}` | {default} | {_on_reload(spec)} "
+                    f"| {meaning} |")
     return "\n".join(rows) + "\n"
 
 
