@@ -18,7 +18,7 @@ import zmq
 from . import errors
 from .protocol import (
     OP_BATCH, OP_BEGIN, OP_COMMIT, OP_COPY_FROM, OP_COPY_TO, OP_EXECUTE, OP_EXECUTEMANY, OP_PING,
-    OP_ROLLBACK, OP_STATS, PROBE_REQUEST_ID, STATUS_OK, default_endpoint, pack, unpack,
+    OP_CONTROL, OP_ROLLBACK, OP_STATS, PROBE_REQUEST_ID, STATUS_OK, default_endpoint, pack, unpack,
 )
 
 logger = logging.getLogger("poolbroker.client")
@@ -409,6 +409,12 @@ class Client:
     def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The broker's counters and gauges (see ``broker.stats``)."""
         return self._request(OP_STATS, None, [], timeout)
+
+    def control(self, command: str, *, timeout: float | None = None) -> Any:
+        """Send an operator's command (``protocol.CONTROL_COMMANDS``; see
+        ``poolbroker ctl``) and return the broker's answer.  Only a process of
+        the broker's own uid, over ipc, may."""
+        return self._request(OP_CONTROL, None, [command], timeout)
 
     def ping(self, *, timeout: float | None = None) -> None:
         """Raise BrokerUnavailable unless the broker answers."""

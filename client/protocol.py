@@ -41,6 +41,7 @@ OP_STATS = 7  # []                          -> {name: number}
 OP_PING = 8  # []                           -> None
 OP_COPY_FROM = 9  # [sql or None, data, end] -> None, then at the end RESULT
 OP_COPY_TO = 10  # [sql or None, max_bytes] -> [data, done]
+OP_CONTROL = 11  # [command]                -> the command's answer (see CONTROL below)
 
 # RESULT is ``[columns, rows, rowcount, types]``: ``columns`` the names (nil
 # for a command), ``rows`` a list of arrays, ``rowcount`` as psycopg reports
@@ -61,6 +62,15 @@ OP_COPY_TO = 10  # [sql or None, max_bytes] -> [data, done]
 # the first statement fails the transaction is rolled back at once and the
 # error is the answer: there is no token to end.
 
+# CONTROL: ``poolbroker ctl``.  Only the broker's own uid over ipc may send
+# it (an ``allowed_uids`` user gets ProgrammingError, SQLSTATE 42501); over
+# tcp it is refused to every client, CURVE keys included.  ``command`` is one
+# of CONTROL_COMMANDS; "stats" and "pools" answer what OP_STATS does, "reload"
+# answers ``{"applied": {name: value}, "restart_needed": [name], "problems":
+# [line]}``, the others nil.
+
+CONTROL_COMMANDS = ("stats", "pools", "reload", "pause", "resume", "reconnect", "drain")
+
 ISOLATION_LEVELS = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 
 OP_NAMES = {
@@ -74,6 +84,7 @@ OP_NAMES = {
     OP_PING: "ping",
     OP_COPY_FROM: "copy_from",
     OP_COPY_TO: "copy_to",
+    OP_CONTROL: "control",
 }
 
 STATUS_OK = 0
