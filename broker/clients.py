@@ -149,6 +149,20 @@ class ClientGate:
                 "they retry, and get in as others leave (%d refused so far)",
                 self.connected - 1, self.max_clients, self.refused)
 
+    def allow_uids(self, allowed_uids: tuple[int, ...]) -> None:
+        """A reload's ``allowed_uids``: checked from the next message on."""
+        self._uids = frozenset((os.getuid(), *allowed_uids))
+        self._warned.clear()  # a uid dropped again is worth a line again
+
+    def is_owner(self, frame: zmq.Frame) -> bool:
+        """Whether the sender is a process of the broker's own uid, over ipc:
+        the only sender ``poolbroker ctl`` commands are taken from.  Over tcp
+        nothing says who the peer is (a CURVE key says which client)."""
+        if not self._check_uids:
+            return False
+        credentials = parse_peer_address(peer_address(frame))
+        return credentials is not None and credentials[0] == os.getuid()
+
     def allowed(self, frame: zmq.Frame) -> bool:
         """Whether the sender may use the broker: not on a socket refused
         (a request can arrive between its accept and its shutdown) and, over

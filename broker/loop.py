@@ -17,6 +17,7 @@ database.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -24,7 +25,7 @@ import secrets
 import signal
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import psycopg
 import zmq
@@ -34,8 +35,8 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from client import protocol
 from client.protocol import (
-    OP_BEGIN, OP_COMMIT, OP_COPY_FROM, OP_COPY_TO, OP_EXECUTEMANY, OP_NAMES, OP_PING, OP_ROLLBACK, OP_STATS, STATUS_OK,
-    EMPTY_RESULT, ErrorKind, error_payload,
+    CONTROL_COMMANDS, OP_BEGIN, OP_COMMIT, OP_CONTROL, OP_COPY_FROM, OP_COPY_TO, OP_EXECUTEMANY,
+    OP_NAMES, OP_PING, OP_ROLLBACK, OP_STATS, STATUS_OK, EMPTY_RESULT, ErrorKind, error_payload,
 )
 
 from . import endpoint as endpoints
@@ -44,10 +45,12 @@ from . import stats as S
 from ._psycopg import placeholder_query
 from .adapters import build_adapters
 from .clients import ClientGate, default_max_clients, peer_credentials, raise_open_files_limit
-from .config import ConfigError, Settings
+from .config import SPECS, ConfigError, Settings
 from .memory import return_large_buffers
 from .pgconn import Outcome, PgConn
-from .pool import AGED, FOREIGN_RECHECK_INTERVAL, ConnectError, Pool, State
+from .pool import (
+    AGED, FOREIGN_RECHECK_INTERVAL, RECONNECT, SURPLUS, ConnectError, Pool, State,
+)
 from .redact import Redactor
 from .requests import (
     ENDING_OPS, NO_DEADLINE, OP_RESET, POOLED_OPS, SESSION_OPS, Decoder, Job, Query, Refusal,
@@ -99,13 +102,24 @@ _DISCARD = Query(b"DISCARD ALL", None, (), None)
 _COPY_OPS = frozenset((OP_COPY_FROM, OP_COPY_TO))
 _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: Flag arithmetic is slow
+INSUFFICIENT_PRIVILEGE = "42501"
+"""The SQLSTATE of a control command refused to its sender."""
+CONTROL_BODY_BYTES = 1024
+"""A control request's body is one short word: anything longer is refused."""
 
 
 class Broker:
-    """Owns the pool; ``run()`` serves until SIGTERM/SIGINT or ``stop()``."""
+    """Owns the pool; ``run()`` serves until SIGTERM/SIGINT or ``stop()``.
 
-    def __init__(self, settings: Settings) -> None:
+    ``reread`` loads the settings again from where they came from (the
+    config file, the environment, the flags; ``cli`` passes it): SIGHUP and
+    ``poolbroker ctl reload`` apply what it gives that can change live.
+    """
+
+    def __init__(self, settings: Settings,
+                 reread: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        self._reread = reread
         self._context = zmq.Context()
         self._router = self._context.socket(zmq.ROUTER)
         self._poller = zmq.Poller()
@@ -120,12 +134,12 @@ class Broker:
         self._in_flight: dict[bytes, int] = {}  # routing id -> requests waiting or running
         self._queued_bytes = 0  # Job.size of every request waiting or running
         self._gone: OrderedDict[bytes, None] = OrderedDict()  # routing ids of dead clients
-        self._query_timeout_reason = (
-            f"the statement ran longer than query_timeout ({settings.query_timeout:g} s) "
-            "and was cancelled on the server")
+        self._query_timeout_reason = ""
+        self._describe_query_timeout()
         self._authenticator: ThreadAuthenticator | None = None
         self._gate: ClientGate | None = None
         self._reload_requested = False
+        self._paused = False  # poolbroker ctl pause: the queue is not served
         self._claim: endpoints.Claim | None = None
         self._stopping = False
         self._drain_deadline = 0.0
@@ -159,12 +173,7 @@ class Broker:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)
-        # libzmq bounds a peer's queue in messages, not bytes: a client that
-        # reads its replies never has more than max_client_requests pending.
-        router.setsockopt(zmq.SNDHWM, s.max_client_requests + REPLY_QUEUE_SLACK)
-        # A client with more requests than that queued is refused them anyway:
-        # past it, libzmq stops reading its socket (the client's sends wait).
-        router.setsockopt(zmq.RCVHWM, s.max_client_requests + REPLY_QUEUE_SLACK)
+        self._set_queue_limits()
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         return_large_buffers()
@@ -181,6 +190,22 @@ class Broker:
             # Imported here: a broker without metrics never loads prometheus_client.
             from .metrics import MetricsServer
             self._metrics = MetricsServer(s.metrics_listen)  # ConfigError if it cannot listen
+
+    def _set_queue_limits(self) -> None:
+        """The ROUTER's queues from max_client_requests: at bind, and on a
+        reload (libzmq applies them to clients that connect from then on)."""
+        limit = self.settings.max_client_requests + REPLY_QUEUE_SLACK
+        # libzmq bounds a peer's queue in messages, not bytes: a client that
+        # reads its replies never has more than max_client_requests pending.
+        self._router.setsockopt(zmq.SNDHWM, limit)
+        # A client with more requests than that queued is refused them anyway:
+        # past it, libzmq stops reading its socket (the client's sends wait).
+        self._router.setsockopt(zmq.RCVHWM, limit)
+
+    def _describe_query_timeout(self) -> None:
+        self._query_timeout_reason = (
+            f"the statement ran longer than query_timeout ({self.settings.query_timeout:g} s) "
+            "and was cancelled on the server")
 
     def _enable_curve(self) -> None:
         """Encrypt the transport and admit only clients on the allow-list."""
@@ -215,15 +240,62 @@ class Broker:
             signal.signal(signum, lambda *_: self.stop())
         signal.signal(signal.SIGHUP, lambda *_: self.reload())
 
-    def _reload(self) -> None:
+    def _reload(self, why: str = "SIGHUP") -> dict[str, Any]:
+        """Read the settings again and apply those that can change live; a
+        changed one that cannot is named and keeps its value; an invalid
+        file changes nothing.  What happened, for ``poolbroker ctl reload``."""
         self._reload_requested = False
+        answer: dict[str, Any] = {"applied": {}, "restart_needed": [], "problems": []}
+        if self._reread is not None:
+            try:
+                new = self._reread()
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    logger.error("%s: %s", why, problem)
+                logger.error("%s: the settings are invalid: kept the running ones", why)
+                answer["problems"] = list(exc.problems)
+                return answer
+            old = self.settings
+            changed = [name for name in SPECS if getattr(new, name) != getattr(old, name)]
+            applied = {name: getattr(new, name) for name in changed if SPECS[name].live}
+            answer["applied"] = applied
+            answer["restart_needed"] = [name for name in changed if name not in applied]
+            if answer["restart_needed"]:
+                logger.warning("%s: changed but only applied at a restart (kept as they are): "
+                               "%s", why, ", ".join(answer["restart_needed"]))
+            if applied:
+                self._apply(dataclasses.replace(old, **applied))
+                logger.info("%s: applied %s", why, ", ".join(
+                    f"{name}={value!r}" for name, value in applied.items()))
         if self._authenticator is not None:
             # A key removed from the directory is refused on its next connection.
             self._load_allowed_clients()
-            logger.info("SIGHUP: CURVE allow-list reloaded from %s",
+            logger.info("%s: CURVE allow-list reloaded from %s", why,
                         self.settings.curve_allowed_clients)
-        else:
-            logger.info("SIGHUP: nothing to reload")
+        elif not answer["applied"]:
+            logger.info("%s: no setting changed", why)
+        self.stats[S.RELOADS] += 1
+        return answer
+
+    def _apply(self, settings: Settings) -> None:
+        """Run with ``settings`` from now on.  Most are read where they are
+        used; these were turned into state at start."""
+        lifetime_changed = settings.max_lifetime != self.settings.max_lifetime
+        self.settings = settings
+        self._pool.settings = settings
+        self._describe_query_timeout()
+        self._set_queue_limits()
+        logging.getLogger().setLevel(settings.log_level)
+        if self._gate is not None:
+            self._gate.allow_uids(settings.allowed_uids)
+        if lifetime_changed:
+            for conn in self._pool.conns.values():
+                if conn.state != State.OPENING:
+                    self._pool.set_expiry(conn)
+        # A lower cap: _size_pool retires the surplus as it becomes idle;
+        # a higher one: the queue may be served at once.
+        if self._pool.waiting:
+            self._dispatch(time.monotonic())
 
     def _load_allowed_clients(self) -> None:
         """The allow-list, file by file: a file that is not a certificate is
@@ -354,6 +426,9 @@ class Broker:
         if op == OP_PING:
             self._reply(routing_id, replies.ok(request_id, None))
             return
+        if op == OP_CONTROL:
+            self._on_control(frames, request_id, now)
+            return
         if self._stopping:
             self._reply_error(routing_id, request_id, ErrorKind.BROKER_UNAVAILABLE,
                               "the broker is shutting down; the request was not run")
@@ -387,7 +462,9 @@ class Broker:
         if not pool.conns and (error := pool.unreachable(now)) is not None:
             self._cannot_connect(job, error)
             return
-        if len(pool.waiting) >= self.settings.max_waiting and not pool.count(State.IDLE):
+        # Paused, idle connections serve nobody: max_waiting bounds the queue still.
+        if len(pool.waiting) >= self.settings.max_waiting \
+                and (self._paused or not pool.count(State.IDLE)):
             self.stats[S.REQUESTS_REFUSED] += 1
             self._reply_error(
                 routing_id, request_id, ErrorKind.TOO_MANY_REQUESTS,
@@ -402,6 +479,53 @@ class Broker:
         # and only here does the queue grow.
         if len(pool.waiting) > pool.waiting_peak:
             pool.waiting_peak = len(pool.waiting)
+
+    def _on_control(self, frames: list[zmq.Frame], request_id: Any, now: float) -> None:
+        """``poolbroker ctl``: taken from the broker's own uid only."""
+        routing_id = frames[0].bytes
+        if not self._gate.is_owner(frames[-1]):
+            self._reply_error(routing_id, request_id, ErrorKind.PROGRAMMING,
+                              "control commands are taken only from the broker's own user, "
+                              "over ipc", sqlstate=INSUFFICIENT_PRIVILEGE)
+            return
+        try:
+            body = protocol.unpack(frames[2].bytes, CONTROL_BODY_BYTES)
+        except Exception:  # whatever msgpack raises for a hostile body
+            body = None
+        command = body[0] if isinstance(body, list) and len(body) == 1 else None
+        if command not in CONTROL_COMMANDS:
+            self._malformed(routing_id, request_id,
+                            f"control takes one of {', '.join(CONTROL_COMMANDS)}")
+            return
+        answer = None
+        if command in ("stats", "pools"):
+            answer = self.snapshot()
+        elif command == "reload":
+            answer = self._reload("poolbroker ctl reload")
+        elif command == "pause":
+            self._paused = True
+            logger.info("paused: running statements finish, new requests wait (their "
+                        "deadlines and pool_timeout still apply)")
+        elif command == "resume":
+            self._paused = False
+            logger.info("resumed: %d waiting requests released", len(self._pool.waiting))
+            self._dispatch(now)
+        elif command == "reconnect":
+            self._reconnect(now)
+        else:  # drain
+            logger.info("poolbroker ctl drain: draining, then exiting")
+            self.stop()
+        self._reply(routing_id, replies.ok(request_id, answer))
+
+    def _reconnect(self, now: float) -> None:
+        """Every connection, opening ones included, is replaced: closed once
+        nothing of a client's is on it, reopened as needed (after a database
+        failover, the old ones may reach the old server)."""
+        conns = list(self._pool.conns.values())
+        logger.info("poolbroker ctl reconnect: replacing %d server connections as they "
+                    "become idle", len(conns))
+        for conn in conns:
+            self._retire_when_idle(conn, RECONNECT, now)
 
     def _decode(self, job: Job, body: bytes) -> bool:
         """Fill ``job`` from its body; False if it was refused (and answered)."""
@@ -475,6 +599,8 @@ class Broker:
         self._reply(job.routing_id, replies.ok(job.request_id, None))
 
     def _dispatch(self, now: float) -> None:
+        if self._paused:
+            return  # housekeeping still fails what outlives its deadline or pool_timeout
         pool = self._pool
         waiting = pool.waiting
         while waiting:
@@ -704,10 +830,13 @@ class Broker:
 
     def _retire(self, conn: PgConn, now: float) -> None:
         """Close ``conn`` once nothing of a client's is on it: at shutdown,
-        after a burst that grew its buffers, or at its lifetime."""
-        if conn.retiring == AGED:
+        after a burst that grew its buffers, at its lifetime, beyond a
+        lowered cap, or on ``poolbroker ctl reconnect``."""
+        if conn.retiring in (AGED, RECONNECT):
             self.stats[S.CONNECTIONS_RECYCLED] += 1
-            logger.debug("server connection %d reached max_lifetime: closed", conn.conn_id)
+        if conn.retiring:
+            logger.debug("server connection %d retired (%s): closed", conn.conn_id,
+                         conn.retiring)
         self._close_conn(conn, now)
 
     def _on_closing(self, fd: int, now: float) -> None:
@@ -726,6 +855,8 @@ class Broker:
             self.stats[S.CONNECTIONS_NUM] += 1
             pool.move(conn, State.IDLE)
             self._watch(conn)
+            if conn.retiring:  # opening when ctl reconnect came: maybe to the old server
+                self._retire(conn, now)
         self.stats[S.CONNECTIONS_ERRORS] += len(failed)
         self._fail_if_unreachable(now)
         if pool.waiting:
@@ -887,7 +1018,7 @@ class Broker:
                 self._poller.unregister(fd)
         if not self._stopping:
             self._size_pool(now)
-        if pool.waiting and not pool.count(State.IDLE):
+        if pool.waiting and not pool.count(State.IDLE) and not self._paused:
             pool.grow(now, len(pool.waiting))
         if pool.foreign and now >= self._next_foreign_check:
             self._next_foreign_check = now + FOREIGN_RECHECK_INTERVAL
@@ -899,16 +1030,23 @@ class Broker:
         pool = self._pool
         if self.settings.max_lifetime:
             for conn in pool.aged(now):
-                conn.retiring = AGED  # _settle closes it once drained
-                if conn.state == State.IDLE:
-                    self._retire(conn, now)
-                elif conn.state == State.SHARED:
-                    pool.move(conn, State.BUSY)  # nothing more is pipelined onto it
+                self._retire_when_idle(conn, AGED, now)
+        for conn in pool.surplus():
+            self._retire_when_idle(conn, SURPLUS, now)
         for conn in pool.idled_out(now):
             self.stats[S.CONNECTIONS_CLOSED_IDLE] += 1
             logger.debug("server connection %d idle for max_idle: closed", conn.conn_id)
             self._close_conn(conn, now)
         pool.keep_warm(now)
+
+    def _retire_when_idle(self, conn: PgConn, why: str, now: float) -> None:
+        """Close ``conn`` now if idle, else once its clients' work is done:
+        nothing in flight fails (see _settle)."""
+        conn.retiring = why
+        if conn.state == State.IDLE:
+            self._retire(conn, now)
+        elif conn.state == State.SHARED:
+            self._pool.move(conn, State.BUSY)  # nothing more is pipelined onto it
 
     def _recheck_foreign(self, now: float) -> None:
         """Learn whether a dead predecessor's connections have ended, so the
@@ -1016,6 +1154,7 @@ class Broker:
         entry[S.CL_ACTIVE] = len(busy)
         result[S.POOLS] = [entry]
         result[S.UPTIME_SECONDS] = round(now - self._started, 3)
+        result[S.PAUSED] = int(self._paused)
         result[S.POOL_MAX] = self.settings.max_connections
         result[S.POOL_MIN] = self.settings.min_connections
         result[S.POOL_SIZE] = len(pool.conns)

@@ -167,6 +167,10 @@ class PgConn:
         self.polled = 0  # owned by the loop: the poll events its socket is registered for
         self.retiring = ""  # why it is closed once drained (BULKY, its age); "": it stays
         self.expires_at = float("inf")  # monotonic: retire it from then on (max_lifetime)
+        self.opened_at = 0.0  # monotonic
+        # Its lifetime's share of max_lifetime (the jitter), kept so that a
+        # reload changing max_lifetime moves expires_at the same way.
+        self.lifetime_share = 1.0
         self._sent_bytes = 0  # request bytes sent since the pipeline was last empty
         self.prepared = PreparedCache()
         self._conn: psycopg.Connection | None = None

@@ -67,6 +67,10 @@ connections opened together (min_connections at start) leave one by one, and
 none outlives max_lifetime, which may have been set under an outside limit."""
 AGED = "max_lifetime"
 """``PgConn.retiring``: the connection reached its lifetime."""
+RECONNECT = "reconnect"
+"""``PgConn.retiring``: ``poolbroker ctl reconnect`` asked for a new one."""
+SURPLUS = "surplus"
+"""``PgConn.retiring``: beyond a max_connections lowered by a reload."""
 BACKEND_EXIT_WAIT = 2.0
 """Seconds a closed connection's slot stays counted while the server has not
 closed its end (its backend has not exited).  A server that never does (a
@@ -321,6 +325,30 @@ class Pool:
                 out.append(conn)
         return out
 
+    def set_expiry(self, conn: PgConn) -> None:
+        """When ``conn`` reaches its lifetime: at open, and again when a reload
+        changes max_lifetime (the open connections follow the new value)."""
+        lifetime = self.settings.max_lifetime
+        conn.expires_at = conn.opened_at + lifetime * conn.lifetime_share if lifetime \
+            else float("inf")
+
+    def surplus(self) -> list[PgConn]:
+        """Connections beyond max_connections (lowered by a reload) not yet
+        being retired: idle ones first, then those whose clients' work ends
+        soonest, transactions last.  One opening is not chosen: once open,
+        it is idle, and the next tick takes it."""
+        excess = self._staying() + len(self.foreign) - self.settings.max_connections
+        out: list[PgConn] = []
+        if excess <= 0:
+            return out
+        for state in (State.IDLE, State.SHARED, State.BUSY, State.RESETTING, State.PINNED):
+            for conn in self._in[state].values():
+                if len(out) >= excess:
+                    return out
+                if not conn.retiring:
+                    out.append(conn)
+        return out
+
     def aged(self, now: float) -> list[PgConn]:
         """Connections past their lifetime, not yet being retired."""
         return [conn for conn in self.conns.values()
@@ -442,9 +470,9 @@ class Pool:
             self._connect_error = None
             self._update_foreign(left, swept)
             pgconn.attach(conn, offset, now)
-            if self.settings.max_lifetime:
-                pgconn.expires_at = now + self.settings.max_lifetime * (
-                    1 - LIFETIME_JITTER * random.random())
+            pgconn.opened_at = now
+            pgconn.lifetime_share = 1 - LIFETIME_JITTER * random.random()
+            self.set_expiry(pgconn)
             ready.append(pgconn)
 
     def unreachable(self, now: float) -> ConnectError | None:

@@ -25,6 +25,7 @@ CLIENTS_MAX = "clients_max"
 QUEUED_BYTES = "queued_bytes"
 POOL_PREDECESSORS = "pool_predecessors"
 UPTIME_SECONDS = "uptime_seconds"
+PAUSED = "paused"
 
 # Peaks since start.
 CLIENTS_CONNECTED_PEAK = "clients_connected_peak"
@@ -56,6 +57,7 @@ CONNECTIONS_LOST = "connections_lost"
 CONNECTIONS_CLOSED_IDLE = "connections_closed_idle"
 CONNECTIONS_RECYCLED = "connections_recycled"
 TRANSACTIONS_EXPIRED = "transactions_expired"
+RELOADS = "reloads"
 
 COUNTERS: dict[str, str] = {
     REQUESTS_NUM: "Requests received",
@@ -74,8 +76,10 @@ COUNTERS: dict[str, str] = {
     CONNECTIONS_ERRORS: "Failed attempts to open a server connection",
     CONNECTIONS_LOST: "Server connections found broken",
     CONNECTIONS_CLOSED_IDLE: "Server connections closed after max_idle unused, above min_connections",
-    CONNECTIONS_RECYCLED: "Server connections replaced at max_lifetime, once idle",
+    CONNECTIONS_RECYCLED: "Server connections replaced once idle: at max_lifetime or after "
+                          "poolbroker ctl reconnect",
     TRANSACTIONS_EXPIRED: "Transactions rolled back by the broker: idle, owner dead, shutdown",
+    RELOADS: "Settings reloads that succeeded (SIGHUP, poolbroker ctl reload)",
 }
 """Counters the loop increments; ``requests_wait_ms`` is not among them: it
 is the wait histogram's sum, so that waits ending in PoolTimeout count too."""
@@ -97,6 +101,7 @@ GAUGES: dict[str, str] = {
     QUEUED_BYTES: "Bytes of requests waiting or running (max_queued_bytes)",
     POOL_PREDECESSORS: "A dead broker's server connections still counted against the cap",
     UPTIME_SECONDS: "Seconds since the broker started",
+    PAUSED: "1 while paused (poolbroker ctl pause): queued requests are not started",
 }
 """Gauges of the whole broker.  Those of a pool (its connections by state,
 its queue) are in its entry of POOLS."""
