@@ -1,4 +1,4 @@
-"""``poolbroker serve | config | stats | bench | keygen | embedded-postgres``."""
+"""``poolbroker serve | config | stats | ctl | bench | keygen | embedded-postgres``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 from typing import Any
+
+from client.protocol import CONTROL_COMMANDS
 
 from . import config
 from . import stats as S
@@ -24,7 +26,8 @@ def _serve(args: argparse.Namespace) -> int:
             level=settings.log_level, stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         Redactor(settings.dsn).install()
-        Broker(settings).run()
+        # A reload reads the same sources again, with the same precedence.
+        Broker(settings, reread=lambda: load(args.config, config.flag_values(args))).run()
     except ConfigError as exc:
         return _config_failed(exc)
     return 0
@@ -50,32 +53,82 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask(args: argparse.Namespace, command: str | None) -> Any:
+    """The broker's answer to ``command`` (a control command; None: stats),
+    or ``client.Error``."""
+    import client
+
+    broker = client.Client(args.endpoint, timeout=args.timeout)
+    return broker.stats() if command is None else broker.control(command)
+
+
 def _stats(args: argparse.Namespace) -> int:
+    return _show(args, None)
+
+
+def _show(args: argparse.Namespace, command: str | None) -> int:
+    """``poolbroker stats``, ``ctl stats`` and ``ctl pools``: one snapshot, printed."""
     import client
 
     try:
-        numbers = client.Client(args.endpoint, timeout=args.timeout).stats()
+        numbers = _ask(args, command)
     except client.Error as exc:
         print(f"poolbroker: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(numbers, indent=2, sort_keys=True))
+    elif command == "pools":
+        print(format_pools(numbers))
     else:
         print(format_stats(numbers))
     return 0
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    import client
+
+    if args.command_name in ("stats", "pools"):
+        return _show(args, args.command_name)
+    try:
+        answer = _ask(args, args.command_name)
+    except client.Error as exc:
+        print(f"poolbroker: {exc}", file=sys.stderr)
+        return 1
+    if args.command_name != "reload":
+        print(f"{args.command_name}: done")
+        return 0
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        for name, value in answer["applied"].items():
+            print(f"applied: {name} = {config.toml_literal(value)}")
+        for name in answer["restart_needed"]:
+            print(f"needs a restart, kept: {name}")
+        for problem in answer["problems"]:
+            print(f"poolbroker: {problem}", file=sys.stderr)
+    if answer["problems"]:
+        print("poolbroker: the settings are invalid: the broker kept the running ones",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def format_pools(numbers: dict[str, Any]) -> str:
+    """The pools as PgBouncer's SHOW POOLS shows them: ``poolbroker ctl pools``."""
+    columns = (S.POOL_NAME, *S.SHOW_POOLS)
+    rows = [columns] + [tuple(_cell(entry[c]) for c in columns)
+                        for entry in numbers.get(S.POOLS, [])]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in rows)
 
 
 def format_stats(numbers: dict[str, Any]) -> str:
     """``poolbroker stats`` as text: uptime, the pools as SHOW POOLS shows
     them, peaks, percentiles, then every counter and gauge by name."""
     pools = numbers.get(S.POOLS, [])
-    lines = [f"uptime {_duration(numbers[S.UPTIME_SECONDS])}", ""]
-    columns = (S.POOL_NAME, *S.SHOW_POOLS)
-    rows = [columns] + [tuple(_cell(entry[c]) for c in columns) for entry in pools]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
-    for row in rows:
-        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    lines = [f"uptime {_duration(numbers[S.UPTIME_SECONDS])}", "", format_pools(numbers)]
     lines += ["", "peaks since start: " + ", ".join(
         f"{title} {_cell(numbers.get(name))}" for title, name in (
             ("clients", S.CLIENTS_CONNECTED_PEAK), ("requests waiting", S.REQUESTS_WAITING_PEAK),
@@ -200,10 +253,22 @@ def main(argv: list[str] | None = None) -> int:
     show.set_defaults(func=_config)
 
     stats = commands.add_parser("stats", help="print the broker's counters")
-    stats.add_argument("--endpoint", help="broker endpoint [POOLBROKER_ENDPOINT]")
-    stats.add_argument("--timeout", type=float, default=5.0)
-    stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_stats)
+
+    ctl = commands.add_parser(
+        "ctl", help="control a running broker (its own user only, over ipc)",
+        description="stats: as 'poolbroker stats'; pools: the SHOW POOLS table; reload: "
+                    "re-read the settings as SIGHUP does; pause: hold new requests queued "
+                    "(running ones finish; deadlines and pool_timeout still apply); resume: "
+                    "release them; reconnect: replace every server connection once idle; "
+                    "drain: as SIGTERM, finish what runs and exit 0")
+    ctl.add_argument("command_name", metavar="command", choices=CONTROL_COMMANDS,
+                     help=", ".join(CONTROL_COMMANDS))
+    ctl.set_defaults(func=_ctl)
+    for command in (stats, ctl):
+        command.add_argument("--endpoint", help="broker endpoint [POOLBROKER_ENDPOINT]")
+        command.add_argument("--timeout", type=float, default=5.0)
+        command.add_argument("--json", action="store_true")
 
     bench = commands.add_parser(
         "bench", help="drive a workload through the broker, PgBouncer and direct psycopg")
