@@ -18,7 +18,9 @@ import pytest
 
 import client
 from client import protocol
-from conftest import REPO, ConnectionSampler, _toml, free_port, run_in_processes, wait_until
+from conftest import (
+    REPO, ConnectionSampler, _toml, free_port, request_as, run_in_processes, wait_until,
+)
 from test_pool_sizing import backend_pids
 from test_security import NOBODY
 
@@ -77,34 +79,18 @@ class Load:
                 set().union(*(pids for _, _, pids in self.results)))
 
 
-def _as_user(uid: int, endpoint: str, command: str) -> Any:
-    """What a process of ``uid`` is answered to a control ``command``: the
-    reply's [request_id, status, payload], or None without an answer."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        answer = protocol.pack(None)
-        try:
-            import zmq
+class Running(threading.Thread):
+    """One statement run from its own client, in the background."""
 
-            os.setgid(uid)
-            os.setuid(uid)
-            ctx = zmq.Context()
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(endpoint)
-            s.send_multipart([protocol.pack([1, protocol.OP_CONTROL, 5000, None]),
-                              protocol.pack([command])])
-            if s.poll(2000):
-                answer = s.recv()
-        finally:
-            os.write(write_end, answer)
-            os._exit(0)
-    os.close(write_end)
-    data = os.read(read_end, 65536)
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    return protocol.unpack(data)
+    def __init__(self, broker: Any, sql: str) -> None:
+        super().__init__()
+        self.rows: list[Any] = []
+        self._client = client.Client(broker.endpoint, timeout=10)
+        self._sql = sql
+        self.start()
+
+    def run(self) -> None:
+        self.rows = self._client.execute(self._sql).rows
 
 
 def test_ctl_is_for_the_brokers_own_user_only(start_broker):
@@ -113,7 +99,7 @@ def test_ctl_is_for_the_brokers_own_user_only(start_broker):
     broker = start_broker(max_connections=1, allowed_uids=[NOBODY],
                           endpoint=f"ipc://@pbtest-{uuid.uuid4().hex[:12]}")
     # An allowed user may run statements, not control the broker.
-    _, status, payload = _as_user(NOBODY, broker.endpoint, "pause")
+    _, status, payload = request_as(NOBODY, broker.endpoint, protocol.OP_CONTROL, ["pause"])
     assert status == protocol.STATUS_ERROR
     assert payload["kind"] == "ProgrammingError" and payload["sqlstate"] == "42501"
     assert broker.stats()["paused"] == 0
@@ -143,16 +129,13 @@ def test_ctl_is_refused_over_tcp(start_broker):
 def test_max_waiting_still_bounds_the_queue_while_paused(start_broker):
     broker = start_broker(max_connections=1, max_waiting=1)
     broker.client.control("pause")
-    first: list[Any] = []
-    waiter = threading.Thread(target=lambda: first.append(
-        client.Client(broker.endpoint, timeout=10).execute("SELECT 1").rows))
-    waiter.start()
+    waiter = Running(broker, "SELECT 1")
     assert wait_until(lambda: broker.stats()["requests_waiting"] == 1, 5)
     with pytest.raises(client.TooManyRequests):
         client.Client(broker.endpoint, timeout=5).execute("SELECT 2")
     broker.client.control("resume")
     waiter.join(5)
-    assert first == [[(1,)]]
+    assert waiter.rows == [(1,)]
 
 
 def test_sighup_raises_and_lowers_the_cap_under_load(start_broker, dsn, admin):
@@ -221,10 +204,7 @@ def test_an_invalid_file_keeps_the_running_settings(start_broker):
 def test_pause_holds_requests_their_deadlines_apply_and_resume_releases_them(start_broker):
     broker = start_broker(max_connections=2)
     c = broker.client
-    running: list[Any] = []
-    slow = threading.Thread(target=lambda: running.append(
-        client.Client(broker.endpoint, timeout=10).execute("SELECT 7 FROM pg_sleep(0.5)").rows))
-    slow.start()
+    slow = Running(broker, "SELECT 7 FROM pg_sleep(0.5)")
     assert wait_until(lambda: broker.stats()["pool_active"] == 1, 5)
     assert c.control("pause") is None
     assert broker.stats()["paused"] == 1
@@ -232,17 +212,14 @@ def test_pause_holds_requests_their_deadlines_apply_and_resume_releases_them(sta
     with pytest.raises(client.PoolTimeout):
         client.Client(broker.endpoint, timeout=0.5).execute("SELECT 1")
     slow.join()
-    assert running == [[(7,)]]  # the statement running when paused finished
-    held: list[Any] = []
-    waiter = threading.Thread(target=lambda: held.append(
-        client.Client(broker.endpoint, timeout=10).execute("SELECT 2").rows))
-    waiter.start()
+    assert slow.rows == [(7,)]  # the statement running when paused finished
+    waiter = Running(broker, "SELECT 2")
     assert wait_until(lambda: broker.stats()["requests_waiting"] == 1, 5)
     time.sleep(0.3)
-    assert held == [] and broker.stats()["requests_waiting"] == 1
+    assert waiter.is_alive() and broker.stats()["requests_waiting"] == 1
     assert _ctl(broker, "resume").returncode == 0
     waiter.join(5)
-    assert held == [[(2,)]]
+    assert waiter.rows == [(2,)]
     stats = broker.stats()
     assert stats["paused"] == 0 and stats["requests_abandoned"] == 1
 
@@ -268,14 +245,11 @@ def test_reconnect_replaces_every_backend_without_failing_a_request(start_broker
 
 def test_drain_finishes_what_runs_and_exits_0(start_broker):
     broker = start_broker(max_connections=2)
-    running: list[Any] = []
-    slow = threading.Thread(target=lambda: running.append(
-        client.Client(broker.endpoint, timeout=10).execute("SELECT 3 FROM pg_sleep(0.5)").rows))
-    slow.start()
+    slow = Running(broker, "SELECT 3 FROM pg_sleep(0.5)")
     assert wait_until(lambda: broker.stats()["pool_active"] == 1, 5)
     out = _ctl(broker, "drain")
     assert out.returncode == 0, out.stderr
     assert broker.proc.wait(15) == 0
     slow.join()
-    assert running == [[(3,)]]
+    assert slow.rows == [(3,)]
     assert "poolbroker ctl drain" in broker.log()

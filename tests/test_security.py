@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import client
-from conftest import REPO, free_port
+from conftest import REPO, free_port, request_as
 
 SECRET = "Pw-Leak-7c1e"
 
@@ -119,34 +119,9 @@ def test_tcp_without_curve_or_consent_refuses_to_start():
 
 def _ping_as(uid: int, endpoint: str) -> bool:
     """Whether a process of ``uid`` gets an answer to a ping at ``endpoint``."""
-    import os
-
-    import zmq
-
     from client import protocol
 
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        answered = b"0"
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            ctx = zmq.Context()
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(endpoint)
-            s.send_multipart([protocol.pack([1, protocol.OP_PING, 5000, None]),
-                              protocol.pack([])])
-            answered = b"1" if s.poll(2000) else b"0"
-        finally:
-            os.write(write_end, answered)
-            os._exit(0)
-    os.close(write_end)
-    answered = os.read(read_end, 1) == b"1"
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    return answered
+    return request_as(uid, endpoint, protocol.OP_PING, []) is not None
 
 
 NOBODY = 65534
