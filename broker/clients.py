@@ -154,12 +154,14 @@ class ClientGate:
         self._uids = frozenset((os.getuid(), *allowed_uids))
         self._warned.clear()  # a uid dropped again is worth a line again
 
-    def is_owner(self, frame: zmq.Frame) -> bool:
-        """Whether the sender is a process of the broker's own uid, over ipc:
-        the only sender ``poolbroker ctl`` commands are taken from.  Over tcp
-        nothing says who the peer is (a CURVE key says which client)."""
+    def may_control(self, frame: zmq.Frame, admin_keys: frozenset[str]) -> bool:
+        """Whether ``poolbroker ctl`` commands are taken from the sender: over
+        ipc, a process of the broker's own uid (an ``allowed_uids`` user may
+        run statements only); over tcp, a client whose CURVE key is in
+        ``admin_keys`` (libzmq gives each message the User-Id the
+        authenticator chose: the key, z85-encoded; none without CURVE)."""
         if not self._check_uids:
-            return False
+            return bool(admin_keys) and frame.get("User-Id") in admin_keys
         credentials = parse_peer_address(peer_address(frame))
         return credentials is not None and credentials[0] == os.getuid()
 

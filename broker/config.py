@@ -297,6 +297,13 @@ class Settings:
         help="directory of the public certificates of the clients allowed in over tcp",
         doc="One file per client; SIGHUP re-reads it.")
 
+    curve_admin_clients: str = setting(
+        "", live=True,
+        help="directory of the public certificates of the operators whose `poolbroker ctl` "
+             "is obeyed over tcp",
+        doc="They get in as clients too. Empty: every control command is refused over tcp. "
+            "SIGHUP re-reads it.")
+
     insecure_tcp: bool = setting(
         False, help="allow a plain-text `tcp://` endpoint without CURVE, on a network you "
                     "trust")
@@ -506,6 +513,8 @@ class _Merge:
                 and bool(s.curve_secret_key_file) != bool(s.curve_allowed_clients):
             self.problems.append(
                 "CURVE needs both curve_secret_key_file and curve_allowed_clients")
+        if s.curve_admin_clients and not s.curve_secret_key_file:
+            self.problems.append("curve_admin_clients needs CURVE (curve_secret_key_file)")
         if s.metrics_listen and "metrics_listen" not in self.invalid:
             try:
                 host, _ = parse_listen(s.metrics_listen)

@@ -138,6 +138,7 @@ class Broker:
         self._describe_query_timeout()
         self._authenticator: ThreadAuthenticator | None = None
         self._gate: ClientGate | None = None
+        self._admin_keys: frozenset[str] = frozenset()  # z85 CURVE keys of curve_admin_clients
         self._reload_requested = False
         self._paused = False  # poolbroker ctl pause: the queue is not served
         self._claim: endpoints.Claim | None = None
@@ -298,21 +299,15 @@ class Broker:
             self._dispatch(time.monotonic())
 
     def _load_allowed_clients(self) -> None:
-        """The allow-list, file by file: a file that is not a certificate is
-        skipped and logged.  (pyzmq's own loader gives up on the first such
-        file and keeps the previous list: a revoked key stayed admitted.)"""
-        directory = self.settings.curve_allowed_clients
-        allowed: dict[bytes, bool] = {}
-        for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.key"))):
-            try:
-                public, _ = zmq.auth.load_certificate(path)
-            except (OSError, ValueError) as exc:
-                logger.error("curve_allowed_clients: skipping %s: %s", path, exc)
-                continue
-            if public:
-                allowed[public] = True
+        """The allow-list: the clients' keys and the operators' (who connect
+        as clients too)."""
+        allowed = _public_keys("curve_allowed_clients", self.settings.curve_allowed_clients)
+        admins = _public_keys("curve_admin_clients", self.settings.curve_admin_clients) \
+            if self.settings.curve_admin_clients else set()
+        self._admin_keys = frozenset(key.decode("ascii") for key in admins)
         self._authenticator.allow_any = False
-        self._authenticator.certs["*"] = allowed  # what configure_curve would set
+        # What configure_curve would set.
+        self._authenticator.certs["*"] = dict.fromkeys(allowed | admins, True)
 
     def _close(self) -> None:
         self._pool.close_all()
@@ -483,10 +478,11 @@ class Broker:
     def _on_control(self, frames: list[zmq.Frame], request_id: Any, now: float) -> None:
         """``poolbroker ctl``: taken from the broker's own uid only."""
         routing_id = frames[0].bytes
-        if not self._gate.is_owner(frames[-1]):
+        if not self._gate.may_control(frames[-1], self._admin_keys):
             self._reply_error(routing_id, request_id, ErrorKind.PROGRAMMING,
-                              "control commands are taken only from the broker's own user, "
-                              "over ipc", sqlstate=INSUFFICIENT_PRIVILEGE)
+                              "control commands are taken only from the broker's own user "
+                              "over ipc, or a key of curve_admin_clients over tcp",
+                              sqlstate=INSUFFICIENT_PRIVILEGE)
             return
         try:
             body = protocol.unpack(frames[2].bytes, CONTROL_BODY_BYTES)
@@ -1180,6 +1176,23 @@ class Broker:
             result[S.CLIENTS_REFUSED] = self._gate.refused
             result[S.MESSAGES_REJECTED] = self._gate.rejected
         return result
+
+
+def _public_keys(setting: str, directory: str) -> set[bytes]:
+    """The public keys (z85) of a directory's certificates, file by file: a
+    file that is not a certificate is skipped and logged.  (pyzmq's own
+    loader gives up on the first such file and keeps the previous list: a
+    revoked key stayed admitted.)"""
+    keys = set()
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.key"))):
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as exc:
+            logger.error("%s: skipping %s: %s", setting, path, exc)
+            continue
+        if public:
+            keys.add(public)
+    return keys
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -413,7 +413,7 @@ class Client:
     def control(self, command: str, *, timeout: float | None = None) -> Any:
         """Send an operator's command (``protocol.CONTROL_COMMANDS``; see
         ``poolbroker ctl``) and return the broker's answer.  Only a process of
-        the broker's own uid, over ipc, may."""
+        the broker's own uid over ipc, or an operator's CURVE key over tcp, may."""
         return self._request(OP_CONTROL, None, [command], timeout)
 
     def ping(self, *, timeout: float | None = None) -> None:

@@ -62,12 +62,12 @@ OP_CONTROL = 11  # [command]                -> the command's answer (see CONTROL
 # the first statement fails the transaction is rolled back at once and the
 # error is the answer: there is no token to end.
 
-# CONTROL: ``poolbroker ctl``.  Only the broker's own uid over ipc may send
-# it (an ``allowed_uids`` user gets ProgrammingError, SQLSTATE 42501); over
-# tcp it is refused to every client, CURVE keys included.  ``command`` is one
-# of CONTROL_COMMANDS; "stats" and "pools" answer what OP_STATS does, "reload"
-# answers ``{"applied": {name: value}, "restart_needed": [name], "problems":
-# [line]}``, the others nil.
+# CONTROL: ``poolbroker ctl``.  Only the broker's own uid over ipc, or over
+# tcp a CURVE key of ``curve_admin_clients``, may send it; anyone else gets
+# ProgrammingError, SQLSTATE 42501.  ``command`` is one of CONTROL_COMMANDS;
+# "stats" and "pools" answer what OP_STATS does, "reload" answers
+# ``{"applied": {name: value}, "restart_needed": [name], "problems": [line]}``,
+# the others nil.
 
 CONTROL_COMMANDS = ("stats", "pools", "reload", "pause", "resume", "reconnect", "drain")
 
