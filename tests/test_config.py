@@ -149,6 +149,8 @@ def test_config_prints_what_serve_would_run_with(tmp_path):
     ("[poolbroker]\napplication_name = 'app~1'\n", "application_name must be"),
     ("[poolbroker]\napplication_name = 'caf\u00e9'\n", "application_name must be"),
     (f"[poolbroker]\napplication_name = '{'x' * 47}'\n", "at most 46"),
+    ("[poolbroker]\ncurve_admin_clients = '/etc/pb/admins'\n",
+     "curve_admin_clients needs CURVE (curve_secret_key_file)"),
 ])
 def test_bad_settings_are_refused(tmp_path, text, message):
     config = tmp_path / "pb.toml"
@@ -210,3 +212,12 @@ def test_plain_tcp_needs_explicit_consent():
     result = _poolbroker("serve", "--endpoint", "tcp://127.0.0.1:0")
     assert result.returncode == 2
     assert "--insecure-tcp" in result.stderr and "CURVE" in result.stderr
+
+
+def test_the_live_settings_are_those_read_per_use():
+    """The split a reload follows (README, Live control): what is bound,
+    opened or sized at start needs a restart."""
+    restart = {name for name, spec in SPECS.items() if not spec.live}
+    assert restart == {"dsn", "endpoint", "max_message_bytes", "max_result_bytes",
+                       "max_clients", "application_name", "curve_secret_key_file",
+                       "insecure_tcp", "metrics_listen", "metrics_allow_remote"}

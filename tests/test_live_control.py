@@ -5,6 +5,7 @@ and a real PostgreSQL; the cap sampled from pg_stat_activity."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,16 +23,17 @@ from conftest import (
     REPO, ConnectionSampler, _toml, free_port, request_as, run_in_processes, wait_until,
 )
 from test_pool_sizing import backend_pids
-from test_security import NOBODY
+from test_security import NOBODY, certificates  # noqa: F401 (a fixture)
 
 STATEMENT = "SELECT pg_backend_pid() FROM pg_sleep(0.01)"
 """Long enough (10 ms) that a few client processes keep every connection busy."""
 
 
-def _ctl(broker: Any, *args: str) -> subprocess.CompletedProcess:
+def _ctl(broker: Any, *args: str, **environ: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "broker.cli", "ctl", *args,
                            "--endpoint", broker.endpoint],
-                          capture_output=True, text=True, timeout=30, cwd=REPO)
+                          capture_output=True, text=True, timeout=30, cwd=REPO,
+                          env={**os.environ, **environ})
 
 
 def _rewrite(broker: Any, **changes: Any) -> None:
@@ -114,7 +116,7 @@ def test_ctl_is_for_the_brokers_own_user_only(start_broker):
 
 
 def test_ctl_is_refused_over_tcp(start_broker):
-    # No uid travels over tcp, and a CURVE key admits a client, not an operator.
+    # No uid travels over tcp; without CURVE no key either: no operator.
     broker = start_broker(max_connections=1, endpoint=f"tcp://127.0.0.1:{free_port()}",
                           insecure_tcp=True)
     with pytest.raises(client.ProgrammingError) as info:
@@ -122,6 +124,30 @@ def test_ctl_is_refused_over_tcp(start_broker):
     assert info.value.sqlstate == "42501"
     out = _ctl(broker, "pause")
     assert out.returncode == 1 and "broker's own user" in out.stderr
+    assert broker.stats()["paused"] == 0
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
+
+
+def test_ctl_over_tcp_only_with_an_admin_key(start_broker, certificates, tmp_path):
+    keys, allowed = certificates
+    admins = tmp_path / "admins"
+    admins.mkdir()
+    shutil.copy(keys / "stranger.key", admins / "operator.key")  # not among the clients'
+    broker = start_broker(
+        endpoint=f"tcp://127.0.0.1:{free_port()}", max_connections=1,
+        curve_secret_key_file=str(keys / "broker.key_secret"),
+        curve_allowed_clients=str(allowed), curve_admin_clients=str(admins),
+        client_options={"curve_server_key": str(keys / "broker.key"),
+                        "curve_client_cert": str(keys / "worker.key_secret")})
+    # A client's key runs statements, not the broker.
+    with pytest.raises(client.ProgrammingError):
+        broker.client.control("pause")
+    operator = {"POOLBROKER_CURVE_SERVER_KEY": str(keys / "broker.key"),
+                "POOLBROKER_CURVE_CLIENT_CERT": str(keys / "stranger.key_secret")}
+    out = _ctl(broker, "pause", **operator)
+    assert out.returncode == 0, out.stderr
+    assert broker.stats()["paused"] == 1
+    assert _ctl(broker, "resume", **operator).returncode == 0
     assert broker.stats()["paused"] == 0
     assert broker.client.execute("SELECT 1").rows == [(1,)]
 
