@@ -476,7 +476,8 @@ class Broker:
             pool.waiting_peak = len(pool.waiting)
 
     def _on_control(self, frames: list[zmq.Frame], request_id: Any, now: float) -> None:
-        """``poolbroker ctl``: taken from the broker's own uid only."""
+        """``poolbroker ctl``: from the broker's own uid over ipc or an operator's key (see
+        ClientGate.may_control); anyone else is refused, and told so."""
         routing_id = frames[0].bytes
         if not self._gate.may_control(frames[-1], self._admin_keys):
             self._reply_error(routing_id, request_id, ErrorKind.PROGRAMMING,
