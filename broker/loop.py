@@ -529,6 +529,14 @@ class Broker:
             conn.dirty = True
         if job.changes_schema or conn.prepared.schema_version != self._schema_version:
             self._drop_stale_plans(conn, job)
+        if job.drops_plans and not job.shareable:  # alone in its implicit transaction: harmless
+            # After it, names may resolve to other tables (search_path) or the
+            # server's statements be gone (DEALLOCATE): none of this connection's
+            # plans may be used, and whatever is prepared after it is dropped by
+            # the reset (a plan made under another search_path would break the
+            # next client's transaction with 0A000).
+            conn.prepared.forget()
+            conn.dirty = True
         try:
             outcomes = conn.send(job, guard)
         except Refusal as exc:
