@@ -136,3 +136,43 @@ def test_deallocate_inside_a_transaction_leaves_no_name_the_broker_uses(start_br
             assert tx.execute(select, [5]).rows == [(6,)]  # was 26000
         assert c.execute(select, [7]).rows == [(8,)]
         assert c.execute(PREPARED, []).rows[0][0] <= 1
+
+
+def test_a_transaction_waiting_on_another_transactions_ddl_gets_the_new_shape(start_broker,
+                                                                              admin):
+    # The DDL has been sent but not committed when the other transaction's
+    # statement goes out: by name, it waits for the lock and is then replanned
+    # against the new columns (0A000, which a transaction cannot rerun).
+    import threading
+    admin.execute("DROP TABLE IF EXISTS prepared_race")
+    admin.execute("CREATE TABLE prepared_race (id int, a text)")
+    admin.execute("INSERT INTO prepared_race VALUES (1, 'x')")
+    broker = start_broker(max_connections=2)
+    c = broker.client
+    select = "SELECT * FROM prepared_race WHERE id = %s"
+    first, second = c.transaction(), c.transaction()  # both connections prepare it
+    first.__enter__()
+    second.__enter__()
+    for _ in range(3):
+        assert first.execute(select, [1]).rows == second.execute(select, [1]).rows == [(1, "x")]
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    migration = c.transaction()
+    migration.__enter__()
+    migration.execute("ALTER TABLE prepared_race ADD COLUMN b int DEFAULT 5")
+    other = client.Client(broker.endpoint, timeout=15)
+    seen = []
+
+    def reader():
+        with other.transaction() as tx:
+            seen.append(tx.execute(select, [1]).rows)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    # The reader's statement is on the server, waiting for the lock.
+    while not admin.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+        thread.join(0.02)
+    migration.__exit__(None, None, None)
+    thread.join()
+    assert seen == [[(1, "x", 5)]]
+    other.close()
