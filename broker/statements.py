@@ -148,6 +148,10 @@ _KEEPS_SCHEMA = _PLAIN_STATEMENTS | frozenset({
     "ListenStmt", "UnlistenStmt", "PrepareStmt", "ExecuteStmt", "DeallocateStmt",
     "DiscardStmt", "DeclareCursorStmt", "FetchStmt", "ClosePortalStmt", "CheckPointStmt",
     "VacuumStmt", "ConstraintsSetStmt", "CopyStmt",
+    # Change rows, indexes, privileges or comments, never a result's columns:
+    # common in ETL and test suites, they must not empty every connection's cache.
+    "TruncateStmt", "IndexStmt", "ReindexStmt", "ClusterStmt", "RefreshMatViewStmt",
+    "GrantStmt", "GrantRoleStmt", "CommentStmt",
 })
 _GENERIC_TYPES = frozenset({"Node", "Expr", "List"})
 _EMPTY = Classification(Kind.PLAIN, 0, False, "", False)
