@@ -42,8 +42,11 @@ RENDER_SHARE = 0.1
 the HTTP threads but hold the GIL the loop needs (measured, 4,000 SELECT 1
 from 2 processes: 1.0 s alone, 2.5 s beside one scraper in a loop, 18.7 s
 beside 16).  Scrapes are rendered one at a time, each after a pause nine
-times as long as the one before took, and each still from a snapshot the
+times as long as the one before took (1 s at most), and each still from a snapshot the
 loop built after it asked."""
+MAX_PAUSE = 1.0
+"""Seconds a scrape waits for the one before at most (well inside
+Prometheus's 10 s scrape timeout)."""
 SCRAPE_TIMEOUT = 2.0
 """Seconds a scrape waits for the loop's snapshot; longer only while the
 broker opens its first connection, before it serves (then poolbroker_up is 0)."""
@@ -201,10 +204,12 @@ class _Paced:
             pause = self._next_at - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
+            # Wall time, not this thread's CPU: the loop loses more than that,
+            # waiting up to the interpreter's switch interval for each handover.
             started = time.monotonic()
             body = b"".join(self._app(environ, lambda *args: captured.append(args)))
             ended = time.monotonic()
-            self._next_at = ended + (ended - started) * self._factor
+            self._next_at = ended + min((ended - started) * self._factor, MAX_PAUSE)
         start_response(*captured[0])
         return [body]
 
