@@ -129,6 +129,7 @@ class Broker:
         self._pool = Pool(settings, adapters, self._redact)
         self._sessions = Sessions()
         self._schema_version = 0  # DDL seen to end: see _schema_changed
+        self._ddl_open: set[PgConn] = set()  # connections whose DDL has not ended yet
         self._by_fd: dict[int, PgConn] = {}
         self._unflushed: set[PgConn] = set()
         self._in_flight: dict[bytes, int] = {}  # routing id -> requests waiting or running
@@ -652,6 +653,19 @@ class Broker:
             conn.dirty = True
         if job.changes_schema or conn.prepared.schema_version != self._schema_version:
             self._drop_stale_plans(conn, job)
+        elif self._ddl_open and job.in_session and not self._ddl_open <= {conn}:
+            # DDL is in progress on another connection: a statement by name may
+            # wait for its lock, then be replanned against what it made (0A000,
+            # which a transaction cannot rerun).  Unprepared, it just waits.
+            conn.forget_prepared(at_once=job.op == OP_BEGIN)
+        if job.drops_plans and not job.shareable:  # alone in its implicit transaction: harmless
+            # After it, names may resolve to other tables (search_path) or the
+            # server's statements be gone (DEALLOCATE): none of this connection's
+            # plans may be used, and whatever is prepared after it is dropped by
+            # the reset (a plan made under another search_path would break the
+            # next client's transaction with 0A000).
+            conn.prepared.forget()
+            conn.dirty = True
         try:
             outcomes = conn.send(job, guard)
         except Refusal as exc:
@@ -679,6 +693,7 @@ class Broker:
         conn.prepared.schema_version = self._schema_version
         if job.changes_schema:
             conn.changed_schema = True
+            self._ddl_open.add(conn)
 
     # Outcomes
 
@@ -771,6 +786,7 @@ class Broker:
         a plan prepared before it may now return other columns (0A000), so
         every connection drops its prepared statements before its next job."""
         conn.changed_schema = False
+        self._ddl_open.discard(conn)
         self._schema_version += 1
 
     def _flush(self, now: float) -> None:

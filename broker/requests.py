@@ -120,6 +120,7 @@ class Job:
     shareable: bool = False  # may share a pipeline with other clients' jobs
     resets: bool = False  # the connection needs DISCARD ALL before anyone else gets it
     changes_schema: bool = False  # DDL: once it commits, every prepared plan may be stale
+    drops_plans: bool = False  # this connection's prepared statements are unusable after it
     copy_data: bytes = b""  # OP_COPY_FROM: the chunk to send
     copy_end: bool = False  # OP_COPY_FROM: the last chunk
     copy_max: int = 0  # OP_COPY_TO: bytes to return at most
@@ -312,6 +313,7 @@ class Decoder:
         if len(queries) == 1:
             worst = classify(queries[0].sql)
             changes_schema = worst.changes_schema
+            drops_plans = worst.drops_plans
         else:
             verdicts = {}
             for query in queries:  # executemany: one text, classified once
@@ -319,6 +321,7 @@ class Decoder:
                     verdicts[query.sql] = classify(query.sql)
             worst = max(verdicts.values(), key=lambda verdict: verdict.kind)
             changes_schema = any(verdict.changes_schema for verdict in verdicts.values())
+            drops_plans = any(verdict.drops_plans for verdict in verdicts.values())
         _check(worst, job.in_session, batch)
         job.queries = job.queries + queries if job.op == OP_BEGIN else queries
         if execute:
@@ -327,6 +330,7 @@ class Decoder:
             job.simple = queries[0].sql  # several statements: the simple query protocol
         job.resets = worst.kind >= Kind.SESSION
         job.changes_schema = changes_schema
+        job.drops_plans = drops_plans
         job.shareable = (worst.kind == Kind.PLAIN and not job.in_session
                          and job.simple is None)
 

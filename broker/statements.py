@@ -75,6 +75,9 @@ class Classification:
     copy_from_stdin: bool  # the single statement is COPY ... FROM STDIN
     reason: str  # what made it SESSION/OPAQUE/COPY/TRANSACTION; "" otherwise
     changes_schema: bool  # may change what a table looks like: prepared plans go stale
+    drops_plans: bool = False  # changes what names resolve to (search_path) or drops
+    # prepared statements (DEALLOCATE, DISCARD) for the rest of the session: the
+    # connection's own plans must not be used, and are dropped by a reset after
 
 
 # Functions whose effect outlives the transaction.  Matched case-insensitively
@@ -145,6 +148,10 @@ _KEEPS_SCHEMA = _PLAIN_STATEMENTS | frozenset({
     "ListenStmt", "UnlistenStmt", "PrepareStmt", "ExecuteStmt", "DeallocateStmt",
     "DiscardStmt", "DeclareCursorStmt", "FetchStmt", "ClosePortalStmt", "CheckPointStmt",
     "VacuumStmt", "ConstraintsSetStmt", "CopyStmt",
+    # Change rows, indexes, privileges or comments, never a result's columns:
+    # common in ETL and test suites, they must not empty every connection's cache.
+    "TruncateStmt", "IndexStmt", "ReindexStmt", "ClusterStmt", "RefreshMatViewStmt",
+    "GrantStmt", "GrantRoleStmt", "CommentStmt",
 })
 _GENERIC_TYPES = frozenset({"Node", "Expr", "List"})
 _EMPTY = Classification(Kind.PLAIN, 0, False, "", False)
@@ -312,6 +319,34 @@ def _changes_schema(stmt: Fields) -> bool:
     return kind not in _KEEPS_SCHEMA
 
 
+def _drops_plans(stmt: Fields) -> bool:
+    """Whether the statement makes this connection's prepared statements
+    unusable for the rest of its transaction or session: a changed
+    search_path (a plan prepared under another one is replanned against
+    other tables: 0A000 when their columns differ), DEALLOCATE or DISCARD
+    (the names are gone: 26000)."""
+    [(kind, fields)] = stmt.items()
+    if kind in ("DeallocateStmt", "DiscardStmt"):
+        return True
+    if kind == "VariableSetStmt":
+        return fields.get("name") in (None, "search_path")  # RESET ALL has no name
+    stack: list[Any] = [fields]
+    while stack:  # set_config('search_path', ..., true) anywhere inside
+        node = stack.pop()
+        if type(node) is dict:
+            call = node.get("FuncCall")
+            if type(call) is dict and call["funcname"][-1]["String"]["sval"].lower() \
+                    == "set_config":
+                args = [a for a in call.get("args", []) if "NamedArgExpr" not in a]
+                name = _literal(args[0]) if args else None
+                if name is None or name.lower() == "search_path":
+                    return True
+            stack.extend(node.values())
+        elif type(node) is list:
+            stack.extend(node)
+    return False
+
+
 def _classify_text(sql: str | bytes) -> Classification:
     try:
         text = sql.decode() if isinstance(sql, bytes) else sql
@@ -319,9 +354,9 @@ def _classify_text(sql: str | bytes) -> Classification:
             raise ValueError("NUL character in statement text")
         statements = json.loads(parse_sql_json(text)).get("stmts", [])
     except (ParseError, ValueError) as exc:  # UnicodeError is a ValueError
-        return Classification(Kind.OPAQUE, 1, False, f"cannot parse: {exc}", True)
+        return Classification(Kind.OPAQUE, 1, False, f"cannot parse: {exc}", True, True)
     except RecursionError:
-        return Classification(Kind.OPAQUE, 1, False, "cannot parse: nested too deeply", True)
+        return Classification(Kind.OPAQUE, 1, False, "cannot parse: nested too deeply", True, True)
     if not statements:
         return _EMPTY
     kinds = [_statement_kind(raw["stmt"]) for raw in statements]
@@ -329,15 +364,17 @@ def _classify_text(sql: str | bytes) -> Classification:
     copy = statements[0]["stmt"].get("CopyStmt", {})
     from_stdin = len(statements) == 1 and kind == Kind.COPY and bool(copy.get("is_from"))
     changes_schema = any(_changes_schema(raw["stmt"]) for raw in statements)
-    return Classification(kind, len(statements), from_stdin, reason, changes_schema)
+    drops_plans = any(_drops_plans(raw["stmt"]) for raw in statements)
+    return Classification(kind, len(statements), from_stdin, reason, changes_schema,
+                          drops_plans)
 
 
 _TOO_LONG = Classification(Kind.OPAQUE, 1, False,
-                           f"not parsed: longer than {CACHE_MAX_TEXT} characters", True)
-_TOO_LONG_DML = replace(_TOO_LONG, changes_schema=False)
+                           f"not parsed: longer than {CACHE_MAX_TEXT} characters", True, True)
+_TOO_LONG_DML = replace(_TOO_LONG, changes_schema=False, drops_plans=False)
 _NO_TIME = replace(_TOO_LONG, reason="not parsed: the time for parsing new long texts "
                    "was spent (a flood of them)")
-_NO_TIME_DML = replace(_NO_TIME, changes_schema=False)
+_NO_TIME_DML = replace(_NO_TIME, changes_schema=False, drops_plans=False)
 # A text too long to parse still says whether it is DML by its first word
 # (after blanks and comments; a nested comment simply fails to match): a bulk
 # INSERT must not make every connection drop its prepared statements.  It

@@ -306,3 +306,59 @@ def test_metrics_listen_setting(listen, allow_remote, expected):
     else:
         with pytest.raises(ConfigError, match=expected):
             load(None, overrides, environ={})
+
+
+def test_scrapers_in_a_loop_are_rendered_one_at_a_time_and_requests_go_on(start_broker):
+    # Rendering runs on HTTP threads but holds the GIL the loop needs: 16
+    # local threads scraping in a loop made 4,000 SELECT 1 take 18.7 s
+    # instead of 1.0 s (one scraper: 2.5 s).  Scrapes are paced now.
+    import time
+
+    from broker.metrics import _Paced
+
+    inside = peak = 0
+    lock = threading.Lock()
+
+    def app(environ: dict, start_response: Any) -> list[bytes]:
+        nonlocal inside, peak
+        with lock:
+            inside += 1
+            peak = max(peak, inside)
+        time.sleep(0.001)
+        with lock:
+            inside -= 1
+        start_response("200 OK", [])
+        return [b"x"]
+
+    paced = _Paced(app, share=0.5)
+    callers = [threading.Thread(target=lambda: paced({}, lambda *a: None)) for _ in range(8)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert peak == 1
+
+    port = free_port()
+    broker = start_broker(max_connections=2, metrics_listen=f"127.0.0.1:{port}")
+    stop = threading.Event()
+    scrapes: list[str] = []
+
+    def scrape() -> None:
+        while not stop.is_set():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+                scrapes.append(r.read().decode())
+
+    scrapers = [threading.Thread(target=scrape) for _ in range(16)]
+    for t in scrapers:
+        t.start()
+    started = time.monotonic()
+    try:
+        for n in range(2000):
+            assert broker.client.execute("SELECT %s::int", [n]).rows == [(n,)]
+    finally:
+        stop.set()
+        for t in scrapers:
+            t.join(60)
+    print(f"\n[scrape flood] 2,000 requests in {time.monotonic() - started:.2f} s beside "
+          f"16 scrapers, {len(scrapes)} scrapes served")
+    assert scrapes and all("poolbroker_up 1.0" in body for body in scrapes)

@@ -93,3 +93,86 @@ def test_ddl_through_the_broker_leaves_no_stale_plan_on_any_connection(start_bro
         assert tx.execute(select, [1]).rows == [(1, "y", 2)]
     for tx in transactions:
         tx.__exit__(None, None, None)
+
+
+def test_a_search_path_set_in_one_transaction_breaks_no_other_clients_transaction(
+        start_broker, admin):
+    # Schema-per-tenant apps: SET LOCAL search_path in each transaction.  A
+    # plan prepared under one search_path is replanned under another against
+    # another table: "cached plan must not change result type" (0A000), which
+    # inside a transaction cannot be rerun.
+    admin.execute("DROP SCHEMA IF EXISTS tenant_b CASCADE")
+    admin.execute("DROP TABLE IF EXISTS tenant_rows")
+    admin.execute("CREATE SCHEMA tenant_b")
+    admin.execute("CREATE TABLE tenant_rows (id int, a text)")
+    admin.execute("INSERT INTO tenant_rows VALUES (1, 'public')")
+    admin.execute("CREATE TABLE tenant_b.tenant_rows (id int, a text, b int)")
+    admin.execute("INSERT INTO tenant_b.tenant_rows VALUES (1, 'b', 2)")
+    broker = start_broker(max_connections=1)  # one connection: every client shares its plans
+    select = "SELECT * FROM tenant_rows WHERE id = %s"
+    first, second = broker.client, client.Client(broker.endpoint, timeout=15)
+    for _ in range(3):  # prepared under the default search_path
+        assert first.execute(select, [1]).rows == [(1, "public")]
+    for setting in ("SET LOCAL search_path = tenant_b, public",
+                    "SELECT set_config('search_path', 'tenant_b', true)"):
+        with first.transaction() as tx:
+            tx.execute(setting)
+            for _ in range(3):  # the old plan unused; a new one prepared here
+                assert tx.execute(select, [1]).rows == [(1, "b", 2)]
+        with second.transaction() as tx:  # ... is not this transaction's
+            for _ in range(3):
+                assert tx.execute(select, [1]).rows == [(1, "public")]
+    second.close()
+
+
+def test_deallocate_inside_a_transaction_leaves_no_name_the_broker_uses(start_broker):
+    c = start_broker(max_connections=1).client
+    select = "SELECT %s::int + 1"
+    for statement in ("DEALLOCATE ALL", "DISCARD PLANS"):
+        with c.transaction() as tx:
+            for n in range(3):
+                assert tx.execute(select, [n]).rows == [(n + 1,)]
+            tx.execute(statement)
+            assert tx.execute(select, [5]).rows == [(6,)]  # was 26000
+        assert c.execute(select, [7]).rows == [(8,)]
+        assert c.execute(PREPARED, []).rows[0][0] <= 1
+
+
+def test_a_transaction_waiting_on_another_transactions_ddl_gets_the_new_shape(start_broker,
+                                                                              admin):
+    # The DDL has been sent but not committed when the other transaction's
+    # statement goes out: by name, it waits for the lock and is then replanned
+    # against the new columns (0A000, which a transaction cannot rerun).
+    import threading
+    admin.execute("DROP TABLE IF EXISTS prepared_race")
+    admin.execute("CREATE TABLE prepared_race (id int, a text)")
+    admin.execute("INSERT INTO prepared_race VALUES (1, 'x')")
+    broker = start_broker(max_connections=2)
+    c = broker.client
+    select = "SELECT * FROM prepared_race WHERE id = %s"
+    first, second = c.transaction(), c.transaction()  # both connections prepare it
+    first.__enter__()
+    second.__enter__()
+    for _ in range(3):
+        assert first.execute(select, [1]).rows == second.execute(select, [1]).rows == [(1, "x")]
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    migration = c.transaction()
+    migration.__enter__()
+    migration.execute("ALTER TABLE prepared_race ADD COLUMN b int DEFAULT 5")
+    other = client.Client(broker.endpoint, timeout=15)
+    seen = []
+
+    def reader():
+        with other.transaction() as tx:
+            seen.append(tx.execute(select, [1]).rows)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    # The reader's statement is on the server, waiting for the lock.
+    while not admin.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+        thread.join(0.02)
+    migration.__exit__(None, None, None)
+    thread.join()
+    assert seen == [[(1, "x", 5)]]
+    other.close()

@@ -388,6 +388,14 @@ def test_cache_of_short_texts_is_bounded_by_their_overhead_too() -> None:
     ("SELECT set_config('app.tenant', '7', false)", False),
     ("EXPLAIN SELECT 1", False),
     ("VACUUM ANALYZE t", False),
+    ("TRUNCATE t", False),
+    ("CREATE INDEX ON t (id)", False),
+    ("REFRESH MATERIALIZED VIEW m", False),
+    ("GRANT SELECT ON t TO PUBLIC", False),
+    ("COMMENT ON TABLE t IS 'x'", False),
+    ("CREATE OR REPLACE VIEW v AS SELECT 1 AS a, 2 AS b", True),
+    ("ALTER TYPE mood ADD VALUE 'meh'", True),
+    ("ALTER DOMAIN d SET NOT NULL", True),
     ("CREATE TABLE t2 (id int)", True),
     ("ALTER TABLE t ADD COLUMN b int", True),
     ("DROP TABLE t", True),
@@ -424,3 +432,22 @@ def test_long_new_texts_beyond_the_parse_budget_run_unparsed_and_uncached(
     assert classify("SET search_path = a").kind is Kind.SESSION  # short: parsed all the same
     statements.budget.at -= 1.0  # a second later: a quarter second of parsing is back
     assert classify(f"{dense} -- later").kind is Kind.PLAIN
+
+
+@pytest.mark.parametrize("sql, drops", [
+    ("SET LOCAL search_path = tenant, public", True),
+    ("SET search_path TO tenant", True),
+    ("RESET search_path", True),
+    ("RESET ALL", True),
+    ("SELECT set_config('search_path', 'tenant', true)", True),
+    ("SELECT 1 FROM (SELECT pg_catalog.set_config($1, 'x', true)) s", True),  # name unknown
+    ("SELECT set_config('application_name', 'x', true)", False),
+    ("DEALLOCATE ALL", True),
+    ("DEALLOCATE _pb_1", True),
+    ("DISCARD PLANS", True),
+    ("SET LOCAL statement_timeout = 5", False),
+    ("SELECT * FROM t WHERE id = $1", False),
+    ("CREATE TABLE t2 (a int)", False),
+])
+def test_statements_after_which_a_connections_plans_are_unusable(sql, drops):
+    assert classify(sql).drops_plans is drops
