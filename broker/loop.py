@@ -692,7 +692,6 @@ class Broker:
                              or not (job.in_session or job.op == OP_RESET))
         conn.prepared.schema_version = self._schema_version
         if job.changes_schema:
-            conn.changed_schema = True
             self._ddl_open.add(conn)
 
     # Outcomes
@@ -754,7 +753,7 @@ class Broker:
                 self._dispatch(now)  # room for one more behind the others
             return
         status = conn.transaction_status
-        if conn.changed_schema and status == pq.TransactionStatus.IDLE:
+        if conn in self._ddl_open and status == pq.TransactionStatus.IDLE:
             self._schema_changed(conn)
         session = self._sessions.by_conn.get(conn.conn_id)
         if session is not None:
@@ -785,7 +784,6 @@ class Broker:
         """DDL ended on ``conn`` (committed, as far as the broker can know):
         a plan prepared before it may now return other columns (0A000), so
         every connection drops its prepared statements before its next job."""
-        conn.changed_schema = False
         self._ddl_open.discard(conn)
         self._schema_version += 1
 
@@ -816,7 +814,7 @@ class Broker:
         conn.polled = mask
 
     def _close_conn(self, conn: PgConn, now: float) -> None:
-        if conn.changed_schema:  # its DDL may have committed before the connection went
+        if conn in self._ddl_open:  # its DDL may have committed before the connection went
             self._schema_changed(conn)
         if conn.broken:
             self.stats[S.CONNECTIONS_LOST] += 1

@@ -157,7 +157,6 @@ class PgConn:
         self.state = "opening"  # owned by the pool: see pool.State
         self.broken = ""  # why it must be closed, once it must
         self.dirty = False  # session state changed: DISCARD ALL before reuse
-        self.changed_schema = False  # ran DDL not yet known to have ended (see Broker._settle)
         # When the job at the head got there; with nothing in flight, since
         # when the connection has been idle (its last job ended, or it opened).
         self.head_since = 0.0

@@ -416,3 +416,54 @@ def run_in_processes(target: Callable, arg_lists: list[tuple], timeout: float = 
     if len(collected) < len(procs):
         pytest.fail(f"only {len(collected)} of {len(procs)} child processes reported in time")
     return [collected[i] for i in range(len(procs))]
+
+
+
+def backend_pids(admin: psycopg.Connection, application_name: str) -> set[int]:
+    """A broker's server connections, as the server sees them."""
+    rows = admin.execute(f"SELECT pid FROM pg_stat_activity WHERE {OF_APPLICATION}",
+                         [application_name]).fetchall()
+    return {pid for (pid,) in rows}
+
+
+def steady_requests(endpoint: str, seconds: float, sql: str,
+                    transaction_every: int) -> tuple[int, list[str], list[int]]:
+    """``sql`` (which returns the backend's pid) for ``seconds``, every
+    ``transaction_every``-th time in a two-statement transaction: (requests
+    answered, errors, server pids that answered)."""
+    c = client.Client(endpoint, timeout=30)
+    done, errors, pids = 0, [], set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if done % transaction_every == transaction_every - 1:
+                with c.transaction() as tx:
+                    (pid,) = tx.execute(sql).rows[0]
+                    tx.execute("SELECT %s::int", [pid])
+            else:
+                (pid,) = c.execute(sql).rows[0]
+            pids.add(pid)
+            done += 1
+        except client.Error as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    c.close()
+    return done, errors, sorted(pids)
+
+
+class Load:
+    """``processes`` forked client processes sending steady_requests in the background."""
+
+    def __init__(self, endpoint: str, processes: int, seconds: float, *,
+                 sql: str = "SELECT pg_backend_pid()", transaction_every: int = 10) -> None:
+        self.results: list[Any] = []
+        self._thread = threading.Thread(target=lambda: self.results.extend(run_in_processes(
+            steady_requests, [(endpoint, seconds, sql, transaction_every)] * processes,
+            timeout=60)))
+        self._thread.start()
+
+    def finish(self) -> tuple[int, list[str], set[int]]:
+        """(requests answered, errors, server pids that answered), once all have ended."""
+        self._thread.join()
+        return (sum(done for done, _, _ in self.results),
+                [e for _, errs, _ in self.results for e in errs],
+                set().union(*(pids for _, _, pids in self.results)))

@@ -20,9 +20,8 @@ import pytest
 import client
 from client import protocol
 from conftest import (
-    REPO, ConnectionSampler, _toml, free_port, request_as, run_in_processes, wait_until,
+    REPO, ConnectionSampler, Load, _toml, backend_pids, free_port, request_as, wait_until,
 )
-from test_pool_sizing import backend_pids
 from test_security import NOBODY, certificates  # noqa: F401 (a fixture)
 
 STATEMENT = "SELECT pg_backend_pid() FROM pg_sleep(0.01)"
@@ -43,42 +42,6 @@ def _rewrite(broker: Any, **changes: Any) -> None:
     table.update(changes)
     broker.config.write_text("[poolbroker]\n" + "".join(
         f"{k} = {_toml(v)}\n" for k, v in table.items() if v is not None))
-
-
-def _steady(endpoint: str, seconds: float) -> tuple[int, list[str], list[int]]:
-    """STATEMENT, and now and then a transaction, for ``seconds``: (answered,
-    errors, server pids seen)."""
-    c = client.Client(endpoint, timeout=30)
-    done, errors, pids = 0, [], set()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if done % 20 == 19:
-                with c.transaction() as tx:
-                    pids.add(tx.execute(STATEMENT).rows[0][0])
-            else:
-                pids.add(c.execute(STATEMENT).rows[0][0])
-            done += 1
-        except client.Error as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-    c.close()
-    return done, errors, sorted(pids)
-
-
-class Load:
-    """``processes`` client processes running _steady in the background."""
-
-    def __init__(self, endpoint: str, processes: int, seconds: float) -> None:
-        self.results: list[Any] = []
-        self._thread = threading.Thread(target=lambda: self.results.extend(run_in_processes(
-            _steady, [(endpoint, seconds)] * processes, timeout=60)))
-        self._thread.start()
-
-    def finish(self) -> tuple[int, list[str], set[int]]:
-        self._thread.join()
-        return (sum(done for done, _, _ in self.results),
-                [e for _, errs, _ in self.results for e in errs],
-                set().union(*(pids for _, _, pids in self.results)))
 
 
 class Running(threading.Thread):
@@ -167,7 +130,7 @@ def test_max_waiting_still_bounds_the_queue_while_paused(start_broker):
 def test_sighup_raises_and_lowers_the_cap_under_load(start_broker, dsn, admin):
     broker = start_broker(min_connections=1, max_connections=2)
     app = broker.application_name
-    load = Load(broker.endpoint, 6, 7.0)
+    load = Load(broker.endpoint, 6, 7.0, sql=STATEMENT, transaction_every=20)
     with ConnectionSampler(dsn, app) as low:
         time.sleep(1.0)
     _rewrite(broker, max_connections=5)
@@ -253,7 +216,7 @@ def test_pause_holds_requests_their_deadlines_apply_and_resume_releases_them(sta
 def test_reconnect_replaces_every_backend_without_failing_a_request(start_broker, dsn, admin):
     broker = start_broker(min_connections=2, max_connections=3)
     app = broker.application_name
-    load = Load(broker.endpoint, 4, 4.0)
+    load = Load(broker.endpoint, 4, 4.0, sql=STATEMENT, transaction_every=20)
     with ConnectionSampler(dsn, app) as sampler:
         time.sleep(1.0)
         before = backend_pids(admin, app)

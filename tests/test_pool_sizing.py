@@ -8,24 +8,14 @@ import os
 import signal
 import threading
 import time
-from typing import Any
-
-import psycopg
 
 import client
 from broker.pool import BACKEND_EXIT_WAIT
-from conftest import OF_APPLICATION, ConnectionSampler, run_in_processes, thread_client, wait_until
+from conftest import OF_APPLICATION, ConnectionSampler, Load, backend_pids, thread_client, wait_until
 
 LIFETIME = 1.5
 """max_lifetime in the recycling test: each connection goes within it (less up
 to 10%), so one held open over twice that has outlived its lifetime."""
-
-
-def backend_pids(admin: psycopg.Connection, application_name: str) -> set[int]:
-    """The broker's server connections, as the server sees them."""
-    rows = admin.execute(f"SELECT pid FROM pg_stat_activity WHERE {OF_APPLICATION}",
-                         [application_name]).fetchall()
-    return {pid for (pid,) in rows}
 
 
 def test_min_connections_open_at_start_and_come_back_after_terminate(start_broker, admin):
@@ -88,28 +78,6 @@ def test_idle_connections_above_the_minimum_close_after_max_idle(start_broker, d
     assert broker.stats()["connections_closed_idle"] == 3
 
 
-def _load(endpoint: str, seconds: float) -> tuple[int, list[str], list[int]]:
-    """Statements and short transactions for ``seconds``: (requests answered,
-    errors, server pids that answered)."""
-    c = client.Client(endpoint, timeout=30)
-    done, errors, pids = 0, [], set()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if done % 10 == 9:
-                with c.transaction() as tx:
-                    (pid,) = tx.execute("SELECT pg_backend_pid()").rows[0]
-                    tx.execute("SELECT %s::int", [pid])
-            else:
-                (pid,) = c.execute("SELECT pg_backend_pid()").rows[0]
-            pids.add(pid)
-            done += 1
-        except client.Error as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-    c.close()
-    return done, errors, sorted(pids)
-
-
 def test_max_lifetime_recycles_every_connection_under_load_but_not_an_open_transaction(
         start_broker, dsn, admin):
     cap = 3
@@ -118,11 +86,8 @@ def test_max_lifetime_recycles_every_connection_under_load_but_not_an_open_trans
     assert wait_until(lambda: len(backend_pids(admin, app)) == 2, 10)
     first = backend_pids(admin, app)
     load_seconds = 2 * LIFETIME + 1.5
-    results: list[Any] = []
     with ConnectionSampler(dsn, app) as sampler:
-        loader = threading.Thread(target=lambda: results.extend(run_in_processes(
-            _load, [(broker.endpoint, load_seconds)] * 4, timeout=60)))
-        loader.start()
+        load = Load(broker.endpoint, 4, load_seconds)
         # A transaction held open over twice the lifetime, beside the load.
         c = broker.client
         held_since = time.monotonic()
@@ -134,11 +99,8 @@ def test_max_lifetime_recycles_every_connection_under_load_but_not_an_open_trans
             assert held_pid in backend_pids(admin, app)
         # Once it ends, the connection goes: it is past its lifetime.
         assert wait_until(lambda: held_pid not in backend_pids(admin, app), 5)
-        loader.join()
-    assert len(results) == 4
-    answered = sum(done for done, _, _ in results)
-    errors = [e for _, errs, _ in results for e in errs]
-    seen = set().union(*(pids for _, _, pids in results))
+        answered, errors, seen = load.finish()
+    assert len(load.results) == 4
     stats = broker.stats()
     print(f"\n{answered} requests over {load_seconds:.1f} s at max_lifetime {LIFETIME} s: "
           f"{len(errors)} failed, {stats['connections_recycled']} connections recycled, "
