@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -76,13 +77,13 @@ def _rss_kb(pid: int) -> int:
 
 
 def _worker(endpoint: str, slot: int, generation: int, done: multiprocessing.Array,
-            log_dir: str, stop: multiprocessing.Event) -> None:
+            log_dir: str, stop: Any) -> None:
     rng = random.Random(slot * 7919 + generation)
     c = client.Client(endpoint, timeout=60)
     log = open(Path(log_dir, f"{slot}.{generation}.log"), "a", buffering=1)
     base = (slot * 10_000 + generation) * 10_000_000
     seq = 0
-    while not stop.is_set():
+    while not stop.value:
         seq += 1
         token = base + seq
         roll = rng.random()
@@ -143,7 +144,9 @@ def run_soak(broker: BrokerProcess, dsn: str, *, requests: int, processes: int,
         admin.execute("CREATE TABLE soak_writes (id bigint PRIMARY KEY)")
     ctx = multiprocessing.get_context("fork")
     done = ctx.Array("q", processes, lock=False)  # requests answered, per slot
-    stop = ctx.Event()
+    # A flag without a lock: an Event's lock, held by a worker SIGKILLed inside
+    # is_set(), is never released, and every other worker then blocks on it.
+    stop = ctx.RawValue("b", 0)
     log_dir = short_tempdir("pb-soak-")
     rng = random.Random(seed)
     report = SoakReport(processes=processes, cap=broker.max_connections)
@@ -175,7 +178,7 @@ def run_soak(broker: BrokerProcess, dsn: str, *, requests: int, processes: int,
                 generations[slot] += 1
                 workers[slot] = spawn(slot)
             time.sleep(0.005)
-        stop.set()
+        stop.value = 1
         for proc in workers:
             proc.join(timeout=60)
         report.seconds = time.monotonic() - started
