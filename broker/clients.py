@@ -7,8 +7,12 @@ limit at start, and beyond ``max_clients`` connected sockets each newly
 accepted one is shut down at once: its client sees the connection drop,
 retries with libzmq's reconnect backoff, and gets in once others leave.
 
-Over ipc, the kernel tells libzmq the peer's credentials; a message from a
-uid other than the broker's own or ``allowed_uids`` is dropped unread.
+Over ipc, the kernel tells libzmq the peer's credentials.  The gate is the
+context's ZAP handler: libzmq asks it about every new connection before it
+reads a frame, and a uid other than the broker's own or ``allowed_uids``
+(or, with CURVE, a key not on the allow-list) is refused at the handshake,
+so it cannot even make the broker hold an endless multipart message.  A
+message from a uid no longer allowed (after a reload) is dropped unread.
 This holds for abstract endpoints (``ipc://@name``), which have no
 directory whose mode could protect them.
 """
@@ -22,6 +26,7 @@ import socket
 import time
 
 import zmq
+from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 logger = logging.getLogger("poolbroker")
@@ -31,6 +36,12 @@ DESCRIPTORS_RESERVED = 64
 three per server connection (its socket, a cancel, a reconnect)."""
 REFUSED_LOG_INTERVAL = 10.0
 _UNPARSED = object()
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by ZMTP's ZAP (RFC 27)
+ZAP_DOMAIN = b"poolbroker"  # libzmq consults ZAP for NULL-mechanism peers only with a domain
+_ZAP_VERSION = b"1.0"
+_ZAP_OK = b"200"
+_ZAP_DENIED = b"400"
 
 
 def raise_open_files_limit() -> int:
@@ -82,17 +93,24 @@ def peer_credentials(frame: zmq.Frame) -> tuple[int, int] | None:
 class ClientGate:
     """Counts the client sockets of one ROUTER and admits them, and their users."""
 
-    def __init__(self, router: zmq.Socket, *, max_clients: int, ipc: bool,
-                 allowed_uids: tuple[int, ...]) -> None:
+    def __init__(self, context: zmq.Context, router: zmq.Socket, *, max_clients: int,
+                 ipc: bool, allowed_uids: tuple[int, ...]) -> None:
+        """Made before ``router`` binds: its handshakes go through the gate."""
         self.max_clients = max_clients
         self.connected = 0
         self.refused = 0  # sockets shut down beyond max_clients
         self.rejected = 0  # messages dropped from a uid not allowed
+        self.denied = 0  # connections refused at the handshake
         self.peak = 0  # most sockets admitted at once since start
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.zap = context.socket(zmq.REP)
+        self.zap.setsockopt(zmq.LINGER, 0)
+        self.zap.bind(ZAP_ENDPOINT)
+        router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        self._curve_keys: frozenset[bytes] | None = None  # z85 keys, with CURVE on
         self._check_uids = ipc
         self._uids = frozenset((os.getuid(), *allowed_uids))
-        self._warned: set[int | None] = set()  # uids already logged
+        self._warned: set[tuple[str, int | None]] = set()  # (what, uid) already logged
         self._uid_of: dict[str | None, int | None] = {}  # Peer-Address -> uid
         self._shut: set[int] = set()  # descriptors refused, until libzmq closes them
         self._refused_log_at = 0.0
@@ -104,6 +122,45 @@ class ClientGate:
 
     def close(self) -> None:
         self.monitor.close(linger=0)
+        self.zap.close(linger=0)
+
+    def allow_keys(self, keys: frozenset[bytes]) -> None:
+        """CURVE's allow-list (z85 public keys): checked at each new connection."""
+        self._curve_keys = keys
+
+    def on_handshakes(self) -> None:
+        """Answer libzmq's ZAP requests: one per connection being set up."""
+        zap = self.zap
+        while zap.get(zmq.EVENTS) & zmq.POLLIN:
+            request = zap.recv_multipart()
+            # version, request id, domain, address, routing id, mechanism, credentials...
+            request_id, address, mechanism = request[1], request[3], request[5]
+            user_id = self._admit(address.decode("utf-8", "replace"), mechanism, request[6:])
+            if user_id is None:
+                self.denied += 1
+                zap.send_multipart([_ZAP_VERSION, request_id, _ZAP_DENIED, b"not allowed",
+                                    b"", b""])
+            else:
+                zap.send_multipart([_ZAP_VERSION, request_id, _ZAP_OK, b"OK", user_id, b""])
+
+    def _admit(self, address: str, mechanism: bytes, credentials: list[bytes]) -> bytes | None:
+        """The User-Id a new connection's messages will carry, or None to refuse it."""
+        if self._check_uids:
+            peer = parse_peer_address(address)
+            uid = peer[0] if peer else None
+            if uid not in self._uids:
+                self._warn(uid, "refusing connections")
+                return None
+        if self._curve_keys is None:
+            return b"" if mechanism == b"NULL" else None
+        if mechanism != b"CURVE" or not credentials or len(credentials[0]) != 32:
+            return None
+        key = z85.encode(credentials[0])
+        if key not in self._curve_keys:
+            logger.info("refusing a connection: CURVE key %s is not in the allow-list",
+                        key.decode("ascii"))
+            return None
+        return key  # libzmq gives each of its messages this User-Id
 
     def on_events(self) -> None:
         """Count what connected and left; refuse what came beyond the limit."""
@@ -187,11 +244,14 @@ class ClientGate:
         if uid in self._uids:
             return True
         self.rejected += 1
-        if uid not in self._warned:
-            self._warned.add(uid)
-            logger.warning("dropping requests from uid %s: not the broker's own uid "
-                           "nor in allowed_uids", uid)
+        self._warn(uid, "dropping requests")
         return False
+
+    def _warn(self, uid: int | None, what: str) -> None:
+        if (what, uid) not in self._warned:
+            self._warned.add((what, uid))
+            logger.warning("%s from uid %s: not the broker's own uid nor in allowed_uids",
+                           what, uid)
 
 
 def _accepted_on(sock: socket.socket, endpoint: str) -> bool:

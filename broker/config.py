@@ -256,9 +256,11 @@ class Settings:
         (), live=True,
         help="over ipc, uids besides the broker's own whose processes may send requests",
         doc="A TOML list; comma-separated in the environment and on the command line. "
-            "Messages from any other uid are dropped unanswered, counted in "
-            "`messages_rejected`. This also protects abstract endpoints (`ipc://@name`), "
-            "which have no directory.")
+            "A connection from any other uid is refused at the handshake, before a frame "
+            "is read (`clients_denied`); after a reload that drops a uid, the messages of "
+            "its connections still open are dropped unanswered (`messages_rejected`). "
+            "This also protects abstract endpoints (`ipc://@name`), which have no "
+            "directory.")
 
     query_timeout: float = setting(
         0.0, live=True,

@@ -31,7 +31,6 @@ import psycopg
 import zmq
 import zmq.auth
 from psycopg import pq
-from zmq.auth.thread import ThreadAuthenticator
 
 from client import protocol
 from client.protocol import (
@@ -137,7 +136,7 @@ class Broker:
         self._gone: OrderedDict[bytes, None] = OrderedDict()  # routing ids of dead clients
         self._query_timeout_reason = ""
         self._describe_query_timeout()
-        self._authenticator: ThreadAuthenticator | None = None
+        self._curve = False  # CURVE on: the gate checks keys against the allow-list
         self._gate: ClientGate | None = None
         self._admin_keys: frozenset[str] = frozenset()  # z85 CURVE keys of curve_admin_clients
         self._reload_requested = False
@@ -169,9 +168,13 @@ class Broker:
                 "--insecure-tcp on a network you trust")
         endpoints.prepare_ipc_directory(endpoint)
         self._claim = endpoints.claim(endpoint)
+        router = self._router
+        open_files = raise_open_files_limit()
+        max_clients = s.max_clients or default_max_clients(open_files, s.max_connections)
+        self._gate = ClientGate(self._context, router, max_clients=max_clients,
+                                ipc=endpoint.startswith("ipc://"), allowed_uids=s.allowed_uids)
         if s.curve_secret_key_file:
             self._enable_curve()
-        router = self._router
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)
@@ -179,11 +182,7 @@ class Broker:
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         return_large_buffers()
-        open_files = raise_open_files_limit()
-        max_clients = s.max_clients or default_max_clients(open_files, s.max_connections)
         endpoints.bind(router, endpoint)
-        self._gate = ClientGate(router, max_clients=max_clients,
-                                ipc=endpoint.startswith("ipc://"), allowed_uids=s.allowed_uids)
         logger.info("listening on %s, min_connections=%d, max_connections=%d, max_clients=%d "
                     "(open files: %d), server connections marked application_name=%s", endpoint,
                     s.min_connections, s.max_connections, max_clients, open_files,
@@ -221,8 +220,7 @@ class Broker:
         if not os.path.isdir(s.curve_allowed_clients):
             raise ConfigError(f"curve_allowed_clients {s.curve_allowed_clients!r} "
                               "is not a directory")
-        self._authenticator = ThreadAuthenticator(self._context)
-        self._authenticator.start()
+        self._curve = True
         self._load_allowed_clients()
         self._router.curve_secretkey = secret
         self._router.curve_publickey = public
@@ -269,7 +267,7 @@ class Broker:
                 self._apply(dataclasses.replace(old, **applied))
                 logger.info("%s: applied %s", why, ", ".join(
                     f"{name}={value!r}" for name, value in applied.items()))
-        if self._authenticator is not None:
+        if self._curve:
             # A key removed from the directory is refused on its next connection.
             self._load_allowed_clients()
             logger.info("%s: CURVE allow-list reloaded from %s", why,
@@ -306,9 +304,7 @@ class Broker:
         admins = _public_keys("curve_admin_clients", self.settings.curve_admin_clients) \
             if self.settings.curve_admin_clients else set()
         self._admin_keys = frozenset(key.decode("ascii") for key in admins)
-        self._authenticator.allow_any = False
-        # What configure_curve would set.
-        self._authenticator.certs["*"] = dict.fromkeys(allowed | admins, True)
+        self._gate.allow_keys(frozenset(allowed | admins))
 
     def _close(self) -> None:
         self._pool.close_all()
@@ -323,8 +319,6 @@ class Broker:
         # Give the last replies (answers to drained statements) a moment to
         # leave; a client that stopped reading cannot hold the exit longer.
         self._router.close(linger=REPLY_FLUSH_MS)
-        if self._authenticator is not None:
-            self._authenticator.stop()
         self._context.term()
         if self._claim is not None:
             self._claim.release()  # last: the socket is closed, a successor may bind
@@ -344,9 +338,10 @@ class Broker:
         wakeup = self._pool.wakeup_fd
         closing = self._pool.closing
         gate = self._gate
-        monitor = gate.monitor
+        monitor, handshakes = gate.monitor, gate.zap
         poller.register(monitor, zmq.POLLIN)  # first: a socket beyond max_clients goes
         poller.register(router, zmq.POLLIN)   # before its requests are read, if it can
+        poller.register(handshakes, zmq.POLLIN)
         poller.register(wakeup, zmq.POLLIN)
         scrapes = -1  # no descriptor is -1: the branch below never matches
         if self._metrics is not None:
@@ -367,6 +362,8 @@ class Broker:
                         self._on_opened(now)
                     elif what is monitor:
                         gate.on_events()
+                    elif what is handshakes:
+                        gate.on_handshakes()
                     elif (conn := by_fd.get(what)) is not None:
                         self._unflushed.add(conn)  # a rerun or a DEALLOCATE may follow
                         self._on_outcomes(conn, conn.read(now), now)
@@ -1190,6 +1187,7 @@ class Broker:
             result[S.CLIENTS_MAX] = self._gate.max_clients
             result[S.CLIENTS_REFUSED] = self._gate.refused
             result[S.MESSAGES_REJECTED] = self._gate.rejected
+            result[S.CLIENTS_DENIED] = self._gate.denied
         return result
 
 

@@ -34,6 +34,7 @@ POOL_ACTIVE_PEAK = "pool_active_peak"
 
 # Counters kept by the client gate, reported as counters.
 CLIENTS_REFUSED = "clients_refused"
+CLIENTS_DENIED = "clients_denied"
 MESSAGES_REJECTED = "messages_rejected"
 STATEMENTS_UNPARSED = "statements_unparsed"
 
@@ -86,7 +87,9 @@ is the wait histogram's sum, so that waits ending in PoolTimeout count too."""
 
 OTHER_COUNTERS: dict[str, str] = {
     CLIENTS_REFUSED: "Client sockets shut down at once: max_clients reached",
-    MESSAGES_REJECTED: "Messages dropped: sent over ipc by a uid not allowed",
+    CLIENTS_DENIED: "Client connections refused at the handshake: over ipc a uid not "
+                    "allowed, with CURVE a key not on the allow-list",
+    MESSAGES_REJECTED: "Messages dropped: sent over ipc by a uid no longer allowed",
     STATEMENTS_UNPARSED: "New long statement texts run unparsed: the parsing time was spent",
 }
 """Counters kept outside the loop's ``stats`` (by the client gate, the parse

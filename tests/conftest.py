@@ -331,34 +331,42 @@ def raw_socket(endpoint: str, *, reads: bool = True) -> Iterator[zmq.Socket]:
         ctx.term()
 
 
-def request_as(uid: int, endpoint: str, op: int, body: list) -> list | None:
-    """The reply ([request_id, status, payload]) a process of ``uid`` gets to
-    one request at ``endpoint`` within 2 s, or None: a forked child that
-    takes the uid (needs root) and speaks the wire protocol by hand."""
-    from client import protocol
-
+def run_as(uid: int, work: Callable[[], bytes]) -> bytes:
+    """What ``work`` returns, run in a forked child that takes the uid
+    (needs root); b"" if it raised."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        reply = protocol.pack(None)
+        result = b""
         try:
             os.setgid(uid)
             os.setuid(uid)
-            ctx = zmq.Context()
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(endpoint)
-            s.send_multipart([protocol.pack([1, op, 5000, None]), protocol.pack(body)])
-            if s.poll(2000):
-                reply = s.recv()
+            result = work()
         finally:
-            os.write(write_end, reply)
+            os.write(write_end, result)
             os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as f:
         data = f.read()
     os.waitpid(pid, 0)
-    return protocol.unpack(data)
+    return data
+
+
+def request_as(uid: int, endpoint: str, op: int, body: list) -> list | None:
+    """The reply ([request_id, status, payload]) a process of ``uid`` gets to
+    one request at ``endpoint`` within 2 s, or None: a process that speaks
+    the wire protocol by hand."""
+    from client import protocol
+
+    def request() -> bytes:
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+        s.send_multipart([protocol.pack([1, op, 5000, None]), protocol.pack(body)])
+        return s.recv() if s.poll(2000) else protocol.pack(None)
+
+    return protocol.unpack(run_as(uid, request) or protocol.pack(None))
 
 
 @contextlib.contextmanager
