@@ -257,6 +257,14 @@ class Decoder:
             count = reader.read_array_header()
             if not (many or count):
                 raise Refusal(ErrorKind.MESSAGE, usage)
+            if count > protocol.MAX_STATEMENTS:
+                raise Refusal(
+                    ErrorKind.PROGRAMMING,
+                    f"{OP_NAMES[op]} holds {count} statements, more than the "
+                    f"{protocol.MAX_STATEMENTS} one request may (each holds up every other "
+                    "client while the broker works on it): send it in parts inside a "
+                    "transaction (the client library does so for executemany), or load "
+                    "bulk data with copy()")
             for _ in range(count):
                 if budget is not None:
                     # A parameter set (an item and its parameters) is counted

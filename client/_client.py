@@ -17,8 +17,9 @@ import zmq
 
 from . import errors
 from .protocol import (
-    OP_BATCH, OP_BEGIN, OP_COMMIT, OP_COPY_FROM, OP_COPY_TO, OP_EXECUTE, OP_EXECUTEMANY, OP_PING,
-    OP_CONTROL, OP_ROLLBACK, OP_STATS, PROBE_REQUEST_ID, STATUS_OK, default_endpoint, pack, unpack,
+    MAX_STATEMENTS, OP_BATCH, OP_BEGIN, OP_COMMIT, OP_CONTROL, OP_COPY_FROM, OP_COPY_TO,
+    OP_EXECUTE, OP_EXECUTEMANY, OP_PING, OP_ROLLBACK, OP_STATS, PROBE_REQUEST_ID, STATUS_OK,
+    default_endpoint, pack, unpack,
 )
 
 logger = logging.getLogger("poolbroker.client")
@@ -330,8 +331,18 @@ class Client:
 
     def _executemany(self, session: bytes | None, sql: str, seq_of_params: Iterable[Params],
                      timeout: float | None) -> Result:
-        payload = self._request(OP_EXECUTEMANY, session, [sql, list(seq_of_params)], timeout)
-        return Result._from_wire(payload)
+        """One request; more than MAX_STATEMENTS parameter sets go in parts,
+        inside ``session`` or a transaction of their own (so it stays atomic)."""
+        params = list(seq_of_params)
+        if len(params) <= MAX_STATEMENTS:
+            return Result._from_wire(self._request(OP_EXECUTEMANY, session, [sql, params],
+                                                   timeout))
+        if session is None:
+            with self.transaction(timeout=timeout) as transaction:
+                return self._executemany(transaction._session, sql, params, timeout)
+        return parts_total([Result._from_wire(self._request(OP_EXECUTEMANY, session,
+                                                            [sql, part], timeout))
+                            for part in in_parts(params)])
 
     def _begin(self, characteristics: list | None, op: int, args: list,
                timeout: float | None) -> tuple[bytes, Result]:
@@ -419,6 +430,18 @@ class Client:
     def ping(self, *, timeout: float | None = None) -> None:
         """Raise BrokerUnavailable unless the broker answers."""
         self._request(OP_PING, None, [], timeout)
+
+
+def in_parts(params: list[Params]) -> Iterator[list[Params]]:
+    """An executemany's parameter sets, MAX_STATEMENTS at a time."""
+    for start in range(0, len(params), MAX_STATEMENTS):
+        yield params[start:start + MAX_STATEMENTS]
+
+
+def parts_total(results: list[Result]) -> Result:
+    """The result of an executemany sent in parts: its rowcount."""
+    counts = [result.rowcount for result in results if result.rowcount >= 0]
+    return Result([], [], sum(counts) if counts else -1, [])
 
 
 def _pack_body(body: Any) -> bytes:

@@ -35,12 +35,14 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from ._client import Client, Params, Result, RowStream, quote_identifier
+from ._client import Client, Params, Result, RowStream, in_parts, parts_total, quote_identifier
 from .errors import (
     DatabaseError, DataError, Error, IntegrityError, InterfaceError, InternalError,
     NotSupportedError, OperationalError, ProgrammingError, TransactionExpired, Warning,
 )
-from .protocol import ISOLATION_LEVELS, OP_COMMIT, OP_EXECUTE, OP_EXECUTEMANY, OP_ROLLBACK
+from .protocol import (
+    ISOLATION_LEVELS, MAX_STATEMENTS, OP_COMMIT, OP_EXECUTE, OP_EXECUTEMANY, OP_ROLLBACK,
+)
 from .protocol import default_endpoint
 
 __all__ = [
@@ -410,6 +412,16 @@ class Connection:
     def _execute(self, sql: str, params: Params) -> Result:
         return self._run(OP_EXECUTE, [sql, _params(params)])
 
+    def _executemany(self, sql: str, params: list[Params]) -> Result:
+        """Over MAX_STATEMENTS parameter sets, in parts: inside the
+        transaction, or in autocommit inside one of their own (atomic)."""
+        if len(params) <= MAX_STATEMENTS:
+            return self._run(OP_EXECUTEMANY, [sql, params])
+        if self._autocommit:
+            self._check()
+            return self._client._executemany(None, sql, params, self._timeout)
+        return parts_total([self._run(OP_EXECUTEMANY, [sql, part]) for part in in_parts(params)])
+
 
 def _isolation_level(value: IsolationLevel | int | str | None) -> IsolationLevel | None:
     if value is None or isinstance(value, IsolationLevel):
@@ -486,8 +498,7 @@ class Cursor:
         (outside a transaction too: it runs as one)."""
         self._check()
         self._reset()
-        result = self.connection._run(
-            OP_EXECUTEMANY, [operation, [_params(p) for p in seq_of_parameters]])
+        result = self.connection._executemany(operation, [_params(p) for p in seq_of_parameters])
         self.rowcount = result.rowcount
         self._has_result = True
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import threading
 import time
 
 import msgpack
@@ -14,7 +15,7 @@ import zmq
 
 import client
 from client import protocol
-from conftest import memory_kb, raw_socket, wait_until
+from conftest import memory_kb, raw_socket, thread_client, wait_until
 
 PING = [protocol.pack([1, protocol.OP_PING, 10_000, None]), protocol.pack([])]
 
@@ -191,20 +192,86 @@ def test_queued_request_bytes_are_bounded_and_released(start_broker, admin):
 
 
 def test_a_huge_executemany_is_refused_while_decoding_not_after(start_broker):
-    limit = 16 * 1024 * 1024
+    limit = 2 * 1024 * 1024
     broker = start_broker(max_connections=1, max_queued_bytes=limit)
     c = broker.client
     c.execute("SELECT 1")
     before = memory_kb(broker.proc.pid)["VmRSS"]
-    # 8 MB of tiny parameter sets: about 1,000,000 rows, each one a query once decoded.
-    rows = [[i % 100] for i in range(1_000_000)]
+    # 0.8 MB on the wire; once decoded and dumped, 4,096 sets of 200 values
+    # hold some 4.5 MB.
+    rows = [[list(range(100, 300))]] * protocol.MAX_STATEMENTS
     assert len(msgpack.packb(rows)) < limit
     with pytest.raises(client.TooManyRequests, match="max_queued_bytes"):
-        c.executemany("SELECT %s", rows, timeout=30)
+        c.executemany("SELECT cardinality(%s::int[])", rows, timeout=30)
     grown = memory_kb(broker.proc.pid)["VmHWM"] - before
     assert grown < 4 * limit // 1024, grown
     assert c.execute("SELECT 2").rows == [(2,)]
     assert broker.stats()["queued_bytes"] == 0
+
+
+@pytest.mark.parametrize("op", ["executemany", "batch"])
+def test_a_request_of_more_than_max_statements_is_refused_at_its_header(start_broker, op):
+    broker = start_broker(max_connections=1)
+    count = protocol.MAX_STATEMENTS + 1
+    if op == "executemany":
+        body = ["SELECT %s", [[1]] * count]
+        header = [1, protocol.OP_EXECUTEMANY, 10_000, None]
+    else:
+        body = [[["SELECT 1", None]] * count]
+        header = [1, protocol.OP_BATCH, 10_000, None]
+    with raw_socket(broker.endpoint) as s:
+        s.send_multipart([protocol.pack(header), protocol.pack(body)])
+        assert s.poll(10_000)
+        request_id, status, payload = protocol.unpack(s.recv())
+    assert status != protocol.STATUS_OK
+    assert f"holds {count} statements, more than the {protocol.MAX_STATEMENTS}" in str(payload)
+    assert broker.client.execute("SELECT 2").rows == [(2,)]
+
+
+def test_an_executemany_of_more_than_max_statements_runs_in_parts_in_one_transaction(
+        start_broker):
+    broker = start_broker(max_connections=2)
+    c = broker.client
+    c.execute("CREATE TABLE bulk (n int PRIMARY KEY)")
+    rows = [[n] for n in range(3 * protocol.MAX_STATEMENTS + 5)]
+    pings: list[float] = []
+    stop = threading.Event()
+
+    def ping() -> None:  # another client, timed while the parts run
+        with thread_client(broker.endpoint, timeout=30) as other:
+            while not stop.is_set():
+                started = time.monotonic()
+                other.ping()
+                pings.append(time.monotonic() - started)
+
+    pinger = threading.Thread(target=ping)
+    pinger.start()
+    try:
+        assert c.executemany("INSERT INTO bulk VALUES (%s)", rows).rowcount == len(rows)
+    finally:
+        stop.set()
+        pinger.join()
+    print(f"\n[executemany in parts] {len(rows)} rows; another client's pings meanwhile: "
+          f"{len(pings)}, slowest {max(pings) * 1000:.0f} ms")
+    assert c.execute("SELECT count(*) FROM bulk").rows == [(len(rows),)]
+    # Atomic as one request was: a failure in the last part undoes the first.
+    with pytest.raises(client.IntegrityError):
+        c.executemany("INSERT INTO bulk VALUES (%s)",
+                      [[n] for n in range(-protocol.MAX_STATEMENTS - 1, 0)] + [[0]])
+    assert c.execute("SELECT count(*) FROM bulk WHERE n < 0").rows == [(0,)]
+    # And through the DB-API, in its transaction and in autocommit.
+    from client import dbapi
+
+    conn = dbapi.connect(broker.endpoint)
+    cur = conn.cursor()
+    cur.executemany("DELETE FROM bulk WHERE n = %s", rows[:protocol.MAX_STATEMENTS + 1])
+    assert cur.rowcount == protocol.MAX_STATEMENTS + 1
+    conn.rollback()
+    conn.autocommit = True
+    cur.executemany("DELETE FROM bulk WHERE n = %s", rows)
+    assert cur.rowcount == len(rows)
+    conn.close()
+    assert c.execute("SELECT count(*) FROM bulk").rows == [(0,)]
 
 
 def test_a_client_that_never_reads_holds_a_bounded_amount_of_the_brokers_memory(start_broker):
