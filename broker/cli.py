@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
         logging.basicConfig(
             level=settings.log_level, stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        Redactor(settings.dsn).install()
+        Redactor(*settings.all_dsns).install()
         # A reload reads the same sources again, with the same precedence.
         Broker(settings, reread=lambda: load(args.config, config.flag_values(args))).run()
     except ConfigError as exc:
@@ -49,7 +49,7 @@ def _config(args: argparse.Namespace) -> int:
         settings = load(args.config, config.flag_values(args))
     except ConfigError as exc:
         return _config_failed(exc)
-    print(Redactor(settings.dsn)(settings_toml(settings)), end="")
+    print(Redactor(*settings.all_dsns)(settings_toml(settings)), end="")
     return 0
 
 

@@ -27,6 +27,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
@@ -44,6 +45,12 @@ APPLICATION_NAME_MAX = NAMEDATALEN - 1 - MARK_BYTES
 
 TABLE = "poolbroker"
 """The TOML table that holds the settings."""
+POOLS_TABLE = "pools"
+"""The TOML table whose tables are named pools (``[pools.reports]``); marks
+the fields that hold them, which are not settings of their own."""
+POOL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
+DEFAULT_POOL = "default"
+"""The pool of the broker's own ``dsn``: the one requests without a pool name use."""
 ENV_PREFIX = "POOLBROKER_"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -132,6 +139,11 @@ def setting(default: Any = MISSING, *, help: str, doc: str = "",
     return field(default=default, metadata=metadata)
 
 
+def _never_or_a_second(seconds: float) -> str | None:
+    # Less would reopen connections as fast as they open: a typo, not a policy.
+    return None if seconds == 0 or seconds >= 1 else "must be 0 (never) or at least 1 second"
+
+
 def _application_name_problem(name: str) -> str | None:
     if name.isascii() and name.isprintable() and MARK not in name \
             and len(name) <= APPLICATION_NAME_MAX:
@@ -187,12 +199,12 @@ class Settings:
             "At most `max_connections`.")
 
     max_idle: float = setting(
-        600.0, live=True,
+        600.0, live=True, check=_never_or_a_second,
         help="seconds a connection above `min_connections` may sit unused before it "
              "is closed (0: never)")
 
     max_lifetime: float = setting(
-        3600.0, live=True,
+        3600.0, live=True, check=_never_or_a_second,
         help="seconds after which a connection is replaced (0: never)",
         doc="Less up to 10% at random, so that connections opened together do not all go "
             "at once; one in use is closed when it next becomes idle, never during a "
@@ -324,6 +336,36 @@ class Settings:
     log_level: LogLevel = setting(
         "INFO", live=True, help="least severe level of the messages logged")
 
+    pools: tuple[PoolSettings, ...] = field(default=(), metadata={POOLS_TABLE: True})
+    """The ``[pools.NAME]`` tables: TOML only (no variable, no flag)."""
+
+    @property
+    def all_dsns(self) -> tuple[str, ...]:
+        """Every connection string: the default pool's and each named pool's."""
+        return (self.dsn, *(pool.dsn for pool in self.pools))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSettings:
+    """One ``[pools.NAME]`` table: another database, or user, whose connections
+    count against the global ``max_connections`` with the default pool's.
+    Declared like :class:`Settings` (the TOML keys are the field names)."""
+
+    name: str = field(default="", metadata={POOLS_TABLE: True})
+
+    dsn: str = setting(
+        "", shown="required", example="host=/var/run/postgresql dbname=reports user=reports",
+        help="libpq connection string of this pool's database")
+
+    max_connections: int = setting(
+        0, help="this pool's own cap on server connections (0: the global "
+                "`max_connections`)",
+        doc="The pools together never hold more than the global `max_connections`.")
+
+    min_connections: int = setting(
+        0, help="this pool's connections opened at start and kept open",
+        doc="The default pool's is the global `min_connections`.")
+
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -407,22 +449,27 @@ def toml_literal(value: Any) -> str:
     return repr(value)
 
 
-def _specs() -> dict[str, Spec]:
-    kinds = get_type_hints(Settings)
+def _specs(cls: type) -> dict[str, Spec]:
+    kinds = get_type_hints(cls)
     specs = {}
-    for f in fields(Settings):
+    for f in fields(cls):
+        if f.metadata.get(POOLS_TABLE):
+            continue
         declared = f.metadata.get(Spec)
         if declared is None:  # say so at import: its flag, variable and docs would be missing
-            raise TypeError(f"Settings.{f.name} is not declared with setting(...)")
+            raise TypeError(f"{cls.__name__}.{f.name} is not declared with setting(...)")
         if f.default is MISSING and declared["example"] is None and not declared["shown"]:
-            raise TypeError(f"Settings.{f.name}: a computed default needs an example to show")
+            raise TypeError(f"{cls.__name__}.{f.name}: a computed default needs an example "
+                            "to show")
         _expected(kinds[f.name])  # TypeError for a type the loader cannot check
         specs[f.name] = Spec(f.name, kinds[f.name], f.default, **declared)
     return specs
 
 
-SPECS: dict[str, Spec] = _specs()
+SPECS: dict[str, Spec] = _specs(Settings)
 """Every setting by name, in declaration order."""
+POOL_SPECS: dict[str, Spec] = _specs(PoolSettings)
+"""The keys of a ``[pools.NAME]`` table."""
 
 
 METRICS_DEFAULT_HOST = "127.0.0.1"
@@ -466,6 +513,7 @@ class _Merge:
         self.values: dict[str, Any] = {}
         self.problems: list[str] = []
         self.invalid: set[str] = set()
+        self.pools: list[PoolSettings] = []
 
     def take(self, spec: Spec, value: Any, where: str, from_text: bool) -> None:
         try:
@@ -485,6 +533,9 @@ class _Merge:
         for key, value in data.items():
             if key == TABLE:
                 continue
+            if key == POOLS_TABLE:
+                self.read_pools(path, value)
+                continue
             if key in SPECS:
                 self.problems.append(f"{path}: {key} is outside the [{TABLE}] table")
             elif isinstance(value, dict):
@@ -503,6 +554,64 @@ class _Merge:
             else:
                 self.problems.append(f"{path}: unknown setting {name!r}"
                                      + _did_you_mean(name, list(SPECS)))
+
+    def read_pools(self, path: str, tables: Any) -> None:
+        """``[pools.NAME]`` tables, each a :class:`PoolSettings`."""
+        if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+            self.problems.append(f"{path}: [{POOLS_TABLE}] holds one table per pool: "
+                                 f"[{POOLS_TABLE}.NAME] with dsn = ...")
+            return
+        for name, table in tables.items():
+            where = f"{path}: {POOLS_TABLE}.{name}"
+            if not POOL_NAME.fullmatch(name) or name == DEFAULT_POOL:
+                self.problems.append(
+                    f"{where}: a pool's name is 1-63 letters, digits, '_', '.' or '-' "
+                    f"(not starting with '.' or '-'), and not {DEFAULT_POOL!r}, the name of "
+                    "the pool of the main dsn")
+                continue
+            values: dict[str, Any] = {}
+            for key, value in table.items():
+                spec = POOL_SPECS.get(key)
+                if spec is None:
+                    self.problems.append(f"{where}: unknown setting {key!r}"
+                                         + _did_you_mean(key, list(POOL_SPECS)))
+                    continue
+                try:
+                    values[key] = spec.parse(value, f"{where}.{key}", from_text=False)
+                except ConfigError as exc:
+                    self.problems.extend(exc.problems)
+            pool = PoolSettings(name=name, **values)
+            if not pool.dsn:
+                self.problems.append(f"{where}: no dsn: each pool needs its database's")
+            else:
+                self._check_dsn(pool.dsn, f"{where}.dsn")
+            self.pools.append(pool)
+
+    def _check_pools(self, s: Settings) -> None:
+        if self.invalid & {"max_connections", "min_connections"}:
+            return
+        for pool in s.pools:
+            if pool.max_connections > s.max_connections:
+                self.problems.append(
+                    f"{POOLS_TABLE}.{pool.name}.max_connections ({pool.max_connections}) "
+                    f"must not exceed max_connections ({s.max_connections}), the cap of "
+                    "every pool together")
+            if pool.max_connections and pool.min_connections > pool.max_connections:
+                self.problems.append(
+                    f"{POOLS_TABLE}.{pool.name}.min_connections ({pool.min_connections}) must "
+                    f"not exceed its max_connections ({pool.max_connections})")
+        warm = (s.min_connections if s.dsn else 0) + sum(p.min_connections for p in s.pools)
+        if s.pools and warm > s.max_connections:
+            self.problems.append(
+                f"the pools' min_connections add up to {warm}, more than max_connections "
+                f"({s.max_connections})")
+
+    def _check_dsn(self, dsn: str, where: str) -> None:
+        try:
+            conninfo_to_dict(dsn)
+        except Exception as exc:
+            message = Redactor(dsn)(str(exc).strip())
+            self.problems.append(f"{where} is not a valid libpq connection string: {message}")
 
     def cross_check(self, s: Settings) -> None:
         """Checks that span settings; each is skipped when a value it reads was
@@ -529,17 +638,15 @@ class _Merge:
                         "metrics endpoint has no authentication nor TLS. Keep it on 127.0.0.1 "
                         "(scrape through a proxy or tunnel), or set metrics_allow_remote = "
                         "true on a network you trust")
+        self._check_pools(s)
         if "dsn" in self.invalid:
             return
-        if not s.dsn:
+        if s.dsn:
+            self._check_dsn(s.dsn, "dsn")
+        elif not s.pools:
             self.problems.append(
-                "no database: give --dsn, POOLBROKER_DSN or dsn in the config file")
-            return
-        try:
-            conninfo_to_dict(s.dsn)
-        except Exception as exc:
-            message = Redactor(s.dsn)(str(exc).strip())
-            self.problems.append(f"dsn is not a valid libpq connection string: {message}")
+                "no database: give --dsn, POOLBROKER_DSN or dsn in the config file (or "
+                f"[{POOLS_TABLE}.NAME] tables)")
 
 
 def load(config_file: str | None = None, overrides: dict[str, Any] | None = None,
@@ -562,7 +669,7 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
             raise TypeError(f"load() got an override for no setting: {name!r}")
         if value is not None:
             merge.take(SPECS[name], value, SPECS[name].flag, from_text=isinstance(value, str))
-    settings = Settings(**merge.values)
+    settings = Settings(**merge.values, pools=tuple(merge.pools))
     merge.cross_check(settings)
     if merge.problems:
         raise ConfigError(*merge.problems)

@@ -48,7 +48,8 @@ from .config import SPECS, ConfigError, Settings
 from .memory import return_large_buffers
 from .pgconn import Outcome, PgConn
 from .pool import (
-    AGED, FOREIGN_RECHECK_INTERVAL, RECONNECT, SURPLUS, ConnectError, Pool, State,
+    AGED, FOREIGN_RECHECK_INTERVAL, REBALANCE, RECONNECT, SURPLUS, ConnectError, Pool, Pools,
+    State,
 )
 from .redact import Redactor
 from .requests import (
@@ -103,6 +104,9 @@ _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: Flag arithmetic is slow
 INSUFFICIENT_PRIVILEGE = "42501"
 """The SQLSTATE of a control command refused to its sender."""
+INVALID_CATALOG_NAME = "3D000"
+"""The SQLSTATE of a request for a pool the broker does not have, as for a
+database the server does not have."""
 CONTROL_BODY_BYTES = 1024
 """A control request's body is one short word: anything longer is refused."""
 
@@ -123,13 +127,14 @@ class Broker:
         self._router = self._context.socket(zmq.ROUTER)
         self._poller = zmq.Poller()
         adapters = build_adapters()
-        self._redact = Redactor(settings.dsn)
+        self._redact = Redactor(*settings.all_dsns)
         self._decoder = Decoder(placeholder_query(adapters), settings.max_message_bytes)
-        self._pool = Pool(settings, adapters, self._redact)
+        self._pools = Pools(settings, adapters, self._redact)
         self._sessions = Sessions()
         self._schema_version = 0  # DDL seen to end: see _schema_changed
         self._ddl_open: set[PgConn] = set()  # connections whose DDL has not ended yet
         self._by_fd: dict[int, PgConn] = {}
+        self._closing: dict[int, Pool] = {}  # a closed connection's descriptor -> its pool
         self._unflushed: set[PgConn] = set()
         self._in_flight: dict[bytes, int] = {}  # routing id -> requests waiting or running
         self._queued_bytes = 0  # Job.size of every request waiting or running
@@ -184,9 +189,10 @@ class Broker:
         return_large_buffers()
         endpoints.bind(router, endpoint)
         logger.info("listening on %s, min_connections=%d, max_connections=%d, max_clients=%d "
-                    "(open files: %d), server connections marked application_name=%s", endpoint,
-                    s.min_connections, s.max_connections, max_clients, open_files,
-                    self._pool.application_name)
+                    "(open files: %d), pools: %s, server connections marked "
+                    "application_name=%s", endpoint, s.min_connections, s.max_connections,
+                    max_clients, open_files, ", ".join(self._pools.by_name),
+                    self._pools.all[0].application_name)
         if s.metrics_listen:
             # Imported here: a broker without metrics never loads prometheus_client.
             from .metrics import MetricsServer
@@ -256,8 +262,10 @@ class Broker:
                 answer["problems"] = list(exc.problems)
                 return answer
             old = self.settings
-            changed = [name for name in SPECS if getattr(new, name) != getattr(old, name)]
-            applied = {name: getattr(new, name) for name in changed if SPECS[name].live}
+            changed = [name for name in (*SPECS, "pools")
+                       if getattr(new, name) != getattr(old, name)]
+            applied = {name: getattr(new, name) for name in changed
+                       if name in SPECS and SPECS[name].live}
             answer["applied"] = applied
             answer["restart_needed"] = [name for name in changed if name not in applied]
             if answer["restart_needed"]:
@@ -282,20 +290,19 @@ class Broker:
         used; these were turned into state at start."""
         lifetime_changed = settings.max_lifetime != self.settings.max_lifetime
         self.settings = settings
-        self._pool.settings = settings
+        self._pools.apply(settings)
         self._describe_query_timeout()
         self._set_queue_limits()
         logging.getLogger().setLevel(settings.log_level)
         if self._gate is not None:
             self._gate.allow_uids(settings.allowed_uids)
         if lifetime_changed:
-            for conn in self._pool.conns.values():
+            for conn in self._pools.conns():
                 if conn.state != State.OPENING:
-                    self._pool.set_expiry(conn)
+                    conn.pool.set_expiry(conn)
         # A lower cap: _size_pool retires the surplus as it becomes idle;
-        # a higher one: the queue may be served at once.
-        if self._pool.waiting:
-            self._dispatch(time.monotonic())
+        # a higher one: the queues may be served at once.
+        self._dispatch_all(time.monotonic())
 
     def _load_allowed_clients(self) -> None:
         """The allow-list: the clients' keys and the operators' (who connect
@@ -307,7 +314,8 @@ class Broker:
         self._gate.allow_keys(frozenset(allowed | admins))
 
     def _close(self) -> None:
-        self._pool.close_all()
+        for pool in self._pools.all:
+            pool.close_all()
         self._close_transport()
         logger.info("stopped")
 
@@ -335,14 +343,15 @@ class Broker:
             raise
         router, poller, by_fd = self._router, self._poller, self._by_fd
         recv = router.recv
-        wakeup = self._pool.wakeup_fd
-        closing = self._pool.closing
+        pools = self._pools.all
+        by_wakeup = self._pools.by_wakeup
         gate = self._gate
         monitor, handshakes = gate.monitor, gate.zap
         poller.register(monitor, zmq.POLLIN)  # first: a socket beyond max_clients goes
         poller.register(router, zmq.POLLIN)   # before its requests are read, if it can
         poller.register(handshakes, zmq.POLLIN)
-        poller.register(wakeup, zmq.POLLIN)
+        for wakeup in by_wakeup:
+            poller.register(wakeup, zmq.POLLIN)
         scrapes = -1  # no descriptor is -1: the branch below never matches
         if self._metrics is not None:
             scrapes = self._metrics.handoff.fileno()
@@ -350,7 +359,8 @@ class Broker:
         timeout_ms = int(HOUSEKEEPING_INTERVAL * 1000)
         try:
             # Requests queue in the socket meanwhile: none is served before it.
-            self._pool.open_first(lambda: self._stopping)
+            for pool in pools:
+                pool.open_first(lambda: self._stopping)
             while True:
                 events = poller.poll(timeout_ms)
                 now = time.monotonic()
@@ -358,8 +368,8 @@ class Broker:
                 for what, _ in events:
                     if what is router:
                         requests = True
-                    elif what == wakeup:
-                        self._on_opened(now)
+                    elif (pool := by_wakeup.get(what)) is not None:
+                        self._on_opened(pool, now)
                     elif what is monitor:
                         gate.on_events()
                     elif what is handshakes:
@@ -367,10 +377,10 @@ class Broker:
                     elif (conn := by_fd.get(what)) is not None:
                         self._unflushed.add(conn)  # a rerun or a DEALLOCATE may follow
                         self._on_outcomes(conn, conn.read(now), now)
-                    elif what in closing:
-                        self._on_closing(what, now)
                     elif what == scrapes:
                         self._metrics.handoff.answer(self.snapshot)
+                    else:  # a closed connection's socket: see _on_closing
+                        self._on_closing(what, now)
                 if requests:
                     for _ in range(ROUTER_BATCH):
                         try:
@@ -409,7 +419,7 @@ class Broker:
             self._malformed(routing_id, None, f"expected 2 frames (header, body), got {len(frames) - 1}")
             return
         try:
-            request_id, op, deadline, token = decode_header(frames[1].bytes, now)
+            request_id, op, deadline, token, pool_name = decode_header(frames[1].bytes, now)
         except Refusal as exc:
             self._malformed(routing_id, exc.request_id, str(exc))
             return
@@ -442,6 +452,11 @@ class Broker:
         if op not in POOLED_OPS:
             self._malformed(routing_id, request_id, f"{OP_NAMES[op]} needs a transaction")
             return
+        pool = self._pools.default if pool_name is None else self._pools.by_name.get(pool_name)
+        if pool is None:
+            self._no_such_pool(job, pool_name)
+            return
+        job.pool = pool
         if not self._decode(job, frames[2].bytes):
             return
         if op == OP_BEGIN:  # its BEGIN, and the first statement it may carry
@@ -451,7 +466,6 @@ class Broker:
         elif not job.queries:  # executemany of nothing
             self._reply(routing_id, replies.ok(request_id, EMPTY_RESULT))
             return
-        pool = self._pool
         if not pool.conns and (error := pool.unreachable(now)) is not None:
             self._cannot_connect(job, error)
             return
@@ -461,17 +475,28 @@ class Broker:
             self.stats[S.REQUESTS_REFUSED] += 1
             self._reply_error(
                 routing_id, request_id, ErrorKind.TOO_MANY_REQUESTS,
-                f"{len(pool.waiting)} requests are already waiting for a connection "
-                f"(max_waiting={self.settings.max_waiting}); the request was not run")
+                f"{len(pool.waiting)} requests are already waiting for a connection of pool "
+                f"{pool.name!r} (max_waiting={self.settings.max_waiting}); the request was "
+                "not run")
             return
         job.queued_at = now
         self._admit(job)
         pool.waiting.append(job)
-        self._dispatch(now)
+        self._dispatch(now, pool)
         # After the dispatch: a request served at once never counts as waiting,
         # and only here does the queue grow.
         if len(pool.waiting) > pool.waiting_peak:
             pool.waiting_peak = len(pool.waiting)
+
+    def _no_such_pool(self, job: Job, name: str | None) -> None:
+        names = ", ".join(repr(name) for name in self._pools.by_name)
+        if name is None:
+            why = (f"this broker has no default pool (no dsn is set): name one of its pools "
+                   f"({names})")
+        else:
+            why = f"the broker has no pool named {name!r}; its pools: {names}"
+        self._reply_error(job.routing_id, job.request_id, ErrorKind.OPERATIONAL, why,
+                          sqlstate=INVALID_CATALOG_NAME)
 
     def _on_control(self, frames: list[zmq.Frame], request_id: Any, now: float) -> None:
         """``poolbroker ctl``: from the broker's own uid over ipc or an operator's key (see
@@ -503,8 +528,9 @@ class Broker:
                         "deadlines and pool_timeout still apply)")
         elif command == "resume":
             self._paused = False
-            logger.info("resumed: %d waiting requests released", len(self._pool.waiting))
-            self._dispatch(now)
+            logger.info("resumed: %d waiting requests released",
+                        sum(len(pool.waiting) for pool in self._pools.all))
+            self._dispatch_all(now)
         elif command == "reconnect":
             self._reconnect(now)
         else:  # drain
@@ -516,7 +542,7 @@ class Broker:
         """Every connection, opening ones included, is replaced: closed once
         nothing of a client's is on it, reopened as needed (after a database
         failover, the old ones may reach the old server)."""
-        conns = list(self._pool.conns.values())
+        conns = list(self._pools.conns())
         logger.info("poolbroker ctl reconnect: replacing %d server connections as they "
                     "become idle", len(conns))
         for conn in conns:
@@ -536,7 +562,7 @@ class Broker:
             self._reply(job.routing_id, replies.refusal(job.request_id, exc))
             return False
         if job.shareable:
-            job.expected_fast = self._pool.is_quick(job.queries[0].key)
+            job.expected_fast = job.pool.is_quick(job.queries[0].key)
         return True
 
     def _check_room(self, size: int) -> None:
@@ -565,6 +591,7 @@ class Broker:
             return
         job.in_session = True
         job.session = token
+        job.pool = session.conn.pool
         if session.conn.copying and job.op not in _COPY_OPS:
             self._interrupt_copy(session, job, now)
             return
@@ -593,10 +620,16 @@ class Broker:
         self._close_conn(session.conn, now)
         self._reply(job.routing_id, replies.ok(job.request_id, None))
 
-    def _dispatch(self, now: float) -> None:
+    def _dispatch_all(self, now: float) -> None:
+        """Serve every pool's queue, the longest-waiting head first: a slot
+        freed under the global cap goes to whoever has waited longest."""
+        for pool in sorted((p for p in self._pools.all if p.waiting),
+                           key=lambda p: p.waiting[0].queued_at):
+            self._dispatch(now, pool)
+
+    def _dispatch(self, now: float, pool: Pool) -> None:
         if self._paused:
             return  # housekeeping still fails what outlives its deadline or pool_timeout
-        pool = self._pool
         waiting = pool.waiting
         while waiting:
             job = waiting[0]
@@ -621,7 +654,7 @@ class Broker:
         shared pipeline whose head has not stalled.  While the pool can
         still grow, or a connection is still opening, only quick jobs go
         behind quick ones: N slow statements at cap N run side by side."""
-        pool = self._pool
+        pool = job.pool
         conn = pool.idle()
         if conn is not None or not job.shareable:
             return conn
@@ -670,11 +703,11 @@ class Broker:
         except psycopg.Error as exc:
             outcomes = conn.fail_all(exc)
         if conn.state == State.IDLE:
-            self._pool.move(conn, State.SHARED if job.shareable else State.BUSY)
+            conn.pool.move(conn, State.SHARED if job.shareable else State.BUSY)
         self._unflushed.add(conn)
         if conn.in_flight > 1:
             self.stats[S.REQUESTS_PIPELINED] += 1
-            self._pool.grow(now, 1)  # every connection is busy: more would help
+            conn.pool.grow(now, 1)  # every connection is busy: more would help
         if outcomes or conn.broken:
             self._on_outcomes(conn, outcomes, now)
         else:  # sent, nothing known yet: only what to poll for changes
@@ -695,10 +728,11 @@ class Broker:
 
     def _on_outcomes(self, conn: PgConn, outcomes: list[Outcome], now: float) -> None:
         sessions = self._sessions
-        statement_times = self._pool.statement_times
+        pool = conn.pool
+        statement_times = pool.statement_times
         for job, ok, reply in outcomes:
             if job.ran_for and job.shareable:
-                self._pool.ran(job.queries[0].key, job.ran_for)
+                pool.ran(job.queries[0].key, job.ran_for)
             if job.op == OP_RESET:
                 self._reset_done(conn, job, ok)
                 continue
@@ -719,7 +753,7 @@ class Broker:
             if session is not None:
                 if job.op in ENDING_OPS or (job.op == OP_BEGIN and not ok):
                     sessions.close(session)
-                    self._pool.move(conn, State.RESETTING)
+                    pool.move(conn, State.RESETTING)
                 else:
                     session.busy = False
                     session.last_active = now
@@ -736,7 +770,7 @@ class Broker:
 
     def _settle(self, conn: PgConn, now: float) -> None:
         """Decide what ``conn`` does next, from its state and the server's word."""
-        pool = self._pool
+        pool = conn.pool
         if conn.broken:
             self._close_conn(conn, now)
             return
@@ -747,7 +781,7 @@ class Broker:
             return
         if conn.in_flight or conn.copying:
             if conn.state == State.SHARED and pool.waiting:
-                self._dispatch(now)  # room for one more behind the others
+                self._dispatch(now, pool)  # room for one more behind the others
             return
         status = conn.transaction_status
         if conn in self._ddl_open and status == pq.TransactionStatus.IDLE:
@@ -775,7 +809,7 @@ class Broker:
             return
         pool.move(conn, State.IDLE)
         if pool.waiting:
-            self._dispatch(now)
+            self._dispatch(now, pool)
 
     def _schema_changed(self, conn: PgConn) -> None:
         """DDL ended on ``conn`` (committed, as far as the broker can know):
@@ -829,18 +863,20 @@ class Broker:
                 self._poller.unregister(fd)
         conn.polled = 0
         self._unflushed.discard(conn)
-        held = self._pool.close(conn)
+        pool = conn.pool
+        held = pool.close(conn)
         if held is not None:
             self._poller.register(held, zmq.POLLIN)  # see _on_closing
-        self._fail_if_unreachable(now)
-        if self._pool.waiting:
-            self._pool.grow(now, len(self._pool.waiting))
+            self._closing[held] = pool
+        self._fail_if_unreachable(pool, now)
+        if pool.waiting:
+            pool.grow(now, len(pool.waiting))
 
     def _retire(self, conn: PgConn, now: float) -> None:
         """Close ``conn`` once nothing of a client's is on it: at shutdown,
         after a burst that grew its buffers, at its lifetime, beyond a
         lowered cap, or on ``poolbroker ctl reconnect``."""
-        if conn.retiring in (AGED, RECONNECT):
+        if conn.retiring in (AGED, RECONNECT, REBALANCE):
             self.stats[S.CONNECTIONS_RECYCLED] += 1
         if conn.retiring:
             logger.debug("server connection %d retired (%s): closed", conn.conn_id,
@@ -851,13 +887,13 @@ class Broker:
         """A closed connection's socket is readable.  Once the server has
         closed its end, the backend has exited: its slot may go to a new
         connection, if the queue wants one."""
-        if self._pool.backend_gone(fd):
+        pool = self._closing.get(fd)
+        if pool is not None and pool.backend_gone(fd):
+            del self._closing[fd]
             self._poller.unregister(fd)
-            if self._pool.waiting:
-                self._dispatch(now)  # which grows the pool when it cannot serve
+            self._dispatch_all(now)  # which grows a pool that cannot serve
 
-    def _on_opened(self, now: float) -> None:
-        pool = self._pool
+    def _on_opened(self, pool: Pool, now: float) -> None:
         ready, failed = pool.opened(now)
         for conn in ready:
             self.stats[S.CONNECTIONS_NUM] += 1
@@ -866,15 +902,14 @@ class Broker:
             if conn.retiring:  # opening when ctl reconnect came: maybe to the old server
                 self._retire(conn, now)
         self.stats[S.CONNECTIONS_ERRORS] += len(failed)
-        self._fail_if_unreachable(now)
+        self._fail_if_unreachable(pool, now)
         if pool.waiting:
-            self._dispatch(now)
+            self._dispatch(now, pool)
 
-    def _fail_if_unreachable(self, now: float) -> None:
+    def _fail_if_unreachable(self, pool: Pool, now: float) -> None:
         """Fail the queue at once when no connection is left to serve it and
         the database refused the last attempt: the backoff delays the next
         attempt, it must not delay telling the clients."""
-        pool = self._pool
         if pool.waiting and (error := pool.unreachable(now)) is not None:
             while pool.waiting:
                 job = pool.waiting.popleft()
@@ -893,7 +928,7 @@ class Broker:
         """Roll the transaction back on the broker's own initiative."""
         self._sessions.close(session, reason)
         conn = session.conn
-        self._pool.move(conn, State.RESETTING)
+        conn.pool.move(conn, State.RESETTING)
         if session.busy and conn.head is not None and conn.head.op not in ENDING_OPS:
             conn.cancel(conn.head)
 
@@ -925,7 +960,7 @@ class Broker:
         """``job`` leaves the queue, for a connection or not: its wait counts
         the same either way (a PoolTimeout's wait is the longest of all)."""
         waited = now - job.queued_at
-        self._pool.waits.observe(waited)
+        job.pool.waits.observe(waited)
         if waited > 0.001:
             self.stats[S.REQUESTS_QUEUED] += 1
 
@@ -989,10 +1024,10 @@ class Broker:
     # Timers
 
     def _housekeeping(self, now: float) -> None:
-        pool = self._pool
-        if pool.waiting:
-            self._expire_waiting(now)
-        for conn in list(pool.conns.values()):
+        for pool in self._pools.all:
+            if pool.waiting:
+                self._expire_waiting(pool, now)
+        for conn in list(self._pools.conns()):
             job = conn.head
             if job is not None and job.cancel_at <= now and not job.cancel_sent:
                 self.stats[S.REQUESTS_CANCELLED] += 1
@@ -1021,31 +1056,44 @@ class Broker:
                 self._expire(session, (
                     f"the transaction was idle for more than {idle_limit:g} s "
                     "(idle_transaction_timeout) and was rolled back"), now)
-        if pool.closing:
-            for fd in pool.overdue(now):
-                self._poller.unregister(fd)
+        for pool in self._pools.all:
+            if pool.closing:
+                for fd in pool.overdue(now):
+                    self._poller.unregister(fd)
+                    del self._closing[fd]
         if not self._stopping:
-            self._size_pool(now)
-        if pool.waiting and not pool.count(State.IDLE) and not self._paused:
-            pool.grow(now, len(pool.waiting))
-        if pool.foreign and now >= self._next_foreign_check:
+            self._size_pools(now)
+        recheck_foreign = now >= self._next_foreign_check
+        if recheck_foreign:
             self._next_foreign_check = now + FOREIGN_RECHECK_INTERVAL
-            self._recheck_foreign(now)
+        for pool in self._pools.all:
+            if pool.waiting and not pool.count(State.IDLE) and not self._paused:
+                pool.grow(now, len(pool.waiting))
+            if pool.foreign and recheck_foreign:
+                self._recheck_foreign(pool, now)
 
-    def _size_pool(self, now: float) -> None:
-        """min_connections, max_idle and max_lifetime, on the housekeeping
-        tick: the request path does none of it."""
-        pool = self._pool
+    def _size_pools(self, now: float) -> None:
+        """min_connections, max_idle, max_lifetime and the pools' shares of
+        the global cap, on the housekeeping tick: the request path does none
+        of it."""
+        pools = self._pools
         if self.settings.max_lifetime:
-            for conn in pool.aged(now):
-                self._retire_when_idle(conn, AGED, now)
-        for conn in pool.surplus():
+            for pool in pools.all:
+                for conn in pool.aged(now):
+                    self._retire_when_idle(conn, AGED, now)
+        for conn in pools.surplus():
             self._retire_when_idle(conn, SURPLUS, now)
-        for conn in pool.idled_out(now):
-            self.stats[S.CONNECTIONS_CLOSED_IDLE] += 1
-            logger.debug("server connection %d idle for max_idle: closed", conn.conn_id)
-            self._close_conn(conn, now)
-        pool.keep_warm(now)
+        for pool in pools.all:
+            for conn in pool.idled_out(now):
+                self.stats[S.CONNECTIONS_CLOSED_IDLE] += 1
+                logger.debug("server connection %d idle for max_idle: closed", conn.conn_id)
+                self._close_conn(conn, now)
+        if (conn := pools.rebalance()) is not None:
+            logger.debug("server connection %d of pool %r makes way for a starved pool",
+                         conn.conn_id, conn.pool.name)
+            self._retire_when_idle(conn, REBALANCE, now)
+        for pool in pools.all:
+            pool.keep_warm(now)
 
     def _retire_when_idle(self, conn: PgConn, why: str, now: float) -> None:
         """Close ``conn`` now if idle, else once its clients' work is done:
@@ -1054,13 +1102,12 @@ class Broker:
         if conn.state == State.IDLE:
             self._retire(conn, now)
         elif conn.state == State.SHARED:
-            self._pool.move(conn, State.BUSY)  # nothing more is pipelined onto it
+            conn.pool.move(conn, State.BUSY)  # nothing more is pipelined onto it
 
-    def _recheck_foreign(self, now: float) -> None:
+    def _recheck_foreign(self, pool: Pool, now: float) -> None:
         """Learn whether a dead predecessor's connections have ended, so the
         cap they hold comes back: a connection that opens looks.  At the cap,
         an idle connection makes way for a new one."""
-        pool = self._pool
         if pool.count(State.OPENING):
             return  # it will look
         if pool.at_cap:
@@ -1092,23 +1139,24 @@ class Broker:
         gone[routing_id] = None
         while len(gone) > GONE_CLIENTS_KEPT:
             gone.popitem(last=False)
-        waiting = self._pool.waiting
-        kept = []
-        for job in waiting:
-            if job.routing_id != routing_id:
-                kept.append(job)
-            else:
-                self.stats[S.REQUESTS_DROPPED] += 1
-                self._left_queue(job, now)
-                self._finish(job)
-        if len(kept) != len(waiting):
-            waiting.clear()
-            waiting.extend(kept)
+        for pool in self._pools.all:
+            waiting = pool.waiting
+            kept = []
+            for job in waiting:
+                if job.routing_id != routing_id:
+                    kept.append(job)
+                else:
+                    self.stats[S.REQUESTS_DROPPED] += 1
+                    self._left_queue(job, now)
+                    self._finish(job)
+            if len(kept) != len(waiting):
+                waiting.clear()
+                waiting.extend(kept)
 
-    def _expire_waiting(self, now: float) -> None:
+    def _expire_waiting(self, pool: Pool, now: float) -> None:
         pool_timeout = self.settings.pool_timeout
         kept = []
-        for job in self._pool.waiting:
+        for job in pool.waiting:
             if job.deadline <= now:
                 self._abandon(job, now)
             elif pool_timeout and now - job.queued_at > pool_timeout:
@@ -1117,66 +1165,78 @@ class Broker:
                 self._fail_waiting(
                     job, ErrorKind.POOL_TIMEOUT,
                     f"no server connection became free within {now - job.queued_at:.1f} s "
-                    f"(pool_timeout={pool_timeout:g} s, max_connections="
-                    f"{self.settings.max_connections}); the statement was not run")
+                    f"(pool_timeout={pool_timeout:g} s, {self._cap_of(pool)}); the statement "
+                    "was not run")
             else:
                 kept.append(job)
-        self._pool.waiting.clear()
-        self._pool.waiting.extend(kept)
+        pool.waiting.clear()
+        pool.waiting.extend(kept)
+
+    def _cap_of(self, pool: Pool) -> str:
+        """What bounds ``pool``'s connections, for an error message."""
+        if self._pools.alone:
+            return f"max_connections={self.settings.max_connections}"
+        return (f"pool {pool.name!r}: max_connections={pool.settings.max_connections}, "
+                f"{self.settings.max_connections} across every pool")
 
     def _drained(self, now: float) -> bool:
-        pool = self._pool
+        pools = self._pools
         if not self._drain_deadline:
             self._drain_deadline = now + self.settings.drain_timeout
             logger.info("shutting down: draining %d running statements",
-                        sum(c.in_flight for c in pool.conns.values()))
-            while pool.waiting:
-                job = pool.waiting.popleft()
-                self._left_queue(job, now)
-                self._fail_waiting(job, ErrorKind.BROKER_UNAVAILABLE,
-                                   "the broker is shutting down; the request was not run")
-            for conn in pool.in_state(State.IDLE):
-                self._close_conn(conn, now)
-        busy = [c for c in pool.conns.values() if c.in_flight or c.copying]
+                        sum(c.in_flight for c in pools.conns()))
+            for pool in pools.all:
+                while pool.waiting:
+                    job = pool.waiting.popleft()
+                    self._left_queue(job, now)
+                    self._fail_waiting(job, ErrorKind.BROKER_UNAVAILABLE,
+                                       "the broker is shutting down; the request was not run")
+                for conn in pool.in_state(State.IDLE):
+                    self._close_conn(conn, now)
+        busy = [c for c in pools.conns() if c.in_flight or c.copying]
         if now >= self._drain_deadline:
             for conn in busy:
                 conn.cancel(conn.head)
             return True
-        return not busy and not pool.count(State.OPENING) and not self._sessions.by_conn
+        return not busy and not any(pool.count(State.OPENING) for pool in pools.all) \
+            and not self._sessions.by_conn
 
     def snapshot(self) -> dict[str, Any]:
         """Counters, gauges, peaks and percentiles, with one entry per pool
         (``stats.POOLS``), for ``poolbroker stats`` and the metrics endpoint:
         built by the loop's thread between two turns, so its numbers agree."""
         now = time.monotonic()
-        pool = self._pool
+        pools = self._pools.all
         sessions = self._sessions.by_conn
         result: dict[str, Any] = dict(self.stats)
-        entry = pool.snapshot(now)
-        # A client counts where it waits: PgBouncer's cl_active are those
-        # served, not waiting.  A connected client with nothing asked belongs
-        # to no pool (see clients_connected).
-        busy = set(self._in_flight)
-        busy.update(session.routing_id for session in sessions.values())
-        busy.difference_update(job.routing_id for job in pool.waiting)
-        entry[S.CL_ACTIVE] = len(busy)
-        result[S.POOLS] = [entry]
+        entries = [pool.snapshot(now) for pool in pools]
+        for pool, entry in zip(pools, entries):
+            # A client counts where it waits: PgBouncer's cl_active are those
+            # served, not waiting.  A connected client with nothing asked
+            # belongs to no pool (see clients_connected).
+            served = {job.routing_id for conn in pool.conns.values() for job in conn.jobs()}
+            served.update(session.routing_id for session in sessions.values()
+                          if session.conn.pool is pool)
+            served.difference_update(job.routing_id for job in pool.waiting)
+            entry[S.CL_ACTIVE] = len(served)
+        result[S.POOLS] = entries
         result[S.UPTIME_SECONDS] = round(now - self._started, 3)
         result[S.PAUSED] = int(self._paused)
         result[S.POOL_MAX] = self.settings.max_connections
-        result[S.POOL_MIN] = self.settings.min_connections
-        result[S.POOL_SIZE] = len(pool.conns)
-        result[S.POOL_AVAILABLE] = pool.count(State.IDLE)
-        result[S.POOL_ACTIVE] = pool.active
-        result[S.POOL_ACTIVE_PEAK] = pool.active_peak
-        result[S.REQUESTS_WAITING] = len(pool.waiting)
-        result[S.REQUESTS_WAITING_PEAK] = pool.waiting_peak
+        result[S.POOL_MIN] = sum(pool.settings.min_connections for pool in pools)
+        result[S.POOL_SIZE] = sum(len(pool.conns) for pool in pools)
+        result[S.POOL_AVAILABLE] = sum(pool.count(State.IDLE) for pool in pools)
+        result[S.POOL_ACTIVE] = sum(pool.active for pool in pools)
+        result[S.POOL_ACTIVE_PEAK] = self._pools.active_peak
+        result[S.REQUESTS_WAITING] = sum(len(pool.waiting) for pool in pools)
+        result[S.REQUESTS_WAITING_PEAK] = sum(pool.waiting_peak for pool in pools)
         result[S.SESSIONS_ACTIVE] = len(sessions)
         result[S.CLIENTS_ACTIVE] = len(self._in_flight)
         result[S.QUEUED_BYTES] = self._queued_bytes
-        result[S.POOL_PREDECESSORS] = len(pool.foreign)
+        result[S.POOL_PREDECESSORS] = len(self._pools.foreign())
         result[S.STATEMENTS_UNPARSED] = statements.budget.refused
-        waits, statement_times = entry[S.WAIT_SECONDS], entry[S.STATEMENT_SECONDS]
+        waits = S.merged([entry[S.WAIT_SECONDS] for entry in entries])
+        statement_times = S.merged([entry[S.STATEMENT_SECONDS] for entry in entries])
         result[S.REQUESTS_WAIT_MS] = int(waits["sum"] * 1000)
         for p in S.PERCENTILES:
             result[S.REQUESTS_WAIT_PERCENTILE.format(p)] = _ms(S.quantile(waits, p / 100))

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import psycopg
 from psycopg import adapt, pq
@@ -155,6 +156,7 @@ class PgConn:
     def __init__(self, conn_id: int, *, result_limit: int, chunked: bool) -> None:
         self.conn_id = conn_id
         self.state = "opening"  # owned by the pool: see pool.State
+        self.pool: Any = None  # the pool.Pool it belongs to
         self.broken = ""  # why it must be closed, once it must
         self.dirty = False  # session state changed: DISCARD ALL before reuse
         # When the job at the head got there; with nothing in flight, since
@@ -296,6 +298,10 @@ class PgConn:
         if len(self._pipeline) == 1:
             self._read_head_in_chunks(run)
         return []
+
+    def jobs(self) -> Iterator[Job]:
+        """The clients' jobs sent and not yet ended, oldest first."""
+        return (run.job for run in self._pipeline if run.job is not None)
 
     def guarded_past(self, deadline: float) -> list[Job]:
         """Jobs behind the head, guarded, whose deadline is before ``deadline``:

@@ -21,6 +21,7 @@ again which of them are left.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import os
 import queue
@@ -30,14 +31,15 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, NamedTuple
+from dataclasses import replace
+from typing import Any, Callable, Iterator, NamedTuple
 
 import psycopg
 from psycopg.adapt import AdaptersMap
 
 from . import predecessors
 from . import stats as S
-from .config import Settings
+from .config import DEFAULT_POOL, PoolSettings, Settings
 from .endpoint import canonical
 from .pgconn import PgConn
 from .predecessors import Backend
@@ -57,8 +59,6 @@ SWEEP_CONNECT_TIMEOUT = 2
 that is down or unreachable must not hold the broker's start (libpq's minimum)."""
 FOREIGN_RECHECK_INTERVAL = 1.0
 """Seconds between looks at a dead predecessor's connections still counted."""
-DEFAULT_POOL = "default"
-"""The name (metrics' ``pool`` label) of the pool of the broker's one DSN."""
 UNREACHABLE_SQLSTATE = "08006"
 """connection_failure: what clients are told when nothing better is known."""
 LIFETIME_JITTER = 0.1
@@ -71,6 +71,8 @@ RECONNECT = "reconnect"
 """``PgConn.retiring``: ``poolbroker ctl reconnect`` asked for a new one."""
 SURPLUS = "surplus"
 """``PgConn.retiring``: beyond a max_connections lowered by a reload."""
+REBALANCE = "rebalance"
+"""``PgConn.retiring``: another pool starves under the global cap."""
 BACKEND_EXIT_WAIT = 2.0
 """Seconds a closed connection's slot stays counted while the server has not
 closed its end (its backend has not exited).  A server that never does (a
@@ -122,13 +124,130 @@ class State(enum.StrEnum):
     CLOSED = "closed"
 
 
+class Pools:
+    """Every pool by name, and the global cap their connections share.
+
+    Each pool has its own DSN, cap, queue (FIFO) and connections; a pool's
+    settings are the broker's with its own ``dsn``, ``max_connections`` and
+    ``min_connections`` (:func:`pool_settings`).  No pool starves while the
+    global cap binds: see :meth:`rebalance`.
+    """
+
+    def __init__(self, settings: Settings, adapters: AdaptersMap, redact: Redactor) -> None:
+        self.settings = settings
+        self.conn_ids = itertools.count(1)  # unique across pools: sessions are keyed by them
+        named = [PoolSettings(name=DEFAULT_POOL, dsn=settings.dsn)] if settings.dsn else []
+        self.by_name: dict[str, Pool] = {
+            spec.name: Pool(pool_settings(settings, spec), adapters, redact, spec.name, self)
+            for spec in (*named, *settings.pools)}
+        self.all: tuple[Pool, ...] = tuple(self.by_name.values())
+        self.default: Pool | None = self.by_name.get(DEFAULT_POOL)
+        self.by_wakeup: dict[int, Pool] = {pool.wakeup_fd: pool for pool in self.all}
+        self.alone = len(self.all) == 1  # then a pool's own cap is the global one
+        self.active_peak = 0  # most connections active at once, all pools together
+
+    def conns(self) -> Iterator[PgConn]:
+        for pool in self.all:
+            yield from pool.conns.values()
+
+    def note_active(self) -> None:
+        """A pool's active connections reached a new peak: maybe all pools' too."""
+        self.active_peak = max(self.active_peak, sum(pool.active for pool in self.all))
+
+    def foreign(self) -> set[Backend]:
+        """Dead predecessors' connections still counted, of every pool's server."""
+        return set().union(*(pool.foreign for pool in self.all))
+
+    def apply(self, settings: Settings) -> None:
+        """A reload's settings (the pools themselves are fixed at start)."""
+        self.settings = settings
+        specs = {spec.name: spec for spec in settings.pools}
+        for pool in self.all:
+            spec = specs.get(pool.name) or PoolSettings(name=pool.name, dsn=settings.dsn)
+            pool.settings = pool_settings(settings, spec)
+
+    def room(self) -> int:
+        """Connections that may still open under the global cap: open,
+        opening, closed until their backends exit and a dead predecessor's
+        count (those once, though several pools on one server see them)."""
+        return self._room(lambda pool: len(pool.conns) + len(pool.closing))
+
+    def surplus(self) -> list[PgConn]:
+        """Connections beyond a cap lowered by a reload: each pool's own,
+        then the global one's, taken from the largest pool."""
+        out = [conn for pool in self.all for conn in pool.surplus()]
+        if out or self.alone:
+            return out
+        donor = max(self.all, key=Pool.staying)
+        return donor.least_needed(-self._room(Pool.staying))
+
+    def _room(self, size: Callable[[Pool], int]) -> int:
+        return self.settings.max_connections - sum(map(size, self.all)) - len(self.foreign())
+
+    def starved(self, pool: Pool) -> bool:
+        """Whether a pool other than ``pool``, with requests waiting, holds
+        less than its fair share while ``pool`` holds at least its own."""
+        share = self._share()
+        return pool.held() >= share and any(
+            other is not pool and other.waiting and other.held() < share
+            and other.held() < other.settings.max_connections for other in self.all)
+
+    def _share(self) -> int:
+        """Each pool's fair share of the global cap: divided among the pools
+        that have work (waiting or running), at least one each."""
+        busy = sum(1 for pool in self.all if pool.waiting or pool.active)
+        return max(1, self.settings.max_connections // max(1, busy))
+
+    def rebalance(self) -> PgConn | None:
+        """A connection to retire so that a starved pool can open one.
+
+        When the global cap binds, a pool with requests waiting that holds
+        less than its fair share (:meth:`_share`) gets a connection from the
+        pool furthest above its share (a pool with no work has none): an
+        idle one at once, else the first
+        to finish its clients' work (it takes no new work meanwhile).  One at
+        a time: the next is chosen once the freed slot is taken, and a pool
+        at or above its share does not grow while another starves
+        (:meth:`starved`).  A share is a floor, not a ceiling: an
+        uncontended pool may use the whole cap."""
+        if self.alone or self.room() > 0 or any(pool.closing for pool in self.all):
+            return None
+        if any(conn.retiring == REBALANCE for conn in self.conns()):
+            return None  # one already on its way out
+        share = self._share()
+        starved = [pool for pool in self.all if pool.waiting and pool.held() < share
+                   and pool.held() < pool.settings.max_connections]
+        if not starved:
+            return None
+
+        def above_share(pool: Pool) -> int:  # a pool with no work has no share
+            return pool.staying() - (share if pool.waiting or pool.active else 0)
+
+        donor = max((pool for pool in self.all if pool not in starved), key=above_share,
+                    default=None)
+        if donor is None or above_share(donor) <= 0:
+            return None
+        chosen = donor.least_needed(1)
+        return chosen[0] if chosen else None
+
+
+def pool_settings(settings: Settings, spec: PoolSettings) -> Settings:
+    """A pool's settings: the broker's, with the pool's DSN and sizes."""
+    if spec.name == DEFAULT_POOL:
+        return settings
+    return replace(settings, dsn=spec.dsn, pools=(),
+                   max_connections=spec.max_connections or settings.max_connections,
+                   min_connections=spec.min_connections)
+
+
 class Pool:
-    """Owns the server connections; the loop drives them."""
+    """Owns the server connections of one DSN; the loop drives them."""
 
     def __init__(self, settings: Settings, adapters: AdaptersMap, redact: Redactor,
-                 name: str = DEFAULT_POOL) -> None:
+                 name: str, group: Pools) -> None:
         self.name = name
         self.settings = settings
+        self.group = group
         self._adapters = adapters
         self._redact = redact
         self.conns: dict[int, PgConn] = {}
@@ -137,7 +256,6 @@ class Pool:
         self.closing: dict[int, tuple[socket.socket, float]] = {}
         self._in: dict[State, dict[int, PgConn]] = {state: {} for state in State}
         self.waiting: deque[Job] = deque()
-        self._next_id = 1
         self._opened: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup_fd, self._wakeup_write = os.pipe()
         os.set_blocking(self.wakeup_fd, False)
@@ -147,7 +265,7 @@ class Pool:
         self._durations: dict[int, float] = {}  # hash of a query key -> server seconds, smoothed
         self._marked = predecessors.marked_prefix(settings.application_name,
                                                   canonical(settings.endpoint))
-        self.application_name = f"{self._marked}{os.getpid()}"
+        self.application_name = predecessors.own_name(self._marked)
         self.foreign: frozenset[Backend] = frozenset()  # a dead predecessor's, counted
         self._sweep_pending = True  # no connection opens beside the one that sweeps
         # Statistics, kept by the loop's thread alone (see snapshot()).
@@ -171,6 +289,7 @@ class Pool:
                 active = self.active
                 if active > self.active_peak:
                     self.active_peak = active
+                    self.group.note_active()
 
     @property
     def active(self) -> int:
@@ -254,11 +373,15 @@ class Pool:
     def shared(self) -> list[PgConn]:
         return list(self._in[State.SHARED].values())
 
+    def held(self) -> int:
+        """Connections counted against this pool's cap: closed ones whose
+        backends have not exited, and a dead predecessor's, still count."""
+        return len(self.conns) + len(self.closing) + len(self.foreign)
+
     @property
     def at_cap(self) -> bool:
-        # Closed connections whose backends have not exited still count.
-        return len(self.conns) + len(self.closing) + len(self.foreign) \
-            >= self.settings.max_connections
+        return self.held() >= self.settings.max_connections \
+            or (not self.group.alone and self.group.room() <= 0)
 
     # Statement durations: what may be pipelined behind what
 
@@ -281,7 +404,11 @@ class Pool:
         """Open up to ``wanted`` more connections, never beyond the cap."""
         if now < self._retry_at or self.at_cap:  # at cap: the common case under load
             return
-        room = self.settings.max_connections - len(self.foreign) - len(self.closing)
+        room = self.settings.max_connections - self.held()
+        if not self.group.alone:
+            if self.group.starved(self):
+                return  # the slot is for the pool below its share
+            room = min(room, self.group.room())
         opening = self.count(State.OPENING)
         if self._sweep_pending:
             # The first connection could not open: the next one sweeps, alone.
@@ -289,8 +416,7 @@ class Pool:
             # add up to one more than the cap (the database was unreachable
             # when the broker started, not when the predecessor died).
             wanted = 1
-        while len(self.conns) < room and opening < wanted:
-            opening += 1
+        for _ in range(min(room, wanted - opening)):
             threading.Thread(target=self._open,
                              args=(self._add_opening(), self._sweep_pending, self.foreign),
                              name="poolbroker-connect", daemon=True).start()
@@ -299,11 +425,11 @@ class Pool:
         """Open connections up to ``min_connections``: at start, and again
         after losses and retirements (the backoff applies)."""
         opening = self.count(State.OPENING)
-        wanted = self.settings.min_connections - (self._staying() - opening)
+        wanted = self.settings.min_connections - (self.staying() - opening)
         if wanted > opening:
             self.grow(now, wanted)  # up to ``wanted`` opening at once
 
-    def _staying(self) -> int:
+    def staying(self) -> int:
         """Connections open or opening, less those being retired."""
         return sum(1 for conn in self.conns.values() if not conn.retiring)
 
@@ -316,7 +442,7 @@ class Pool:
         idle = self._in[State.IDLE]
         if not max_idle or not idle:
             return []
-        spare = self._staying() - self.count(State.OPENING) - self.settings.min_connections
+        spare = self.staying() - self.count(State.OPENING) - self.settings.min_connections
         out: list[PgConn] = []
         for conn in idle.values():  # in the order they became idle
             if len(out) >= spare:
@@ -337,13 +463,17 @@ class Pool:
         being retired: idle ones first, then those whose clients' work ends
         soonest, transactions last.  One opening is not chosen: once open,
         it is idle, and the next tick takes it."""
-        excess = self._staying() + len(self.foreign) - self.settings.max_connections
+        return self.least_needed(self.staying() + len(self.foreign)
+                                 - self.settings.max_connections)
+
+    def least_needed(self, count: int) -> list[PgConn]:
+        """Up to ``count`` connections not yet being retired, those whose
+        loss costs least first: idle, then those whose clients' work ends
+        soonest, transactions last."""
         out: list[PgConn] = []
-        if excess <= 0:
-            return out
         for state in (State.IDLE, State.SHARED, State.BUSY, State.RESETTING, State.PINNED):
             for conn in self._in[state].values():
-                if len(out) >= excess:
+                if len(out) >= count:
                     return out
                 if not conn.retiring:
                     out.append(conn)
@@ -355,9 +485,9 @@ class Pool:
                 if conn.expires_at <= now and not conn.retiring]
 
     def _add_opening(self) -> int:
-        conn = PgConn(self._next_id, result_limit=self.settings.max_result_bytes,
+        conn = PgConn(next(self.group.conn_ids), result_limit=self.settings.max_result_bytes,
                       chunked=bool(self.settings.max_result_bytes))
-        self._next_id += 1
+        conn.pool = self
         self.conns[conn.conn_id] = conn
         self._in[State.OPENING][conn.conn_id] = conn
         return conn.conn_id

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import os
 import socket
 import time
 
@@ -37,8 +38,10 @@ Backend = tuple[int, datetime.datetime | None]
 """(pid, backend_start): a backend, whatever pid the server reuses later.
 backend_start is NULL for another role's backends without pg_read_all_stats."""
 
+# Not this broker's own: its other pools may use the same server.
 _MARKED = ("SELECT pid, backend_start FROM pg_stat_activity "
-           "WHERE starts_with(application_name, %s) AND pid <> pg_backend_pid()")
+           "WHERE starts_with(application_name, %s) AND application_name <> %s "
+           "AND pid <> pg_backend_pid()")
 
 
 def marked_prefix(application_name: str, endpoint: str) -> str:
@@ -48,15 +51,20 @@ def marked_prefix(application_name: str, endpoint: str) -> str:
     return f"{application_name}{MARK}{where}."
 
 
+def own_name(prefix: str) -> str:
+    """This broker's connections' application_name."""
+    return f"{prefix}{os.getpid()}"
+
+
 def listed(conn: psycopg.Connection, prefix: str) -> set[Backend]:
-    """The backends marked with ``prefix``, but for ``conn`` itself."""
-    return set(conn.execute(_MARKED, [prefix]).fetchall())
+    """The backends marked with ``prefix``, but this broker's own."""
+    return set(conn.execute(_MARKED, [prefix, own_name(prefix)]).fetchall())
 
 
 def sweep(conn: psycopg.Connection, prefix: str) -> set[Backend]:
     """Terminate the backends of dead predecessors (every backend marked
-    with ``prefix`` but ``conn``: the caller holds the endpoint and has no
-    other connection yet); return those still there: their termination was
+    with ``prefix`` but this broker's: the caller holds the endpoint); return
+    those still there: their termination was
     refused, or they did not exit within SETTLE_TIMEOUT."""
     found = listed(conn, prefix)
     refused: set[int] = set()

@@ -37,10 +37,11 @@ def dsn_secrets(dsn: str) -> list[str]:
 
 
 class Redactor:
-    """Replaces the DSN's password with a mask in any text."""
+    """Replaces the DSNs' passwords with a mask in any text."""
 
-    def __init__(self, dsn: str) -> None:
-        self._secrets = dsn_secrets(dsn)
+    def __init__(self, *dsns: str) -> None:
+        found = {secret for dsn in dsns for secret in dsn_secrets(dsn)}
+        self._secrets = sorted(found, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:

@@ -135,20 +135,24 @@ class Job:
     rerun: bool = False  # sent a second time (see PgConn._rerun)
     expected_fast: bool = False  # its statement is known to finish within PIPELINE_STALL
     ran_for: float | None = None  # seconds from reaching the head of its pipeline to its end
+    pool: Any = None  # the pool.Pool it runs on
 
 
-def decode_header(header_bytes: bytes, now: float) -> tuple[int, int, float, bytes | None]:
-    """(request_id, op, deadline, session) of a request header, or raise a
-    Refusal (of kind MESSAGE, with the request id when it was readable)."""
+def decode_header(header_bytes: bytes,
+                  now: float) -> tuple[int, int, float, bytes | None, str | None]:
+    """(request_id, op, deadline, session, pool name) of a request header, or
+    raise a Refusal (of kind MESSAGE, with the request id when it was readable)."""
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise _malformed(None, "header frame too large")
     try:
         header = protocol.unpack(header_bytes, MAX_HEADER_BYTES)
     except Exception as exc:  # msgpack raises many types on garbage
         raise _malformed(None, f"undecodable header: {exc}") from None
-    if not isinstance(header, list) or len(header) != HEADER_FIELDS:
-        raise _malformed(None, "header must be [request_id, op, timeout_ms, session]")
-    request_id, op, timeout_ms, session = header
+    if not isinstance(header, list) or not HEADER_FIELDS <= len(header) <= HEADER_FIELDS + 1:
+        raise _malformed(None, "header must be [request_id, op, timeout_ms, session] or "
+                               "[request_id, op, timeout_ms, session, pool]")
+    request_id, op, timeout_ms, session = header[:HEADER_FIELDS]
+    pool = header[HEADER_FIELDS] if len(header) > HEADER_FIELDS else None
     if not isinstance(request_id, int) or not isinstance(op, int) or isinstance(op, bool):
         raise _malformed(request_id if isinstance(request_id, int) else None,
                          "request_id and op must be integers")
@@ -162,7 +166,9 @@ def decode_header(header_bytes: bytes, now: float) -> tuple[int, int, float, byt
         raise _malformed(request_id, "timeout_ms must be a positive integer or nil")
     if session is not None and not isinstance(session, bytes):
         raise _malformed(request_id, "session must be bytes or nil")
-    return request_id, op, deadline, session
+    if pool is not None and not isinstance(pool, str):
+        raise _malformed(request_id, "pool must be a string or nil")
+    return request_id, op, deadline, session, pool
 
 
 def _malformed(request_id: int | None, why: str) -> Refusal:

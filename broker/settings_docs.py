@@ -13,7 +13,10 @@ import textwrap
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-from .config import ENV_PREFIX, SPECS, TABLE, Settings, Spec, plain, toml_literal
+from .config import (
+    DEFAULT_POOL, ENV_PREFIX, POOL_SPECS, POOLS_TABLE, SPECS, TABLE, Settings, Spec, plain,
+    toml_literal,
+)
 
 README_BEGIN = "<!-- settings table: written by `make docs` from broker/config.py -->\n"
 README_END = "<!-- end of the settings table -->\n"
@@ -44,22 +47,37 @@ def _on_reload(spec: Spec) -> str:
     return "live" if spec.live else "restart"
 
 
+_POOLS = f"""
+# Several pools under one cap: one [{POOLS_TABLE}.NAME] table per other database
+# or user. Clients choose one by name (client.Client(pool="reports"),
+# postgresql+poolbroker:///reports); without a name they get the pool of dsn
+# above, named "{DEFAULT_POOL}". Every pool's connections count against
+# max_connections. Pools are read at start only (a reload logs a change).
+# [{POOLS_TABLE}.reports]
+"""
+
+
+def _commented(spec: Spec, reload: bool) -> str:
+    meaning = f"{_meaning(spec)} On reload: {_on_reload(spec)}." if reload else _meaning(spec)
+    comment = textwrap.fill(plain(meaning), width=78, initial_indent="# ",
+                            subsequent_indent="# ", break_on_hyphens=False)
+    shown = spec.default if spec.example is None else spec.example
+    return f"\n{comment}\n# {spec.name} = {toml_literal(shown)}\n"
+
+
 def defaults_toml() -> str:
     """A TOML file of every setting, commented out with its default and meaning."""
-    parts = [_HEADER]
-    for spec in SPECS.values():
-        meaning = f"{_meaning(spec)} On reload: {_on_reload(spec)}."
-        comment = textwrap.fill(plain(meaning), width=78, initial_indent="# ",
-                                subsequent_indent="# ", break_on_hyphens=False)
-        shown = spec.default if spec.example is None else spec.example
-        parts.append(f"\n{comment}\n# {spec.name} = {toml_literal(shown)}\n")
-    return "".join(parts)
+    return "".join([_HEADER, *(_commented(spec, True) for spec in SPECS.values()), _POOLS,
+                    *(_commented(spec, False) for spec in POOL_SPECS.values())])
 
 
 def settings_toml(settings: Settings) -> str:
-    """``settings`` as the ``[poolbroker]`` table of a TOML file."""
+    """``settings`` as the ``[poolbroker]`` table of a TOML file, and its pools."""
     lines = [f"[{TABLE}]"]
     lines += [f"{name} = {toml_literal(getattr(settings, name))}" for name in SPECS]
+    for pool in settings.pools:
+        lines += ["", f"[{POOLS_TABLE}.{pool.name}]"]
+        lines += [f"{name} = {toml_literal(getattr(pool, name))}" for name in POOL_SPECS]
     return "\n".join(lines) + "\n"
 
 
@@ -70,6 +88,11 @@ def markdown_table() -> str:
         default = spec.shown or f"`{spec.shown_default}`"
         meaning = _meaning(spec).replace("|", "\\|")
         rows.append(f"| `{spec.name}` | `{spec.env}` | {default} | {_on_reload(spec)} "
+                    f"| {meaning} |")
+    for spec in POOL_SPECS.values():
+        default = spec.shown or f"`{spec.shown_default}`"
+        meaning = _meaning(spec).replace("|", "\\|")
+        rows.append(f"| `{POOLS_TABLE}.NAME.{spec.name}` | (TOML only) | {default} | restart "
                     f"| {meaning} |")
     return "\n".join(rows) + "\n"
 

@@ -167,6 +167,14 @@ class Histogram:
         return {"le": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
 
 
+def merged(histograms: list[dict[str, Any]]) -> dict[str, Any]:
+    """One histogram (as ``Histogram.as_dict``) of the observations of
+    several with the same buckets: the broker's, of its pools'."""
+    first = histograms[0]
+    return {"le": first["le"], "counts": [sum(c) for c in zip(*(h["counts"] for h in histograms))],
+            "sum": sum(h["sum"] for h in histograms)}
+
+
 def quantile(histogram: dict[str, Any], q: float) -> float | None:
     """The ``q`` quantile (0..1) of a histogram as ``Histogram.as_dict`` gives
     it; None without observations.  Interpolated linearly within its bucket,

@@ -182,7 +182,8 @@ class Client:
     def __init__(self, endpoint: str | None = None, *, timeout: float | None = None,
                  connect_timeout: float | None = None,
                  curve_server_key: str | None = None,
-                 curve_client_cert: str | None = None) -> None:
+                 curve_client_cert: str | None = None,
+                 pool: str | None = None) -> None:
         """``timeout`` is each request's whole budget (DEFAULT_TIMEOUT);
         ``connect_timeout`` how long a request waits for the broker to be
         connected before it fails unsent (env POOLBROKER_CLIENT_CONNECT_TIMEOUT,
@@ -190,9 +191,16 @@ class Client:
         public certificate file and ``curve_client_cert`` this client's
         secret certificate file (env POOLBROKER_CURVE_SERVER_KEY /
         POOLBROKER_CURVE_CLIENT_CERT); both are needed to reach a broker on
-        a CURVE tcp endpoint."""
+        a CURVE tcp endpoint.  ``pool`` names the broker's pool (a
+        ``[pools.NAME]`` table of its settings) the statements run on; None:
+        its default pool (env POOLBROKER_POOL)."""
         if endpoint is not None and not isinstance(endpoint, str):
             raise errors.InterfaceError(f"the endpoint must be a string, got {endpoint!r}")
+        pool = pool or os.environ.get("POOLBROKER_POOL") or None
+        if pool is not None and not isinstance(pool, str):
+            raise errors.InterfaceError(f"the pool must be a name (a string), got {pool!r}")
+        self.pool = pool
+        self._header_tail = () if pool is None else (pool,)  # see protocol.HEADER_FIELDS
         self.endpoint = endpoint or default_endpoint()
         self.timeout = DEFAULT_TIMEOUT if timeout is None else _seconds("timeout", timeout)
         if connect_timeout is None:
@@ -226,7 +234,7 @@ class Client:
         request_id = next(self._ids)
         try:  # inline, not _pack_body: this is every request's path
             body_bytes = pack(body)
-            header = pack([request_id, op, int(timeout * 1000), session])
+            header = pack([request_id, op, int(timeout * 1000), session, *self._header_tail])
         except (TypeError, ValueError, OverflowError) as exc:
             raise errors.InterfaceError(f"cannot send parameters: {exc}") from exc
         try:

@@ -161,31 +161,32 @@ class Column(NamedTuple):
 # Connections to one endpoint share one Client, so a process keeps one socket
 # per thread and endpoint however many connections it makes (a pool of them,
 # or a connection per request): connect() costs no round trip and no socket.
-_clients: dict[str, Client] = {}
+_clients: dict[tuple[str, str | None], Client] = {}
 _clients_lock = threading.Lock()
 
 
-def _client_for(endpoint: str | None) -> Client:
+def _client_for(endpoint: str | None, pool: str | None) -> Client:
     if endpoint is not None and not isinstance(endpoint, str):
         raise InterfaceError(f"the endpoint must be a string, got {endpoint!r}")
-    key = endpoint or default_endpoint()
+    key = (endpoint or default_endpoint(), pool)
     with _clients_lock:
         shared = _clients.get(key)
         if shared is None:
-            shared = _clients[key] = Client(key)
+            shared = _clients[key] = Client(key[0], pool=pool)
         return shared
 
 
 def connect(endpoint: str | None = None, *, timeout: float | None = None,
-            autocommit: bool = False) -> Connection:
+            autocommit: bool = False, pool: str | None = None) -> Connection:
     """A connection through the broker at ``endpoint`` (``POOLBROKER_ENDPOINT``
-    or the default ipc endpoint when None).
+    or the default ipc endpoint when None), to its pool named ``pool`` (its
+    default pool when None).
 
     ``timeout`` is each request's whole budget in seconds (the client's
     default, 60 s, when None).  Nothing is sent until the first statement:
     a broker that is not there is reported then, as ``OperationalError``
     (``BrokerUnavailable``)."""
-    return Connection(_client_for(endpoint), timeout=timeout, autocommit=autocommit)
+    return Connection(_client_for(endpoint, pool), timeout=timeout, autocommit=autocommit)
 
 
 class Connection:

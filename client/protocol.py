@@ -3,7 +3,12 @@
 A request is a DEALER message of two frames::
 
     header = msgpack [request_id, op, timeout_ms, session]
+             or      [request_id, op, timeout_ms, session, pool]
     body   = msgpack [args...]          (op specific, see OP_* below)
+
+``pool`` names the pool (a ``[pools.NAME]`` table of the broker's
+settings) the request runs on; without it, or nil, the default pool's.  A
+request in a transaction (``session`` set) runs on the transaction's.
 
 The broker's loop decodes only the small header; the body is decoded by
 the thread that runs the statement.  A reply is one frame::
@@ -123,6 +128,7 @@ then to each client holding a transaction, to learn (ROUTER_MANDATORY)
 whether its connection is still up.  Clients ignore it."""
 
 HEADER_FIELDS = 4
+"""Fields of a header without a pool name; with one, a fifth."""
 
 # Ext type codes.
 EXT_DECIMAL = 1  # str(Decimal), NaN and signs included

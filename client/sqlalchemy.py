@@ -3,8 +3,10 @@
     engine = create_engine("postgresql+poolbroker://")          # POOLBROKER_ENDPOINT
     engine = create_engine("postgresql+poolbroker://?endpoint=ipc:///run/pb.sock&timeout=5")
 
-The database is the one the broker serves: host, port, user, password and
-database in the URL are ignored (the broker's DSN decides them).
+The database is the one the broker serves: host, port, user and password in
+the URL are ignored (the broker's DSN decides them); a database names one
+of the broker's pools (``postgresql+poolbroker:///reports``), none its
+default pool.
 
 Values arrive as psycopg returns them (the broker decodes with psycopg), so
 the dialect types are the psycopg dialect's, except where that dialect
@@ -143,8 +145,10 @@ class PoolbrokerDialect(_PGDialect_common_psycopg):
         return BrokerPool
 
     def create_connect_args(self, url: URL) -> tuple[list[Any], dict[str, Any]]:
-        """``endpoint`` and ``timeout`` from the query string; the rest of
-        the URL names a database the broker already decides."""
+        """``endpoint`` and ``timeout`` from the query string; the database
+        (``postgresql+poolbroker:///reports``) names the broker's pool, none
+        its default pool.  Host, port, user and password are the broker's
+        business (each pool's dsn), and ignored."""
         query = dict(url.query)
         unknown = set(query) - {"endpoint", "timeout"}
         if unknown:
@@ -155,6 +159,8 @@ class PoolbrokerDialect(_PGDialect_common_psycopg):
             params["endpoint"] = str(query["endpoint"])
         if "timeout" in query:
             params["timeout"] = float(query["timeout"])
+        if url.database:
+            params["pool"] = url.database
         return [], params
 
     # Isolation: applied per transaction by the broker (BEGIN ISOLATION

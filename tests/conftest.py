@@ -167,9 +167,12 @@ class BrokerProcess:
                                                     f"pbtest-{uuid.uuid4().hex[:8]}")
         self.max_connections = settings.get("max_connections", 10)
         settings.setdefault("log_level", "DEBUG")
+        pools = settings.pop("pools", {})  # name -> that [pools.NAME] table's settings
         self.config = Path(self.dir, "poolbroker.toml")
-        self.config.write_text("[poolbroker]\n" + "".join(
-            f"{k} = {_toml(v)}\n" for k, v in settings.items()))
+        self.config.write_text("".join(
+            f"[{table}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
+            for table, values in [("poolbroker", settings),
+                                  *((f"pools.{name}", pool) for name, pool in pools.items())]))
         self.log_path = Path(self.dir, "broker.log")
         self.dsn = dsn
         self.proc: subprocess.Popen | None = None
@@ -265,18 +268,24 @@ class ConnectionSampler(threading.Thread):
         self._application_name = application_name
         self._interval = interval
         self._done = threading.Event()
-        self.maximum = 0
+        self.maximum = 0  # the broker's connections at once, at most
+        self.maximum_by_database: dict[str, int] = {}  # the same, of each database
         self.samples = 0
 
     def run(self) -> None:
         # Reconnects: some tests restart the database under the sampler.
-        query = f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION}"
+        query = f"SELECT datname FROM pg_stat_activity WHERE {OF_APPLICATION}"
+        by_database = self.maximum_by_database
         while not self._done.is_set():
             try:
                 with psycopg.connect(self._dsn, autocommit=True, connect_timeout=2) as conn:
                     while not self._done.is_set():
-                        count = conn.execute(query, [self._application_name]).fetchone()[0]
-                        self.maximum = max(self.maximum, count)
+                        databases = [name for (name,) in
+                                     conn.execute(query, [self._application_name])]
+                        self.maximum = max(self.maximum, len(databases))
+                        for name in set(databases):
+                            by_database[name] = max(by_database.get(name, 0),
+                                                    databases.count(name))
                         self.samples += 1
                         self._done.wait(self._interval)
             except psycopg.OperationalError:
@@ -434,12 +443,12 @@ def backend_pids(admin: psycopg.Connection, application_name: str) -> set[int]:
     return {pid for (pid,) in rows}
 
 
-def steady_requests(endpoint: str, seconds: float, sql: str,
-                    transaction_every: int) -> tuple[int, list[str], list[int]]:
+def steady_requests(endpoint: str, seconds: float, sql: str, transaction_every: int,
+                    pool: str | None = None) -> tuple[int, list[str], list[int]]:
     """``sql`` (which returns the backend's pid) for ``seconds``, every
-    ``transaction_every``-th time in a two-statement transaction: (requests
-    answered, errors, server pids that answered)."""
-    c = client.Client(endpoint, timeout=30)
+    ``transaction_every``-th time in a two-statement transaction, on the
+    broker's ``pool``: (requests answered, errors, server pids that answered)."""
+    c = client.Client(endpoint, timeout=30, pool=pool)
     done, errors, pids = 0, [], set()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -462,10 +471,11 @@ class Load:
     """``processes`` forked client processes sending steady_requests in the background."""
 
     def __init__(self, endpoint: str, processes: int, seconds: float, *,
-                 sql: str = "SELECT pg_backend_pid()", transaction_every: int = 10) -> None:
+                 sql: str = "SELECT pg_backend_pid()", transaction_every: int = 10,
+                 pool: str | None = None) -> None:
         self.results: list[Any] = []
         self._thread = threading.Thread(target=lambda: self.results.extend(run_in_processes(
-            steady_requests, [(endpoint, seconds, sql, transaction_every)] * processes,
+            steady_requests, [(endpoint, seconds, sql, transaction_every, pool)] * processes,
             timeout=60)))
         self._thread.start()
 

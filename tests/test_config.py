@@ -14,7 +14,9 @@ from typing import Any, Literal, get_args, get_origin
 import pytest
 
 from broker import settings_docs
-from broker.config import SPECS, ConfigError, Settings, Spec, add_flags, flag_values, load
+from broker.config import (
+    POOL_SPECS, SPECS, ConfigError, PoolSettings, Settings, Spec, add_flags, flag_values, load,
+)
 from conftest import REPO, short_tempdir
 
 
@@ -68,7 +70,8 @@ def test_every_setting_has_an_environment_variable_and_a_flag(source):
             argv += ([flag] if value else [flag.replace("--", "--no-")]) \
                 if SPECS[name].kind is bool else [flag, text]
         settings = load(None, flag_values(parser.parse_args(argv)), environ={})
-    assert dataclasses.asdict(settings) == {name: value for name, (_, value) in values.items()}
+    assert {name: getattr(settings, name) for name in SPECS} \
+        == {name: value for name, (_, value) in values.items()}
 
 
 def test_serve_help_lists_every_setting_with_its_default_and_variable():
@@ -95,15 +98,19 @@ def test_shipped_docs_are_the_declaration():
 
 def test_shipped_config_uncommented_gives_the_defaults(tmp_path):
     """Each `# name = value` line of etc/poolbroker.toml, uncommented, is valid and
-    is the default (but for the settings whose default is computed or required)."""
+    is the default (but for the settings whose default is computed or required),
+    and so is its example pool."""
     lines = (REPO / "etc" / "poolbroker.toml").read_text().splitlines()
-    assignments = [line[2:] for line in lines if re.match(r"# \w+ = ", line)]
+    uncommented = [line[2:] for line in lines if re.match(r"# (\w+ = |\[pools\.\w+\]$)", line)]
+    table = uncommented.index("[pools.reports]")
+    assignments, pool = uncommented[:table], uncommented[table + 1:]
     assert [line.split(" = ")[0] for line in assignments] == list(SPECS)
+    assert [line.split(" = ")[0] for line in pool] == list(POOL_SPECS)
     config = tmp_path / "pb.toml"
-    config.write_text("[poolbroker]\n" + "\n".join(assignments) + "\n")
+    config.write_text("[poolbroker]\n" + "\n".join(uncommented) + "\n")
     settings = load(str(config), environ={})
-    defaults = Settings(dsn=settings.dsn, endpoint=settings.endpoint)
-    assert settings == defaults
+    reports = PoolSettings(name="reports", dsn=settings.pools[0].dsn)
+    assert settings == Settings(dsn=settings.dsn, endpoint=settings.endpoint, pools=(reports,))
 
 
 def test_config_prints_what_serve_would_run_with(tmp_path):
@@ -160,6 +167,13 @@ def test_bad_settings_are_refused(tmp_path, text, message):
     assert any(message in problem for problem in caught.value.problems), caught.value.problems
 
 
+@pytest.mark.parametrize("name", ["max_lifetime", "max_idle"])
+def test_a_lifetime_or_idle_time_under_a_second_is_refused(name):
+    with pytest.raises(ConfigError, match=f"{name} must be 0 \\(never\\) or at least 1 second"):
+        load(None, {"dsn": "dbname=x", name: "0.001"}, environ={})
+    assert getattr(load(None, {"dsn": "dbname=x", name: "0"}, environ={}), name) == 0
+
+
 def test_missing_dsn_is_refused():
     with pytest.raises(ConfigError, match="no database"):
         load(None, {}, environ={})
@@ -181,8 +195,46 @@ def test_serve_reports_every_bad_value_at_once(tmp_path):
         "poolbroker: --pool-timeout must be a number, not 'soon'",
         "poolbroker: --log-level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, "
         "not 'verbose'",
-        "poolbroker: no database: give --dsn, POOLBROKER_DSN or dsn in the config file",
+        "poolbroker: no database: give --dsn, POOLBROKER_DSN or dsn in the config file "
+        "(or [pools.NAME] tables)",
     ]
+
+
+def test_pools_are_tables_checked_like_settings(tmp_path):
+    config = tmp_path / "pb.toml"
+    config.write_text(
+        '[poolbroker]\nmax_connections = 6\n'
+        '[pools.reports]\ndsn = "dbname=reports password=s3cret"\nmax_connections = 2\n'
+        '[pools.etl]\ndsn = "dbname=etl"\nmin_connections = 1\n')
+    settings = load(str(config), {"dsn": "dbname=app"}, environ={})
+    assert [(p.name, p.dsn, p.max_connections, p.min_connections) for p in settings.pools] == [
+        ("reports", "dbname=reports password=s3cret", 2, 0), ("etl", "dbname=etl", 0, 1)]
+    assert settings.all_dsns == ("dbname=app", "dbname=reports password=s3cret", "dbname=etl")
+    # Pools alone, without a default dsn, are a database enough.
+    assert load(str(config), environ={}).dsn == ""
+
+
+@pytest.mark.parametrize("tables, message", [
+    ('[pools.reports]\nmax_connections = 2\n', "pools.reports: no dsn"),
+    ('[pools.reports]\ndsn = "dbname=r"\nmax_conections = 2\n',
+     "unknown setting 'max_conections' (did you mean 'max_connections'?)"),
+    ('[pools.reports]\ndsn = "dbname=r"\nmax_connections = "2"\n',
+     'pools.reports.max_connections must be an integer, not the string "2"'),
+    ('[pools.reports]\ndsn = "dbname=r"\nmax_connections = 9\n',
+     "pools.reports.max_connections (9) must not exceed max_connections (4)"),
+    ('[pools.reports]\ndsn = "dbname=r"\nmin_connections = 4\n',
+     "the pools' min_connections add up to 5, more than max_connections (4)"),
+    ('[pools.default]\ndsn = "dbname=r"\n', "and not 'default'"),
+    ('[pools."bad name"]\ndsn = "dbname=r"\n', "a pool's name is 1-63 letters"),
+    ('[pools.reports]\ndsn = "host=\'unterminated"\n', "pools.reports.dsn is not a valid libpq"),
+    ('[pools]\nreports = "dbname=r"\n', "[pools] holds one table per pool"),
+])
+def test_bad_pools_are_refused_with_the_reason(tmp_path, tables, message):
+    config = tmp_path / "pb.toml"
+    config.write_text("[poolbroker]\nmax_connections = 4\n" + tables)
+    with pytest.raises(ConfigError) as caught:
+        load(str(config), {"dsn": "dbname=app"}, environ={})
+    assert any(message in problem for problem in caught.value.problems), caught.value.problems
 
 
 def _poolbroker(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -82,7 +82,7 @@ def test_queuepool_sizing_arguments_are_accepted_and_mean_nothing(broker):
 
 def test_the_endpoint_comes_from_the_environment_without_a_url_parameter(broker, monkeypatch):
     monkeypatch.setenv("POOLBROKER_ENDPOINT", broker.endpoint)
-    eng = sa.create_engine("postgresql+poolbroker://ignored@host/ignored")
+    eng = sa.create_engine("postgresql+poolbroker://ignored@host")
     with eng.connect() as conn:
         assert conn.scalar(sa.text("SELECT 41 + 1")) == 42
 
