@@ -7,14 +7,16 @@ limit at start, and beyond ``max_clients`` connected sockets each newly
 accepted one is shut down at once: its client sees the connection drop,
 retries with libzmq's reconnect backoff, and gets in once others leave.
 
-Over ipc, the kernel tells libzmq the peer's credentials.  The gate is the
-context's ZAP handler: libzmq asks it about every new connection before it
-reads a frame, and a uid other than the broker's own or ``allowed_uids``
-(or, with CURVE, a key not on the allow-list) is refused at the handshake,
-so it cannot even make the broker hold an endless multipart message.  A
-message from a uid no longer allowed (after a reload) is dropped unread.
-This holds for abstract endpoints (``ipc://@name``), which have no
-directory whose mode could protect them.
+Over ipc, the kernel tells libzmq the peer's credentials.  A socket
+accepted from a uid other than the broker's own or ``allowed_uids`` is shut
+down at once, uncounted.  The gate is also the context's ZAP handler, on a
+thread of its own so that handshakes complete while the loop is busy or not
+serving yet: libzmq asks it about every new connection before it reads a
+frame, and such a uid (or, with CURVE, a key not on the allow-list) is
+refused there too, so it cannot make the broker hold an endless multipart
+message.  A message from a uid or key no longer allowed (after a reload) is
+dropped unread.  This holds for abstract endpoints (``ipc://@name``), which
+have no directory whose mode could protect them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import logging
 import os
 import resource
 import socket
+import struct
+import threading
 import time
 
 import zmq
@@ -42,6 +46,9 @@ ZAP_DOMAIN = b"poolbroker"  # libzmq consults ZAP for NULL-mechanism peers only 
 _ZAP_VERSION = b"1.0"
 _ZAP_OK = b"200"
 _ZAP_DENIED = b"400"
+ZAP_POLL_MS = 100
+"""How often the handshake thread looks whether the gate is closing."""
+_UCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 
 
 def raise_open_files_limit() -> int:
@@ -103,17 +110,27 @@ class ClientGate:
         self.denied = 0  # connections refused at the handshake
         self.peak = 0  # most sockets admitted at once since start
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self.zap = context.socket(zmq.REP)
-        self.zap.setsockopt(zmq.LINGER, 0)
-        self.zap.bind(ZAP_ENDPOINT)
-        router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
         self._curve_keys: frozenset[bytes] | None = None  # z85 keys, with CURVE on
+        self._curve_text: frozenset[str] = frozenset()  # the same, as User-Id reads them
         self._check_uids = ipc
         self._uids = frozenset((os.getuid(), *allowed_uids))
         self._warned: set[tuple[str, int | None]] = set()  # (what, uid) already logged
         self._uid_of: dict[str | None, int | None] = {}  # Peer-Address -> uid
         self._shut: set[int] = set()  # descriptors refused, until libzmq closes them
         self._refused_log_at = 0.0
+        self._keys_refused = 0  # CURVE keys refused since the last line about them
+        self._keys_log_at = 0.0
+        # Bound here, used only by the thread from its start: a connection
+        # that arrives before a handler exists must not get in unasked.
+        zap = context.socket(zmq.REP)
+        zap.setsockopt(zmq.LINGER, 0)
+        zap.bind(ZAP_ENDPOINT)
+        router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no handler: refused, not let in
+        self._closing = threading.Event()
+        self._handshakes = threading.Thread(target=self._serve_handshakes, args=(zap,),
+                                            name="poolbroker-zap", daemon=True)
+        self._handshakes.start()
 
     @property
     def admitted(self) -> int:
@@ -121,27 +138,40 @@ class ClientGate:
         return self.connected - len(self._shut)
 
     def close(self) -> None:
+        """After the router is closed: until then, its handshakes need the thread."""
+        self._closing.set()
+        self._handshakes.join()
         self.monitor.close(linger=0)
-        self.zap.close(linger=0)
 
     def allow_keys(self, keys: frozenset[bytes]) -> None:
-        """CURVE's allow-list (z85 public keys): checked at each new connection."""
+        """CURVE's allow-list (z85 public keys): checked at each new connection
+        and on every message (a key removed by a reload is cut off)."""
         self._curve_keys = keys
+        self._curve_text = frozenset(key.decode("ascii") for key in keys)
 
-    def on_handshakes(self) -> None:
-        """Answer libzmq's ZAP requests: one per connection being set up."""
-        zap = self.zap
-        while zap.get(zmq.EVENTS) & zmq.POLLIN:
-            request = zap.recv_multipart()
-            # version, request id, domain, address, routing id, mechanism, credentials...
-            request_id, address, mechanism = request[1], request[3], request[5]
-            user_id = self._admit(address.decode("utf-8", "replace"), mechanism, request[6:])
-            if user_id is None:
-                self.denied += 1
-                zap.send_multipart([_ZAP_VERSION, request_id, _ZAP_DENIED, b"not allowed",
-                                    b"", b""])
-            else:
-                zap.send_multipart([_ZAP_VERSION, request_id, _ZAP_OK, b"OK", user_id, b""])
+    def _serve_handshakes(self, zap: zmq.Socket) -> None:
+        """Answer libzmq's ZAP requests (one per connection being set up) until
+        the gate closes.  The allow-lists it reads are replaced whole, never
+        changed in place, so the loop's thread may swap them meanwhile."""
+        try:
+            while not self._closing.is_set():
+                if not zap.poll(ZAP_POLL_MS):
+                    continue
+                request = zap.recv_multipart()
+                # version, request id, domain, address, routing id, mechanism, credentials...
+                request_id, address, mechanism = request[1], request[3], request[5]
+                user_id = self._admit(address.decode("utf-8", "replace"), mechanism,
+                                      request[6:])
+                if user_id is None:
+                    self.denied += 1
+                    zap.send_multipart([_ZAP_VERSION, request_id, _ZAP_DENIED, b"not allowed",
+                                        b"", b""])
+                else:
+                    zap.send_multipart([_ZAP_VERSION, request_id, _ZAP_OK, b"OK", user_id, b""])
+        except zmq.ZMQError as exc:  # the context terminated under it: nothing left to vet
+            logger.debug("handshake thread stopped: %s", exc)
+        finally:
+            zap.close(linger=0)
 
     def _admit(self, address: str, mechanism: bytes, credentials: list[bytes]) -> bytes | None:
         """The User-Id a new connection's messages will carry, or None to refuse it."""
@@ -157,8 +187,13 @@ class ClientGate:
             return None
         key = z85.encode(credentials[0])
         if key not in self._curve_keys:
-            logger.info("refusing a connection: CURVE key %s is not in the allow-list",
-                        key.decode("ascii"))
+            self._keys_refused += 1
+            now = time.monotonic()
+            if now >= self._keys_log_at:  # any network peer can try keys: one line a while
+                self._keys_log_at = now + REFUSED_LOG_INTERVAL
+                logger.info("refusing connections: %d CURVE keys not in the allow-list "
+                            "(the last %s)", self._keys_refused, key.decode("ascii"))
+                self._keys_refused = 0
             return None
         return key  # libzmq gives each of its messages this User-Id
 
@@ -177,10 +212,17 @@ class ClientGate:
                 self._shut.discard(int(event["value"]))
                 continue
             self.connected += 1
-            if self.connected > self.max_clients:
-                self._refuse(int(event["value"]), event["endpoint"])
+            fd, endpoint = int(event["value"]), event["endpoint"].decode()
+            if self._check_uids and (uid := _peer_uid(fd, endpoint)) not in self._uids:
+                # Another user's: shut before it holds a place under max_clients.
+                if self._shut_down(fd, endpoint):
+                    self.denied += 1
+                    self._warn(uid, "refusing connections")
+            elif self.admitted > self.max_clients and self._shut_down(fd, endpoint):
+                self._refused()
 
-    def _refuse(self, fd: int, endpoint: bytes) -> None:
+    def _shut_down(self, fd: int, endpoint: str) -> bool:
+        """Shut an accepted socket down; False if it is gone already."""
         # shutdown(), never close(): the descriptor stays libzmq's, which
         # sees the end of the stream and closes it itself.  A duplicate is
         # used so that the check and the shutdown cannot hit another socket
@@ -188,15 +230,18 @@ class ClientGate:
         try:
             duplicate = socket.socket(fileno=os.dup(fd))
         except OSError:
-            return  # already gone
+            return False
         with duplicate:
             try:
-                if not _accepted_on(duplicate, endpoint.decode()):
-                    return
+                if not _accepted_on(duplicate, endpoint):
+                    return False
                 duplicate.shutdown(socket.SHUT_RDWR)
             except OSError:
-                return
+                return False
         self._shut.add(fd)
+        return True
+
+    def _refused(self) -> None:
         self.refused += 1
         now = time.monotonic()
         if now >= self._refused_log_at:
@@ -204,7 +249,7 @@ class ClientGate:
             logger.warning(
                 "refusing new client sockets: %d are connected (max_clients=%d); "
                 "they retry, and get in as others leave (%d refused so far)",
-                self.connected - 1, self.max_clients, self.refused)
+                self.admitted, self.max_clients, self.refused)
 
     def allow_uids(self, allowed_uids: tuple[int, ...]) -> None:
         """A reload's ``allowed_uids``: checked from the next message on."""
@@ -228,6 +273,8 @@ class ClientGate:
         ipc, of an allowed uid."""
         if self._shut and frame.get(zmq.SRCFD) in self._shut:
             return False
+        if self._curve_keys is not None and frame.get("User-Id") not in self._curve_text:
+            return False  # a key removed by a reload, on a connection still open
         if not self._check_uids:
             return True
         # Checked on every message, never cached by routing id: a client may
@@ -252,6 +299,19 @@ class ClientGate:
             self._warned.add((what, uid))
             logger.warning("%s from uid %s: not the broker's own uid nor in allowed_uids",
                            what, uid)
+
+
+def _peer_uid(fd: int, endpoint: str) -> int | None:
+    """The uid of the process at the other end of an accepted ipc socket."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as duplicate:
+            if not _accepted_on(duplicate, endpoint):
+                return None
+            credentials = duplicate.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                               _UCRED.size)
+    except OSError:
+        return None
+    return _UCRED.unpack(credentials)[1]
 
 
 def _accepted_on(sock: socket.socket, endpoint: str) -> bool:

@@ -228,7 +228,11 @@ class Settings:
 
     drain_timeout: float = setting(
         10.0, live=True,
-        help="seconds SIGTERM waits for running statements before cancelling them")
+        help="seconds SIGTERM waits for running statements and open transactions "
+             "before cancelling them",
+        doc="New requests, and new transactions, are refused at once meanwhile; a "
+            "transaction in progress goes on (its connection closes at the deadline, which "
+            "rolls it back).")
 
     max_message_bytes: int = setting(
         DEFAULT_MAX_MESSAGE_BYTES,

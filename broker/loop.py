@@ -322,11 +322,11 @@ class Broker:
     def _close_transport(self) -> None:
         if self._metrics is not None:
             self._metrics.close()  # scrapes waiting for the loop get poolbroker_up 0
-        if self._gate is not None:
-            self._gate.close()
         # Give the last replies (answers to drained statements) a moment to
         # leave; a client that stopped reading cannot hold the exit longer.
         self._router.close(linger=REPLY_FLUSH_MS)
+        if self._gate is not None:
+            self._gate.close()  # after the router: no handshake goes unvetted
         self._context.term()
         if self._claim is not None:
             self._claim.release()  # last: the socket is closed, a successor may bind
@@ -346,10 +346,9 @@ class Broker:
         pools = self._pools.all
         by_wakeup = self._pools.by_wakeup
         gate = self._gate
-        monitor, handshakes = gate.monitor, gate.zap
+        monitor = gate.monitor
         poller.register(monitor, zmq.POLLIN)  # first: a socket beyond max_clients goes
         poller.register(router, zmq.POLLIN)   # before its requests are read, if it can
-        poller.register(handshakes, zmq.POLLIN)
         for wakeup in by_wakeup:
             poller.register(wakeup, zmq.POLLIN)
         scrapes = -1  # no descriptor is -1: the branch below never matches
@@ -372,8 +371,6 @@ class Broker:
                         self._on_opened(pool, now)
                     elif what is monitor:
                         gate.on_events()
-                    elif what is handshakes:
-                        gate.on_handshakes()
                     elif (conn := by_fd.get(what)) is not None:
                         self._unflushed.add(conn)  # a rerun or a DEALLOCATE may follow
                         self._on_outcomes(conn, conn.read(now), now)
@@ -432,7 +429,7 @@ class Broker:
         if op == OP_CONTROL:
             self._on_control(frames, request_id, now)
             return
-        if self._stopping:
+        if self._stopping and token is None:  # a transaction may finish (drain_timeout)
             self._reply_error(routing_id, request_id, ErrorKind.BROKER_UNAVAILABLE,
                               "the broker is shutting down; the request was not run")
             return
@@ -1042,10 +1039,7 @@ class Broker:
         if probe_peers:
             self._next_peer_probe = now + PEER_PROBE_INTERVAL
         for session in list(self._sessions.by_conn.values()):
-            if self._stopping:
-                if not session.busy:
-                    self._expire(session, "the broker is shutting down", now)
-            elif check_owners and session.owner_pid and not pid_alive(session.owner_pid):
+            if check_owners and session.owner_pid and not pid_alive(session.owner_pid):
                 self._expire(session, f"its owner process {session.owner_pid} exited", now)
                 self._forget_client(session.routing_id, now)
             elif probe_peers and not self._peer_connected(session.routing_id):

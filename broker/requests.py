@@ -271,6 +271,7 @@ class Decoder:
                     "client while the broker works on it): send it in parts inside a "
                     "transaction (the client library does so for executemany), or load "
                     "bulk data with copy()")
+            parameters = 0
             for _ in range(count):
                 if budget is not None:
                     # A parameter set (an item and its parameters) is counted
@@ -288,6 +289,14 @@ class Decoder:
                         raise Refusal(ErrorKind.MESSAGE, "each batch item is [sql, params]")
                     queries.append(self._convert(_text(item[0]), _params(item[1])))
                 job.size += _held(queries[-1])
+                parameters += len(queries[-1].params or ())
+                if parameters > protocol.MAX_PARAMETERS:
+                    raise Refusal(
+                        ErrorKind.PROGRAMMING,
+                        f"{OP_NAMES[op]} holds more than {protocol.MAX_PARAMETERS} parameters "
+                        "in all (each holds up every other client while the broker works on "
+                        "it): send it in parts inside a transaction (the client library does "
+                        "so for executemany), or load bulk data with copy()")
                 if job.size > room:
                     raise Refusal(
                         ErrorKind.TOO_MANY_REQUESTS,

@@ -17,9 +17,9 @@ import zmq
 
 from . import errors
 from .protocol import (
-    MAX_STATEMENTS, OP_BATCH, OP_BEGIN, OP_COMMIT, OP_CONTROL, OP_COPY_FROM, OP_COPY_TO,
-    OP_EXECUTE, OP_EXECUTEMANY, OP_PING, OP_ROLLBACK, OP_STATS, PROBE_REQUEST_ID, STATUS_OK,
-    default_endpoint, pack, unpack,
+    MAX_PARAMETERS, MAX_STATEMENTS, OP_BATCH, OP_BEGIN, OP_COMMIT, OP_CONTROL, OP_COPY_FROM,
+    OP_COPY_TO, OP_EXECUTE, OP_EXECUTEMANY, OP_PING, OP_ROLLBACK, OP_STATS, PROBE_REQUEST_ID,
+    STATUS_OK, default_endpoint, pack, unpack,
 )
 
 logger = logging.getLogger("poolbroker.client")
@@ -275,6 +275,9 @@ class Client:
                 if not give_up_at:
                     give_up_at = min(deadline, now + self.connect_timeout)
                 if now >= give_up_at:
+                    # A socket refused at the handshake (an allow-list) never
+                    # reconnects by itself: the next request starts afresh.
+                    self.close()
                     raise self._never_sent(timeout) from None
                 socket.poll(max(1, int((give_up_at - now) * 1000)), zmq.POLLOUT)
 
@@ -339,18 +342,51 @@ class Client:
 
     def _executemany(self, session: bytes | None, sql: str, seq_of_params: Iterable[Params],
                      timeout: float | None) -> Result:
-        """One request; more than MAX_STATEMENTS parameter sets go in parts,
-        inside ``session`` or a transaction of their own (so it stays atomic)."""
+        """One request; beyond what one may hold (MAX_STATEMENTS, MAX_PARAMETERS)
+        several, all or none: inside ``session`` behind a savepoint, or in a
+        transaction of their own."""
         params = list(seq_of_params)
-        if len(params) <= MAX_STATEMENTS:
+        parts = in_parts(params)
+        if len(parts) == 1:
             return Result._from_wire(self._request(OP_EXECUTEMANY, session, [sql, params],
                                                    timeout))
+        timeout = self.timeout if timeout is None else _seconds("timeout", timeout)
         if session is None:
             with self.transaction(timeout=timeout) as transaction:
-                return self._executemany(transaction._session, sql, params, timeout)
-        return parts_total([Result._from_wire(self._request(OP_EXECUTEMANY, session,
-                                                            [sql, part], timeout))
-                            for part in in_parts(params)])
+                return self._parts(transaction._session, sql, parts, timeout, savepoint=False)
+        self._request(OP_EXECUTE, session, [PARTS_SAVEPOINT, None], timeout)
+        return self._parts(session, sql, parts, timeout, savepoint=True)
+
+    def _parts(self, session: bytes, sql: str, parts: list[list[Params]], timeout: float, *,
+               savepoint: bool) -> Result:
+        """Run an executemany's ``parts`` in ``session``, within one ``timeout``.
+
+        A part that fails on the server aborts the transaction, so nothing of
+        the executemany can commit.  One refused unrun (no SQLSTATE: a
+        refusal, the timeout) leaves the transaction going with the parts
+        before it done: ``savepoint`` (set before the first part) undoes
+        them, as a refused executemany leaves nothing."""
+        deadline = time.monotonic() + timeout
+        results: list[Result] = []
+        try:
+            for part in parts:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise errors.QueryCanceled(
+                        f"executemany ran out of its timeout ({timeout:g} s) after {len(results)} "
+                        f"of its {len(parts)} parts; none of it is kept")
+                results.append(Result._from_wire(
+                    self._request(OP_EXECUTEMANY, session, [sql, part], left)))
+        except errors.Error as exc:
+            if savepoint and exc.sqlstate is None and results:
+                try:
+                    self._request(OP_EXECUTE, session, [PARTS_UNDO, None], self.timeout)
+                except errors.Error as undo_error:  # the original error matters more
+                    logger.debug("undoing the parts after %r failed: %s", exc, undo_error)
+            raise
+        if savepoint:
+            self._request(OP_EXECUTE, session, [PARTS_RELEASE, None], self.timeout)
+        return parts_total(results)
 
     def _begin(self, characteristics: list | None, op: int, args: list,
                timeout: float | None) -> tuple[bytes, Result]:
@@ -440,10 +476,26 @@ class Client:
         self._request(OP_PING, None, [], timeout)
 
 
-def in_parts(params: list[Params]) -> Iterator[list[Params]]:
-    """An executemany's parameter sets, MAX_STATEMENTS at a time."""
-    for start in range(0, len(params), MAX_STATEMENTS):
-        yield params[start:start + MAX_STATEMENTS]
+PARTS_SAVEPOINT = "SAVEPOINT poolbroker_executemany"
+PARTS_UNDO = "ROLLBACK TO SAVEPOINT poolbroker_executemany"
+PARTS_RELEASE = "RELEASE SAVEPOINT poolbroker_executemany"
+
+
+def in_parts(params: list[Params]) -> list[list[Params]]:
+    """An executemany's parameter sets in parts of at most MAX_STATEMENTS sets
+    and MAX_PARAMETERS values."""
+    parts: list[list[Params]] = []
+    part: list[Params] = []
+    values = 0
+    for row in params:
+        width = len(row) if isinstance(row, (list, tuple, dict)) else 0
+        if part and (len(part) == MAX_STATEMENTS or values + width > MAX_PARAMETERS):
+            parts.append(part)
+            part, values = [], 0
+        part.append(row)
+        values += width
+    parts.append(part)
+    return parts
 
 
 def parts_total(results: list[Result]) -> Result:

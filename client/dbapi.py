@@ -35,13 +35,15 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from ._client import Client, Params, Result, RowStream, in_parts, parts_total, quote_identifier
+from ._client import (
+    PARTS_SAVEPOINT, Client, Params, Result, RowStream, in_parts, quote_identifier,
+)
 from .errors import (
     DatabaseError, DataError, Error, IntegrityError, InterfaceError, InternalError,
     NotSupportedError, OperationalError, ProgrammingError, TransactionExpired, Warning,
 )
 from .protocol import (
-    ISOLATION_LEVELS, MAX_STATEMENTS, OP_COMMIT, OP_EXECUTE, OP_EXECUTEMANY, OP_ROLLBACK,
+    ISOLATION_LEVELS, OP_COMMIT, OP_EXECUTE, OP_EXECUTEMANY, OP_ROLLBACK,
 )
 from .protocol import default_endpoint
 
@@ -414,14 +416,21 @@ class Connection:
         return self._run(OP_EXECUTE, [sql, _params(params)])
 
     def _executemany(self, sql: str, params: list[Params]) -> Result:
-        """Over MAX_STATEMENTS parameter sets, in parts: inside the
-        transaction, or in autocommit inside one of their own (atomic)."""
-        if len(params) <= MAX_STATEMENTS:
+        """Beyond what one request may hold, in parts, all or none: inside the
+        transaction behind a savepoint, or in autocommit in one of their own."""
+        parts = in_parts(params)
+        if len(parts) == 1:
             return self._run(OP_EXECUTEMANY, [sql, params])
         if self._autocommit:
             self._check()
             return self._client._executemany(None, sql, params, self._timeout)
-        return parts_total([self._run(OP_EXECUTEMANY, [sql, part]) for part in in_parts(params)])
+        self._run(OP_EXECUTE, [PARTS_SAVEPOINT, None])  # opens the transaction if need be
+        try:
+            return self._client._parts(self._session, sql, parts, self._timeout or
+                                       self._client.timeout, savepoint=True)
+        except Error as exc:
+            self._failed = exc.sqlstate is not None  # as _run: the server aborted it
+            raise
 
 
 def _isolation_level(value: IsolationLevel | int | str | None) -> IsolationLevel | None:

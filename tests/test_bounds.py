@@ -232,6 +232,7 @@ def test_an_executemany_of_more_than_max_statements_runs_in_parts_in_one_transac
         start_broker):
     broker = start_broker(max_connections=2)
     c = broker.client
+    c.execute("DROP TABLE IF EXISTS bulk")
     c.execute("CREATE TABLE bulk (n int PRIMARY KEY)")
     rows = [[n] for n in range(3 * protocol.MAX_STATEMENTS + 5)]
     pings: list[float] = []
@@ -272,6 +273,68 @@ def test_an_executemany_of_more_than_max_statements_runs_in_parts_in_one_transac
     assert cur.rowcount == len(rows)
     conn.close()
     assert c.execute("SELECT count(*) FROM bulk").rows == [(0,)]
+
+
+@pytest.mark.parametrize("failure", ["unsendable value", "wrong arity", "SQL error"])
+@pytest.mark.parametrize("api", ["transaction()", "dbapi"])
+def test_an_executemany_in_parts_inside_a_transaction_is_all_or_nothing(start_broker, api,
+                                                                        failure):
+    # A failure in a later part: a server error aborts the transaction; one
+    # refused unrun (no SQLSTATE) leaves it going, so the parts that ran are
+    # undone (a savepoint), as a refused executemany of one request leaves nothing.
+    broker = start_broker(max_connections=1)
+    c = broker.client
+    c.execute("DROP TABLE IF EXISTS parts")
+    c.execute("CREATE TABLE parts (n int PRIMARY KEY)")
+    last = {"unsendable value": [object()], "wrong arity": [1, 2], "SQL error": [0]}[failure]
+    rows = [[n] for n in range(protocol.MAX_STATEMENTS)] + [last]
+    if api == "transaction()":
+        with c.transaction() as tx:
+            with pytest.raises(client.Error):
+                tx.executemany("INSERT INTO parts VALUES (%s)", rows)
+            if failure != "SQL error":  # the transaction goes on, without the parts
+                tx.execute("INSERT INTO parts VALUES (-1)")
+    else:
+        from client import dbapi
+
+        conn = dbapi.connect(broker.endpoint)
+        with pytest.raises(dbapi.Error):
+            conn.cursor().executemany("INSERT INTO parts VALUES (%s)", rows)
+        if failure == "SQL error":
+            conn.rollback()
+        else:
+            conn.cursor().execute("INSERT INTO parts VALUES (-1)")
+            conn.commit()
+        conn.close()
+    kept = [] if failure == "SQL error" else [(-1,)]
+    assert c.execute("SELECT n FROM parts").rows == kept
+
+
+def test_one_timeout_bounds_an_executemany_in_parts(start_broker):
+    broker = start_broker(max_connections=1)
+    c = broker.client
+    c.execute("DROP TABLE IF EXISTS slow_parts")
+    c.execute("CREATE TABLE slow_parts (n int)")
+    rows = [[n] for n in range(3 * protocol.MAX_STATEMENTS)]  # ~2 s a part
+    with pytest.raises(client.Error) as caught:
+        c.executemany("INSERT INTO slow_parts SELECT %s FROM pg_sleep(0.0005)", rows, timeout=3)
+    print(f"\n[executemany timeout] {type(caught.value).__name__}: {caught.value}")
+    assert c.execute("SELECT count(*) FROM slow_parts").rows == [(0,)]
+
+
+def test_wide_rows_are_split_by_parameters_too(start_broker):
+    broker = start_broker(max_connections=1)
+    width = 100  # 4,096 rows of 100 values: 6.25 times MAX_PARAMETERS
+    sql = "SELECT " + " + ".join(["%s::int"] * width)
+    with raw_socket(broker.endpoint) as s:
+        s.send_multipart([protocol.pack([1, protocol.OP_EXECUTEMANY, 10_000, None]),
+                          protocol.pack([sql, [[1] * width] * protocol.MAX_STATEMENTS])])
+        assert s.poll(10_000)
+        _, status, payload = protocol.unpack(s.recv())
+    assert status != protocol.STATUS_OK
+    assert f"more than {protocol.MAX_PARAMETERS} parameters" in str(payload)
+    result = broker.client.executemany(sql, [[1] * width] * protocol.MAX_STATEMENTS)
+    assert result.rowcount == protocol.MAX_STATEMENTS
 
 
 def test_a_client_that_never_reads_holds_a_bounded_amount_of_the_brokers_memory(start_broker):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import stat
@@ -169,7 +168,8 @@ def test_bad_settings_are_refused(tmp_path, text, message):
 
 @pytest.mark.parametrize("name", ["max_lifetime", "max_idle"])
 def test_a_lifetime_or_idle_time_under_a_second_is_refused(name):
-    with pytest.raises(ConfigError, match=f"{name} must be 0 \\(never\\) or at least 1 second"):
+    flag = name.replace("_", "-")
+    with pytest.raises(ConfigError, match=f"{flag} must be 0 \\(never\\) or at least 1 second"):
         load(None, {"dsn": "dbname=x", name: "0.001"}, environ={})
     assert getattr(load(None, {"dsn": "dbname=x", name: "0"}, environ={}), name) == 0
 

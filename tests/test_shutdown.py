@@ -5,9 +5,11 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from typing import Any
 
 import client
-from conftest import OF_APPLICATION, run_in_processes
+from client import protocol
+from conftest import OF_APPLICATION, run_in_processes, wait_until
 
 WRITERS = 6
 
@@ -76,3 +78,30 @@ def test_sigterm_under_load_loses_no_acknowledged_write(start_broker, admin):
         left = cur.execute(f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION}",
                            [broker.application_name]).fetchone()[0]
     assert left == 0
+
+
+def test_a_transaction_in_progress_finishes_during_a_graceful_stop(start_broker, admin):
+    # An executemany in parts runs inside a transaction of its own: SIGTERM
+    # in its middle lets it finish (within drain_timeout) rather than fail it.
+    admin.execute("DROP TABLE IF EXISTS drained_parts")
+    admin.execute("CREATE TABLE drained_parts (n int)")
+    broker = start_broker(max_connections=2, drain_timeout=30)
+    rows = [[n] for n in range(3 * protocol.MAX_STATEMENTS)]
+    outcome: list[Any] = []
+
+    def bulk() -> None:
+        try:
+            outcome.append(broker.client.executemany(
+                "INSERT INTO drained_parts SELECT %s FROM pg_sleep(0.0001)", rows,
+                timeout=60).rowcount)
+        except client.Error as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=bulk)
+    worker.start()
+    assert wait_until(lambda: broker.stats()["sessions_active"] == 1, 10)
+    broker.proc.send_signal(signal.SIGTERM)
+    worker.join()
+    assert broker.proc.wait(timeout=40) == 0
+    assert outcome == [len(rows)]
+    assert admin.execute("SELECT count(*) FROM drained_parts").fetchone()[0] == len(rows)

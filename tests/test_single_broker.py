@@ -201,3 +201,31 @@ def test_backends_it_may_not_terminate_count_against_the_cap(start_broker, admin
               f"max server connections {sampler.maximum} of cap {CAP}")
     assert sampler.maximum <= CAP
     assert pool_size == CAP
+
+
+def test_requests_sent_while_it_waits_for_room_before_serving_are_served(
+        start_broker, admin, two_roles):
+    # A dead predecessor's connections fill the cap, so the new broker waits
+    # before serving.  Clients may connect meanwhile (the handshakes do not
+    # wait for the loop): their requests queue and are served once room comes.
+    gone_dsn, next_dsn = two_roles
+    old = start_broker(dsn=gone_dsn, max_connections=2, connection_check_interval=0)
+    threads = _run_long_statements(old, admin, 2)
+    _kill(old, threads)
+    broker = start_broker(wait=False, dsn=next_dsn, endpoint=old.endpoint,
+                          application_name=old.application_name, max_connections=2)
+    assert wait_until(lambda: "waiting for them to end" in broker.log(), 10), broker.log()
+
+    def end_them() -> None:
+        time.sleep(3)
+        admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      f"WHERE {OF_APPLICATION} AND query = %s", [broker.application_name, LONG])
+
+    ender = threading.Thread(target=end_them)
+    ender.start()
+    c = client.Client(broker.endpoint, timeout=30)
+    try:
+        assert c.execute("SELECT 1").rows == [(1,)]
+    finally:
+        ender.join()
+        c.close()
