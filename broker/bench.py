@@ -204,6 +204,10 @@ class _BrokerSession:
 
         self._client = client.Client(endpoint, timeout=60)
         self._interactive = interactive
+        # The thread's socket connects on first use: before the clock runs,
+        # as psycopg's sessions connect in their constructor.  Else an
+        # overload request would spend its deadline on the handshake.
+        self._client.ping()
 
     def run(self, sql: str, params: Any = None) -> None:
         self._client.execute(sql, params)
@@ -694,6 +698,8 @@ pool_mode = transaction
 default_pool_size = {cap}
 max_db_connections = {cap}
 max_client_conn = 20000
+; 128 by default: overload's hundreds of client threads connecting at once got EAGAIN
+listen_backlog = 4096
 ignore_startup_parameters = extra_float_digits
 logfile = {directory}/pgbouncer.log
 pidfile = {directory}/pgbouncer.pid
