@@ -192,6 +192,11 @@ def _bench(args: argparse.Namespace) -> int:
                              f"choose from {', '.join(allowed)}")
         return picked
 
+    # The overload workload divides by the statement time (its capacity) and
+    # by the rate (its due times); a deadline of 0 would send nothing.
+    if args.rate < 0 or args.deadline <= 0 or args.statement_time <= 0:
+        raise SystemExit("poolbroker bench: --rate must be 0 or more, --deadline and "
+                         "--statement-time more than 0")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
     plan = bench.Plan(
