@@ -907,8 +907,8 @@ CLOSED_COLUMNS: _Columns = _LEAD + (
     ("ops/s", lambda r: _number(r.per_second)), ("p50 ms", lambda r: f"{r.p50_ms:.2f}"),
     ("p99 ms", lambda r: f"{r.p99_ms:.2f}"),
     ("max conns", lambda r: str(r.max_server_connections)), ("errors", lambda r: str(r.errors)),
-    ("vs pgbouncer", lambda r: _ratio(r.vs_pgbouncer)), ("vs direct", lambda r: _ratio(r.vs_direct)),
-    ("broker RSS MB", lambda r: _number(r.broker_peak_rss_mb))) + _CPU
+    ("vs pgbouncer", lambda r: _ratio(r.vs_pgbouncer)),
+    ("vs direct", lambda r: _ratio(r.vs_direct)), ("broker RSS MB", lambda r: _number(r.broker_peak_rss_mb))) + _CPU
 # Goodput: answers within the deadline; failed: errors (refused or cancelled
 # at the deadline); late: answers after it; unsent: due while every client
 # thread still waited; late starts: counted by the server.
