@@ -206,3 +206,14 @@ def test_psycopg_statements_are_cancelled_at_their_deadline(dsn):
     with pytest.raises(psycopg.errors.QueryCanceled):
         session.run_within("SELECT pg_sleep(30)", None, 0.2)
     session.run_within("SELECT 1", None, 0.2)  # the next statement is not cancelled
+
+
+def test_a_failed_pipelined_transaction_leaves_the_session_usable(dsn):
+    # In pipeline mode a failed statement skips the rest up to the Sync,
+    # COMMIT too: the session must roll back, not stay in an aborted
+    # transaction (through PgBouncer it would hold a server connection).
+    session = bench._PsycopgSession(dsn, True, "pb-bench-test", interactive=False)
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        session.transaction([("SELECT 1", None), ("SELECT 1 / 0", None), ("SELECT 2", None)])
+    session.transaction([("SELECT 1", None)])
+    session.run("SELECT 1")
