@@ -863,8 +863,12 @@ def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row
                 rows.append(_skipped(row(target), "pgbouncer not installed "
                                                   "(Debian: apt-get install pgbouncer)"))
                 continue
-            with _running_pgbouncer(binary, dsn, plan.cap, workdir) as (bouncer_dsn, pid):
-                for interactive, variant in _forms(workload, target):
+            # A PgBouncer per row, as a broker per row: each starts with no
+            # server connection, and opens them with its row's clients' name
+            # (one reused from the row before kept that row's name until
+            # PgBouncer next set it, and the sampler could miss the row).
+            for interactive, variant in _forms(workload, target):
+                with _running_pgbouncer(binary, dsn, plan.cap, workdir) as (bouncer_dsn, pid):
                     rows.append(_drive(row(variant), _psycopg_sessions(
                         workload, bouncer_dsn, False, application_name(variant), interactive),
                         dsn, plan, pid))
