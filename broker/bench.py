@@ -512,17 +512,24 @@ def _client_process(make_session: Callable[[], Any], plan: Plan, workload: str, 
 class _Sampler(threading.Thread):
     def __init__(self, dsn: str, application_name: str) -> None:
         super().__init__(daemon=True)
-        self._dsn = dsn
         self._application_name = application_name
         self._done = threading.Event()
         self.maximum = 0
+        # Connected, and a first count taken, before the clock runs: a
+        # 0.2 s row on a loaded machine could end before run() had connected,
+        # and report 0 connections.
+        self._conn = psycopg.connect(dsn, autocommit=True)
+        self._sample()
+
+    def _sample(self) -> None:
+        count = self._conn.execute(COUNT_SERVER_CONNECTIONS,
+                                   [self._application_name]).fetchone()[0]
+        self.maximum = max(self.maximum, count)
 
     def run(self) -> None:
-        with psycopg.connect(self._dsn, autocommit=True) as conn:
+        with self._conn:
             while not self._done.is_set():
-                count = conn.execute(COUNT_SERVER_CONNECTIONS,
-                                     [self._application_name]).fetchone()[0]
-                self.maximum = max(self.maximum, count)
+                self._sample()
                 self._done.wait(0.01)
 
     def stop(self) -> int:
