@@ -3,16 +3,24 @@
 Each target is driven by the same forked client processes and threads for
 the same duration, one target at a time, while a separate connection
 samples ``pg_stat_activity``.  Without ``--dsn`` the bench creates a
-throwaway PostgreSQL cluster; ``pk``, ``txn``, ``mixed`` and ``orm`` need
-pgbench's tables, created with ``pgbench -i`` when they are missing.
-``orm`` needs SQLAlchemy (the ``sqlalchemy`` extra); without it its rows
-say so and the other workloads run.
+throwaway PostgreSQL cluster; ``pk``, ``txn``, ``mixed``, ``orm`` and
+``web`` need pgbench's tables, created with ``pgbench -i`` when they are
+missing.  ``orm`` needs SQLAlchemy (the ``sqlalchemy`` extra); without it
+its rows say so and the other workloads run.
+
+Every workload but ``overload`` is a closed loop: each client thread sends
+its next operation when the last one is answered.  ``overload`` is an open
+loop: requests are offered at a fixed rate whatever the answers, each with
+a deadline, and the server counts the statements that start after theirs.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import random
@@ -26,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -39,8 +47,11 @@ from .predecessors import MARK
 
 logger = logging.getLogger("poolbroker.bench")
 
-WORKLOADS = ("select1", "pk", "txn", "mixed", "orm")
+WORKLOADS = ("select1", "pk", "txn", "mixed", "orm", "web", "overload")
 TARGETS = ("broker", "pgbouncer", "direct")
+# Workloads whose operation is one transaction of several statements: each
+# target runs them both statement by statement and in one round trip.
+TRANSACTIONS = ("txn", "web")
 ACCOUNTS_PER_SCALE = 100_000
 TELLERS_PER_SCALE = 10
 
@@ -55,6 +66,18 @@ TPCB = (
 )
 PK_LOOKUP = "SELECT abalance FROM pgbench_accounts WHERE aid = %s"
 ACCOUNT_UPDATE = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s"
+WEB_READS = 5  # primary-key reads per page of the web workload, before its one update
+# The overload workload's statement.  The server itself compares its clock
+# with the request's deadline as the statement starts, so a statement whose
+# client already gave up (and will never read the result) is counted too.
+LATE_SEQUENCE = "bench_late"
+OVERLOAD = ("SELECT CASE WHEN clock_timestamp() > to_timestamp(%s) "
+            f"THEN nextval('{LATE_SEQUENCE}') END, pg_sleep(%s)")
+# Statements started after their deadline so far (last_value is 1, not 0,
+# before the first nextval).
+LATE_STARTS = f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {LATE_SEQUENCE}"
+COUNT_ACTIVE = ("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                f"AND split_part(application_name, '{MARK}', 1) = %s")
 # A target's server connections, by the application_name its clients (or
 # its broker) give them: other sessions on a shared database, pgbench -i,
 # a previous target's leftovers or the sampler itself must not count.
@@ -67,11 +90,12 @@ COUNT_SERVER_CONNECTIONS = (
 @dataclass
 class Row:
     workload: str
-    target: str  # broker, broker-tx, baseline-broker(-tx), pgbouncer, direct
+    # broker, broker-tx, baseline-broker(-tx), pgbouncer(-pipeline), direct(-pipeline)
+    target: str
     processes: int
     threads: int
     seconds: float
-    operations: int = 0
+    operations: int = 0  # overload: answered within the deadline
     errors: int = 0
     first_error: str = ""
     per_second: float = 0.0
@@ -79,7 +103,18 @@ class Row:
     p99_ms: float = 0.0
     max_server_connections: int = 0
     broker_peak_rss_mb: float | None = None
-    vs_pgbouncer: float | None = None
+    # CPU (user + system) per request sent, in microseconds: of every client
+    # process together, and of the broker process (PgBouncer's for its rows;
+    # none for direct, whose work is all in PostgreSQL).
+    client_cpu_us: float | None = None
+    broker_cpu_us: float | None = None
+    # overload only
+    offered_per_second: float | None = None
+    goodput_of_capacity: float | None = None  # per_second / (cap / statement time)
+    late_answers: int = 0  # answered without error, but after the deadline
+    unsent: int = 0  # due while every thread of its process still waited
+    late_starts: int | None = None  # statements the server started after their deadline
+    vs_pgbouncer: float | None = None  # of per_second (overload: of goodput)
     vs_direct: float | None = None
     skipped: str = ""  # why this target did not run
 
@@ -101,20 +136,66 @@ def _psycopg_options(prepare: bool, application_name: str) -> dict[str, Any]:
     return {"application_name": application_name, "prepare_threshold": 5 if prepare else None}
 
 
+Statements = list[tuple[str, Any]]  # (sql, params) of one transaction
+
+
 class _PsycopgSession:
-    def __init__(self, dsn: str, prepare: bool, application_name: str) -> None:
+    def __init__(self, dsn: str, prepare: bool, application_name: str,
+                 interactive: bool) -> None:
         self._conn = psycopg.connect(dsn, autocommit=True,
                                      **_psycopg_options(prepare, application_name))
+        self._interactive = interactive
+        # The statement run_within() may cancel, None between them: the
+        # canceller checks it under the lock, so a cancel meant for one
+        # statement never reaches the next.
+        self.cancel_lock = threading.Lock()
+        self.ticket: int | None = None
 
     def run(self, sql: str, params: Any = None) -> None:
         cur = self._conn.execute(sql, params)
         if cur.description is not None:
             cur.fetchall()
 
-    def transaction(self, params: dict[str, int]) -> None:
-        with self._conn.transaction():
-            for sql in TPCB:
-                self.run(sql, params)
+    def run_within(self, sql: str, params: Any, timeout: float) -> None:
+        """run(), cancelled on the server when it has not ended within
+        ``timeout`` seconds: psycopg has no per-call deadline, and a cancel
+        is what a client that gives up can do to stop the work it asked for."""
+        canceller = _canceller()
+        with self.cancel_lock:
+            self.ticket = canceller.arm(time.monotonic() + timeout, self)
+        try:
+            self.run(sql, params)
+        finally:
+            with self.cancel_lock:
+                self.ticket = None
+
+    def cancel(self) -> None:
+        self._conn.cancel_safe()
+
+    def transaction(self, statements: Statements) -> None:
+        if self._interactive:
+            with self._conn.transaction():
+                for sql, params in statements:
+                    self.run(sql, params)
+            return
+        # Pipeline mode: BEGIN, the statements and COMMIT go out together and
+        # their results come back after one Sync, the analogue of a batch.
+        # BEGIN and COMMIT as statements: psycopg's transaction() in a
+        # pipeline syncs at its COMMIT and the pipeline again at its end, two
+        # round trips (counted with strace).
+        try:
+            with self._conn.pipeline():
+                self._conn.execute("BEGIN")
+                cursors = [self._conn.execute(sql, params) for sql, params in statements]
+                self._conn.execute("COMMIT")
+        except psycopg.Error:
+            # A failed statement skips the rest up to the Sync, COMMIT too,
+            # and leaves the transaction open and aborted.
+            self._conn.rollback()
+            raise
+        for cur in cursors:
+            if cur.description is not None:
+                cur.fetchall()
 
 
 class _BrokerSession:
@@ -123,17 +204,73 @@ class _BrokerSession:
 
         self._client = client.Client(endpoint, timeout=60)
         self._interactive = interactive
+        # The thread's socket connects on first use: before the clock runs,
+        # as psycopg's sessions connect in their constructor.  Else an
+        # overload request would spend its deadline on the handshake.
+        self._client.ping()
 
     def run(self, sql: str, params: Any = None) -> None:
         self._client.execute(sql, params)
 
-    def transaction(self, params: dict[str, int]) -> None:
+    def run_within(self, sql: str, params: Any, timeout: float) -> None:
+        self._client.execute(sql, params, timeout=timeout)
+
+    def transaction(self, statements: Statements) -> None:
         if self._interactive:
             with self._client.transaction() as tx:
-                for sql in TPCB:
+                for sql, params in statements:
                     tx.execute(sql, params)
         else:
-            self._client.batch([(sql, params) for sql in TPCB])
+            self._client.batch(statements)
+
+
+class _Canceller(threading.Thread):
+    """Cancels psycopg statements still running at their deadline: one
+    thread per client process, where a timer per request would start
+    thousands of threads a second."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="bench-canceller")
+        self._due: list[tuple[float, int, _PsycopgSession]] = []  # a heap
+        self._changed = threading.Condition()
+        self._tickets = itertools.count(1)
+
+    def arm(self, at: float, session: _PsycopgSession) -> int:
+        with self._changed:
+            ticket = next(self._tickets)
+            heapq.heappush(self._due, (at, ticket, session))
+            if self._due[0][1] == ticket:  # sooner than what the thread waits for
+                self._changed.notify()
+        return ticket
+
+    def run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, ticket, session = heapq.heappop(self._due)
+            # Outside the heap's lock: a cancel waits for PgBouncer's answer,
+            # and the other threads keep arming meanwhile.
+            with session.cancel_lock:
+                if session.ticket == ticket:
+                    try:
+                        session.cancel()
+                    except psycopg.Error:
+                        pass  # the statement is ending anyway: its error says how
+
+
+_cancellers: dict[int, _Canceller] = {}
+_cancellers_lock = threading.Lock()
+
+
+def _canceller() -> _Canceller:
+    """This process's canceller (a forked client process starts its own)."""
+    with _cancellers_lock:
+        canceller = _cancellers.get(os.getpid())
+        if canceller is None:
+            canceller = _cancellers[os.getpid()] = _Canceller()
+            canceller.start()
+        return canceller
 
 
 # The orm workload: one page of a SQLAlchemy web app per operation.
@@ -217,27 +354,35 @@ def _broker_sessions(workload: str, endpoint: str, interactive: bool) -> Callabl
     return lambda: _BrokerSession(endpoint, interactive)
 
 
-def _psycopg_sessions(workload: str, dsn: str, prepare: bool,
-                      application_name: str) -> Callable[[], Any]:
+def _psycopg_sessions(workload: str, dsn: str, prepare: bool, application_name: str,
+                      interactive: bool) -> Callable[[], Any]:
     if workload == "orm":
         return lambda: _OrmSession(_psycopg_engine(dsn, prepare, application_name))
-    return lambda: _PsycopgSession(dsn, prepare, application_name)
+    return lambda: _PsycopgSession(dsn, prepare, application_name, interactive)
 
 
 def _operation(workload: str, session: Any, rng: random.Random,
                scale: int) -> Callable[[], None]:
     accounts = ACCOUNTS_PER_SCALE * scale
 
-    def tpcb_params() -> dict[str, int]:
-        return {"aid": rng.randint(1, accounts), "tid": rng.randint(1, TELLERS_PER_SCALE * scale),
-                "bid": rng.randint(1, scale), "delta": rng.randint(-5000, 5000)}
+    def tpcb() -> Statements:
+        params = {"aid": rng.randint(1, accounts),
+                  "tid": rng.randint(1, TELLERS_PER_SCALE * scale),
+                  "bid": rng.randint(1, scale), "delta": rng.randint(-5000, 5000)}
+        return [(sql, params) for sql in TPCB]
+
+    def web_page() -> Statements:
+        aids = [rng.randint(1, accounts) for _ in range(WEB_READS)]
+        return [(PK_LOOKUP, [aid]) for aid in aids] + [(ACCOUNT_UPDATE, [aids[0]])]
 
     if workload == "select1":
         return lambda: session.run("SELECT 1")
     if workload == "pk":
         return lambda: session.run(PK_LOOKUP, [rng.randint(1, accounts)])
     if workload == "txn":
-        return lambda: session.transaction(tpcb_params())
+        return lambda: session.transaction(tpcb())
+    if workload == "web":
+        return lambda: session.transaction(web_page())
     if workload == "orm":
         return lambda: session.page(rng.randint(1, accounts))
 
@@ -248,74 +393,143 @@ def _operation(workload: str, session: Any, rng: random.Random,
         elif roll < 0.9:
             session.run(ACCOUNT_UPDATE, [rng.randint(1, accounts)])
         else:
-            session.transaction(tpcb_params())
+            session.transaction(tpcb())
     return mixed
 
 
 # Client processes.
 
-def _client_thread(make_session: Callable[[], Any], workload: str, scale: int, seed: int,
-                   connected: threading.Barrier, go: Any, duration: float,
-                   out: list) -> None:
-    rng = random.Random(seed)
-    try:
-        session = make_session()
-    except Exception as exc:  # counted, not fatal: the row says what went wrong
-        out.append(([], 1, f"connect: {type(exc).__name__}: {exc}"))
-        connected.wait()
-        return
-    operation = _operation(workload, session, rng, scale)
-    connected.wait()
-    go.wait()
-    latencies: list[float] = []
-    errors, first_error = 0, ""
-    end = time.monotonic() + duration
+@dataclass
+class _Tally:
+    """What client threads measured: one per thread, summed per process,
+    then per row."""
+    latencies: list[float] = field(default_factory=list)  # seconds; overload: goodput only
+    errors: int = 0
+    first_error: str = ""
+    late_answers: int = 0
+    unsent: int = 0
+    cpu_seconds: float = 0.0  # the process's, while the clock ran
+
+    def failed(self, exc: Exception, during: str = "") -> None:
+        self.errors += 1
+        self.first_error = self.first_error or f"{during}{type(exc).__name__}: {exc}"
+
+    def add(self, other: _Tally) -> None:
+        self.latencies += other.latencies
+        self.errors += other.errors
+        self.first_error = self.first_error or other.first_error
+        self.late_answers += other.late_answers
+        self.unsent += other.unsent
+        self.cpu_seconds += other.cpu_seconds
+
+
+def _closed_loop(operation: Callable[[], None], end: float, tally: _Tally) -> None:
     clock = time.perf_counter
     while time.monotonic() < end:
         started = clock()
         try:
             operation()
         except Exception as exc:
-            errors += 1
-            first_error = first_error or f"{type(exc).__name__}: {exc}"
+            tally.failed(exc)
             continue
-        latencies.append(clock() - started)
-    out.append((latencies, errors, first_error))
+        tally.latencies.append(clock() - started)
 
 
-def _client_process(make_session: Callable[[], Any], workload: str, scale: int, index: int,
-                    threads: int, ready: Any, go: Any, duration: float, results: Any) -> None:
-    out: list = []
+def _open_loop(session: Any, plan: Plan, start: float, slots: Iterator[int], phase: float,
+               tally: _Tally) -> None:
+    """Offer a request at each of the process's due times, whatever the
+    answers: the threads of a process share its times, each taking the
+    next one when it is free, so slow answers do not slow the offer until
+    every thread waits (a time that passes so is counted unsent).
+    Latency runs from the due time, not from when a thread was free."""
+    rate = plan.offered_rate / plan.processes
+    end = start + plan.duration
+    for slot in slots:
+        due = start + (slot + phase) / rate
+        if due >= end:
+            return
+        if (wait := due - time.monotonic()) > 0:
+            time.sleep(wait)
+        # The broker's client sends its timeout in whole milliseconds.
+        remaining = due + plan.deadline - time.monotonic()
+        if remaining < 0.001:
+            tally.unsent += 1
+            continue
+        try:
+            session.run_within(OVERLOAD, [time.time() + remaining, plan.statement_time],
+                               remaining)
+        except Exception as exc:
+            tally.failed(exc)
+            continue
+        latency = time.monotonic() - due
+        if latency <= plan.deadline:
+            tally.latencies.append(latency)
+        else:
+            tally.late_answers += 1
+
+
+def _client_thread(make_session: Callable[[], Any], plan: Plan, workload: str, seed: int,
+                   connected: threading.Barrier, go: Any, start: Any, slots: Iterator[int],
+                   phase: float, tally: _Tally) -> None:
+    try:
+        session = make_session()
+    except Exception as exc:  # counted, not fatal: the row says what went wrong
+        tally.failed(exc, "connect: ")
+        connected.wait()
+        return
+    connected.wait()
+    go.wait()
+    if workload == "overload":
+        _open_loop(session, plan, start.value, slots, phase, tally)
+    else:
+        _closed_loop(_operation(workload, session, random.Random(seed), plan.scale),
+                     start.value + plan.duration, tally)
+
+
+def _client_process(make_session: Callable[[], Any], plan: Plan, workload: str, index: int,
+                    threads: int, ready: Any, go: Any, start: Any, results: Any) -> None:
+    tallies = [_Tally() for _ in range(threads)]
     barrier = threading.Barrier(threads + 1)
+    slots = itertools.count()  # next() on it is atomic: each due time goes to one thread
+    phase = index / plan.processes  # the processes' due times interleave
     workers = [threading.Thread(target=_client_thread, args=(
-        make_session, workload, scale, index * 1000 + t, barrier, go, duration, out))
-        for t in range(threads)]
+        make_session, plan, workload, index * 1000 + t, barrier, go, start, slots, phase,
+        tallies[t])) for t in range(threads)]
     for worker in workers:
         worker.start()
     barrier.wait()  # every thread has connected (or failed to)
     ready.put(index)
+    go.wait()
+    cpu = time.process_time()  # every thread's, connecting excluded
     for worker in workers:
         worker.join()
-    latencies = [x for part in out for x in part[0]]
-    errors = sum(part[1] for part in out)
-    first_error = next((part[2] for part in out if part[2]), "")
-    results.put((latencies, errors, first_error))
+    total = _Tally(cpu_seconds=time.process_time() - cpu)
+    for tally in tallies:
+        total.add(tally)
+    results.put(total)
 
 
 class _Sampler(threading.Thread):
     def __init__(self, dsn: str, application_name: str) -> None:
         super().__init__(daemon=True)
-        self._dsn = dsn
         self._application_name = application_name
         self._done = threading.Event()
         self.maximum = 0
+        # Connected, and a first count taken, before the clock runs: a
+        # 0.2 s row on a loaded machine could end before run() had connected,
+        # and report 0 connections.
+        self._conn = psycopg.connect(dsn, autocommit=True)
+        self._sample()
+
+    def _sample(self) -> None:
+        count = self._conn.execute(COUNT_SERVER_CONNECTIONS,
+                                   [self._application_name]).fetchone()[0]
+        self.maximum = max(self.maximum, count)
 
     def run(self) -> None:
-        with psycopg.connect(self._dsn, autocommit=True) as conn:
+        with self._conn:
             while not self._done.is_set():
-                count = conn.execute(COUNT_SERVER_CONNECTIONS,
-                                     [self._application_name]).fetchone()[0]
-                self.maximum = max(self.maximum, count)
+                self._sample()
                 self._done.wait(0.01)
 
     def stop(self) -> int:
@@ -324,34 +538,82 @@ class _Sampler(threading.Thread):
         return self.maximum
 
 
-def _drive(row: Row, make_session: Callable[[], Any], dsn: str, scale: int) -> Row:
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, every thread of it, so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        # Fields 14 and 15, counted after the command name, which may hold spaces.
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ensure_late_sequence(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SEQUENCE IF NOT EXISTS {LATE_SEQUENCE}")
+
+
+def late_starts(dsn: str) -> int:
+    """Overload statements the server has started after their deadline, ever."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(LATE_STARTS).fetchone()[0]
+
+
+def _await_idle(dsn: str, application_name: str, timeout: float = 30.0) -> None:
+    """Until no statement of the target runs: one its client gave up on may
+    still be queued or running, and it must be counted if it starts late."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        give_up = time.monotonic() + timeout
+        while conn.execute(COUNT_ACTIVE, [application_name]).fetchone()[0] \
+                and time.monotonic() < give_up:
+            time.sleep(0.05)
+
+
+def _drive(row: Row, make_session: Callable[[], Any], dsn: str, plan: Plan,
+           server_pid: int | None = None) -> Row:
+    """Run the row's clients; ``server_pid`` is the broker's or PgBouncer's
+    process, whose CPU the row reports."""
     ctx = multiprocessing.get_context("fork")
     ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+    start = ctx.Value("d", 0.0, lock=False)  # CLOCK_MONOTONIC is the same in every process
     procs = [ctx.Process(target=_client_process, args=(
-        make_session, row.workload, scale, i, row.threads, ready, go, row.seconds, results))
+        make_session, plan, row.workload, i, row.threads, ready, go, start, results))
         for i in range(row.processes)]
     for proc in procs:
         proc.start()
     for _ in procs:
         ready.get(timeout=120)
-    sampler = _Sampler(dsn, application_name(row.target))
+    name = application_name(row.target)
+    overload = row.workload == "overload"
+    late_before = late_starts(dsn) if overload else 0
+    sampler = _Sampler(dsn, name)
     sampler.start()
+    server_cpu = _cpu_seconds(server_pid) if server_pid else 0.0
+    start.value = time.monotonic()
     go.set()
-    latencies: list[float] = []
+    tally = _Tally()
     for _ in procs:
-        part, errors, first_error = results.get(timeout=row.seconds + 120)
-        latencies += part
-        row.errors += errors
-        row.first_error = row.first_error or first_error
+        tally.add(results.get(timeout=row.seconds + 120))
+    if server_pid:
+        server_cpu = _cpu_seconds(server_pid) - server_cpu
     for proc in procs:
         proc.join()
     row.max_server_connections = sampler.stop()
+    latencies = sorted(tally.latencies)
+    row.errors, row.first_error = tally.errors, tally.first_error
     row.operations = len(latencies)
     row.per_second = row.operations / row.seconds
     if latencies:
-        latencies.sort()
         row.p50_ms = statistics.median(latencies) * 1000
         row.p99_ms = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
+    if sent := row.operations + tally.late_answers + row.errors:
+        row.client_cpu_us = round(tally.cpu_seconds / sent * 1e6, 1)
+        if server_pid:
+            row.broker_cpu_us = round(server_cpu / sent * 1e6, 1)
+    if overload:
+        row.late_answers, row.unsent = tally.late_answers, tally.unsent
+        row.offered_per_second = round((sent + row.unsent) / row.seconds, 1)
+        row.goodput_of_capacity = round(row.per_second / plan.capacity, 3)
+        _await_idle(dsn, name)
+        row.late_starts = late_starts(dsn) - late_before
     return row
 
 
@@ -418,8 +680,10 @@ def find_pgbouncer(explicit: str | None = None) -> str | None:
 
 
 @contextmanager
-def _running_pgbouncer(binary: str, dsn: str, cap: int, workdir: str) -> Iterator[str]:
-    """PgBouncer in transaction mode with the same cap; yields a client DSN."""
+def _running_pgbouncer(binary: str, dsn: str, cap: int,
+                       workdir: str) -> Iterator[tuple[str, int]]:
+    """PgBouncer in transaction mode with the same cap; yields a client DSN
+    and its process id."""
     server = conninfo_to_dict(dsn)
     directory = Path(tempfile.mkdtemp(prefix="pgbouncer-", dir=workdir))
     directory.chmod(0o755)
@@ -441,6 +705,8 @@ pool_mode = transaction
 default_pool_size = {cap}
 max_db_connections = {cap}
 max_client_conn = 20000
+; 128 by default: overload's hundreds of client threads connecting at once got EAGAIN
+listen_backlog = 4096
 ignore_startup_parameters = extra_float_digits
 logfile = {directory}/pgbouncer.log
 pidfile = {directory}/pgbouncer.pid
@@ -463,7 +729,7 @@ pidfile = {directory}/pgbouncer.pid
                 raise RuntimeError("PgBouncer did not start: " +
                                    (log.read_text()[-2000:] if log.exists() else ""))
             time.sleep(0.05)
-        yield make_conninfo(host=str(directory), port=port, dbname="bench", user=user)
+        yield make_conninfo(host=str(directory), port=port, dbname="bench", user=user), proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -512,6 +778,31 @@ class Plan:
     dsn: str | None = None
     pgbouncer: str | None = None
     baseline: str | None = None  # a checkout of another poolbroker, run after "broker"
+    # overload: requests offered per second (0: twice the capacity), each
+    # request's deadline and its statement's duration, in seconds
+    rate: float = 0.0
+    deadline: float = 0.1
+    statement_time: float = 0.003
+
+    @property
+    def capacity(self) -> float:
+        """Overload statements per second the cap can run at the most."""
+        return self.cap / self.statement_time
+
+    @property
+    def offered_rate(self) -> float:
+        return self.rate or 2 * self.capacity
+
+    def threads_for(self, workload: str) -> int:
+        """Client threads per process.  An open loop needs a free thread at
+        each due time: a request holds one for about its deadline (the
+        broker answers by then; psycopg's is cancelled then), so a
+        process's share of the rate times the deadline, and half again for
+        the stragglers."""
+        if workload != "overload":
+            return self.threads
+        per_process = self.offered_rate / self.processes
+        return max(self.threads, math.ceil(per_process * self.deadline * 1.5) + 1)
 
 
 def run(plan: Plan) -> list[Row]:
@@ -525,8 +816,10 @@ def run(plan: Plan) -> list[Row]:
         workdir = tempfile.mkdtemp(prefix="pb-bench-", dir="/tmp")
         try:
             with _database(plan.dsn, workdir) as dsn:
-                if set(runnable) - {"select1"}:
+                if set(runnable) - {"select1", "overload"}:
                     _ensure_pgbench_tables(dsn, plan.scale)
+                if "overload" in runnable:
+                    ensure_late_sequence(dsn)
                 for workload in runnable:
                     results[workload] = _run_workload(plan, workload, dsn, workdir)
         finally:
@@ -535,12 +828,23 @@ def run(plan: Plan) -> list[Row]:
 
 
 def _row(plan: Plan, workload: str, target: str) -> Row:
-    return Row(workload, target, plan.processes, plan.threads, plan.duration)
+    return Row(workload, target, plan.processes, plan.threads_for(workload), plan.duration)
 
 
 def _skipped(row: Row, why: str) -> Row:
     row.skipped = why
     return row
+
+
+def _forms(workload: str, target: str) -> list[tuple[bool, str]]:
+    """(interactive, row's target) for each way ``target`` runs ``workload``.
+    A transaction runs statement by statement and in one round trip: the
+    broker's plain row is its batch (``-tx`` the interactive one),
+    psycopg's plain row the interactive one (``-pipeline`` pipeline mode)."""
+    both = workload in TRANSACTIONS
+    if target == "broker":
+        return [(False, target)] + ([(True, f"{target}-tx")] if both else [])
+    return [(True, target)] + ([(False, f"{target}-pipeline")] if both else [])
 
 
 def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row]:
@@ -549,17 +853,15 @@ def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row
 
     rows: list[Row] = []
     for target in plan.targets:
-        name = application_name(target)
         if target == "broker":
             brokers = [("", None)] + ([("baseline-", plan.baseline)] if plan.baseline else [])
-            variants = [(False, "broker")] + ([(True, "broker-tx")] if workload == "txn" else [])
-            for interactive, variant in variants:
+            for interactive, variant in _forms(workload, target):
                 for prefix, source in brokers:  # A/B: each variant, back to back
                     name = application_name(prefix + variant)
                     with _running_broker(dsn, plan.cap, workdir, name, source) \
                             as (endpoint, pid):
                         result = _drive(row(prefix + variant), _broker_sessions(
-                            workload, endpoint, interactive), dsn, plan.scale)
+                            workload, endpoint, interactive), dsn, plan, pid)
                         result.broker_peak_rss_mb = round(_peak_rss_mb(pid), 1)
                     rows.append(result)
         elif target == "pgbouncer":
@@ -568,12 +870,24 @@ def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row
                 rows.append(_skipped(row(target), "pgbouncer not installed "
                                                   "(Debian: apt-get install pgbouncer)"))
                 continue
-            with _running_pgbouncer(binary, dsn, plan.cap, workdir) as bouncer_dsn:
-                rows.append(_drive(row(target), _psycopg_sessions(
-                    workload, bouncer_dsn, False, name), dsn, plan.scale))
+            # A PgBouncer per row, as a broker per row: each starts with no
+            # server connection, and opens them with its row's clients' name
+            # (one reused from the row before kept that row's name until
+            # PgBouncer next set it, and the sampler could miss the row).
+            for interactive, variant in _forms(workload, target):
+                with _running_pgbouncer(binary, dsn, plan.cap, workdir) as (bouncer_dsn, pid):
+                    rows.append(_drive(row(variant), _psycopg_sessions(
+                        workload, bouncer_dsn, False, application_name(variant), interactive),
+                        dsn, plan, pid))
+        elif target == "direct" and workload == "overload":
+            # Without a cap there is no capacity to offer twice: direct opens
+            # a server connection per client thread, that is per request in
+            # flight, and PostgreSQL runs them all.
+            rows.append(_skipped(row(target), "direct psycopg has no cap to overload"))
         elif target == "direct":
-            rows.append(_drive(row(target), _psycopg_sessions(workload, dsn, True, name),
-                               dsn, plan.scale))
+            for interactive, variant in _forms(workload, target):
+                rows.append(_drive(row(variant), _psycopg_sessions(
+                    workload, dsn, True, application_name(variant), interactive), dsn, plan))
         else:
             raise ValueError(f"unknown target {target!r}")
     baseline = {r.target: r.per_second for r in rows if not r.skipped}
@@ -587,25 +901,55 @@ def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row
     return rows
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _number(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+_Columns = tuple[tuple[str, Callable[[Row], str]], ...]
+_LEAD: _Columns = (("workload", lambda r: r.workload), ("target", lambda r: r.target),
+                   ("clients", lambda r: f"{r.processes}x{r.threads}"))
+_CPU: _Columns = (("client us/req", lambda r: _number(r.client_cpu_us)),
+                  ("broker us/req", lambda r: _number(r.broker_cpu_us)))
+CLOSED_COLUMNS: _Columns = _LEAD + (
+    ("ops/s", lambda r: _number(r.per_second)), ("p50 ms", lambda r: f"{r.p50_ms:.2f}"),
+    ("p99 ms", lambda r: f"{r.p99_ms:.2f}"),
+    ("max conns", lambda r: str(r.max_server_connections)), ("errors", lambda r: str(r.errors)),
+    ("vs pgbouncer", lambda r: _ratio(r.vs_pgbouncer)),
+    ("vs direct", lambda r: _ratio(r.vs_direct)), ("broker RSS MB", lambda r: _number(r.broker_peak_rss_mb))) + _CPU
+# Goodput: answers within the deadline; failed: errors (refused or cancelled
+# at the deadline); late: answers after it; unsent: due while every client
+# thread still waited; late starts: counted by the server.
+OVERLOAD_COLUMNS: _Columns = _LEAD + (
+    ("offered/s", lambda r: _number(r.offered_per_second)),
+    ("goodput/s", lambda r: _number(r.per_second)),
+    ("of capacity", lambda r: _number(r.goodput_of_capacity, 2)),
+    ("p99 ms", lambda r: f"{r.p99_ms:.2f}"), ("failed", lambda r: str(r.errors)),
+    ("late", lambda r: str(r.late_answers)), ("unsent", lambda r: str(r.unsent)),
+    ("late starts", lambda r: _number(r.late_starts)),
+    ("max conns", lambda r: str(r.max_server_connections)),
+    ("vs pgbouncer", lambda r: _ratio(r.vs_pgbouncer))) + _CPU
+
+
+def _table(rows: list[Row], columns: _Columns) -> list[str]:
+    lines = [tuple(name for name, _ in columns)] + [
+        tuple(cell(r) for _, cell in columns) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    return ["  ".join(cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i])
+                      for i, cell in enumerate(line)).rstrip() for line in lines]
+
+
 def format_table(rows: list[Row]) -> str:
-    header = ("workload", "target", "clients", "ops/s", "p50 ms", "p99 ms", "max conns",
-              "errors", "vs pgbouncer", "vs direct", "broker RSS MB")
-
-    def ratio(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}x"
-
-    lines = [header]
-    for r in rows:
-        if r.skipped:
-            continue
-        clients = f"{r.processes}x{r.threads}"
-        lines.append((r.workload, r.target, clients, f"{r.per_second:,.0f}", f"{r.p50_ms:.2f}",
-                      f"{r.p99_ms:.2f}", str(r.max_server_connections), str(r.errors),
-                      ratio(r.vs_pgbouncer), ratio(r.vs_direct),
-                      "-" if r.broker_peak_rss_mb is None else f"{r.broker_peak_rss_mb:.0f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["  ".join(cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i])
-                     for i, cell in enumerate(line)).rstrip() for line in lines]
+    """The closed-loop rows, then the overload rows: their columns differ."""
+    ran = [r for r in rows if not r.skipped]
+    closed = [r for r in ran if r.workload != "overload"]
+    overload = [r for r in ran if r.workload == "overload"]
+    out = _table(closed, CLOSED_COLUMNS) if closed or not overload else []
+    if overload:
+        out += ([""] if out else []) + _table(overload, OVERLOAD_COLUMNS)
     for r in rows:
         if r.skipped:
             out.append(f"{r.workload}/{r.target}: not run: {r.skipped}")

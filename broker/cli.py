@@ -192,6 +192,11 @@ def _bench(args: argparse.Namespace) -> int:
                              f"choose from {', '.join(allowed)}")
         return picked
 
+    # The overload workload divides by the statement time (its capacity) and
+    # by the rate (its due times); a deadline of 0 would send nothing.
+    if args.rate < 0 or args.deadline <= 0 or args.statement_time <= 0:
+        raise SystemExit("poolbroker bench: --rate must be 0 or more, --deadline and "
+                         "--statement-time more than 0")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
     plan = bench.Plan(
@@ -201,7 +206,8 @@ def _bench(args: argparse.Namespace) -> int:
         processes=args.processes, threads=args.threads, cap=args.cap,
         duration=args.duration, scale=args.scale,
         dsn=args.dsn or os.environ.get("POOLBROKER_DSN"), pgbouncer=args.pgbouncer,
-        baseline=args.baseline)
+        baseline=args.baseline, rate=args.rate, deadline=args.deadline,
+        statement_time=args.statement_time)
     rows = bench.run(plan)
     print(bench.format_table(rows))
     if args.json:
@@ -275,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dsn", help="database to use [POOLBROKER_DSN]; default: a "
                                      "throwaway cluster the bench creates")
     bench.add_argument("--workloads",  # default: bench.WORKLOADS, not imported for other commands
-                       help="comma-separated: select1, pk, txn, mixed, orm (all; orm needs "
-                            "SQLAlchemy)")
+                       help="comma-separated: select1, pk, txn, mixed, orm, web, overload "
+                            "(all; orm needs SQLAlchemy)")
     bench.add_argument("--targets", default="broker,pgbouncer,direct",
                        help="comma-separated: broker, pgbouncer, direct (all)")
     bench.add_argument("--processes", type=int, default=8, help="client processes (8)")
@@ -289,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--baseline", metavar="DIR",
                        help="also run the broker of this checkout (say, a git worktree of "
                             "an older commit), right after this one: an A/B in one run")
+    bench.add_argument("--rate", type=float, default=0.0,
+                       help="overload: requests offered per second, over every client "
+                            "(default: twice the capacity, cap / statement time)")
+    bench.add_argument("--deadline", type=float, default=0.1,
+                       help="overload: each request's deadline in seconds (0.1)")
+    bench.add_argument("--statement-time", type=float, default=0.003,
+                       help="overload: seconds each statement sleeps (0.003)")
     bench.add_argument("--json", help="also write the results to this file")
     bench.set_defaults(func=_bench)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import psycopg
+import pytest
 
 from broker import bench
 from conftest import REPO
@@ -31,22 +32,28 @@ def test_bench_runs_every_target_within_the_cap(dsn, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     targets = {(r["workload"], r["target"]) for r in rows}
     expected = {("select1", "broker"), ("select1", "direct"), ("txn", "broker"),
-                ("txn", "broker-tx"), ("txn", "direct")}
+                ("txn", "broker-tx"), ("txn", "direct"), ("txn", "direct-pipeline")}
     assert expected <= targets
-    pgbouncer = [r for r in rows if r["target"] == "pgbouncer"]
-    assert len(pgbouncer) == 2
+    pgbouncer = [r for r in rows if r["target"].startswith("pgbouncer")]
+    assert len(pgbouncer) == 3  # select1, txn and txn in pipeline mode
     if bench.find_pgbouncer():  # make test installs it when it can
         assert not any(r["skipped"] for r in pgbouncer)
     for r in rows:
         if r["skipped"]:
-            assert r["target"] == "pgbouncer" and "not installed" in r["skipped"]
+            assert r["target"].startswith("pgbouncer") and "not installed" in r["skipped"]
             continue
         assert r["operations"] > 0 and r["errors"] == 0, r
         assert r["p50_ms"] <= r["p99_ms"]
-        if r["target"] != "direct":
+        direct = r["target"].startswith("direct")
+        if not direct:
             assert 0 < r["max_server_connections"] <= CAP, r
         assert r["vs_direct"] is not None
-    for line in ("ops/s", "vs pgbouncer", "select1", "broker-tx"):
+        # CPU per request: the clients' always, the broker's (or PgBouncer's)
+        # where there is one between them and PostgreSQL.
+        assert r["client_cpu_us"] > 0, r
+        assert (r["broker_cpu_us"] is None) == direct, r
+    for line in ("ops/s", "vs pgbouncer", "select1", "broker-tx", "client us/req",
+                 "broker us/req"):
         assert line in result.stdout
 
 
@@ -134,3 +141,79 @@ def test_orm_without_sqlalchemy_says_so_and_the_rest_runs(dsn):
         assert f"orm/{target}: not run: SQLAlchemy missing" in result.stdout
     assert "pip install 'poolbroker[sqlalchemy]'" in result.stdout
     assert re.search(r"^select1\s+direct\s", result.stdout, re.M), result.stdout
+
+
+def test_web_pages_commit_in_every_form(dsn, tmp_path):
+    # A page is five reads and one update in one transaction, statement by
+    # statement and in one round trip (the broker's batch, psycopg's pipeline).
+    bench._ensure_pgbench_tables(dsn, 1)
+    before = total_balance(dsn)
+    out = tmp_path / "bench.json"
+    result = bench_command(dsn, "--workloads", "web", "--processes", "2", "--cap", str(CAP),
+                           "--duration", "0.5", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    targets = ["broker", "broker-tx", "pgbouncer", "pgbouncer-pipeline", "direct",
+               "direct-pipeline"]
+    if not bench.find_pgbouncer():
+        targets.remove("pgbouncer-pipeline")
+    assert [r["target"] for r in rows] == targets
+    ran = [r for r in rows if not r["skipped"]]
+    for r in ran:
+        assert r["operations"] > 0 and r["errors"] == 0 and not r["first_error"], r
+        assert r["client_cpu_us"] > 0
+        assert re.search(rf"^web\s+{r['target']}\s", result.stdout, re.M), result.stdout
+    # Each page adds 1 to one account: every form committed all its pages.
+    assert total_balance(dsn) - before == sum(r["operations"] for r in ran)
+
+
+def test_overload_offers_at_a_rate_and_prints_its_columns(dsn, tmp_path):
+    # Cap 1 and 10 ms statements: 100 per second at the most, offered 300.
+    out = tmp_path / "bench.json"
+    result = bench_command(dsn, "--workloads", "overload", "--processes", "2", "--cap", "1",
+                           "--statement-time", "0.01", "--rate", "300", "--deadline", "0.05",
+                           "--duration", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = {r["target"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "no cap" in rows["direct"]["skipped"]
+    ran = [r for r in rows.values() if not r["skipped"]]
+    assert [r["target"] for r in ran] == (["broker", "pgbouncer"] if bench.find_pgbouncer()
+                                          else ["broker"])
+    for r in ran:
+        assert r["offered_per_second"] > 0 and r["late_starts"] >= 0, r
+        assert r["threads"] > 1  # enough threads per process to keep offering
+        requests = r["operations"] + r["errors"] + r["late_answers"] + r["unsent"]
+        assert requests > 0 and r["max_server_connections"] <= 1, r
+        assert r["goodput_of_capacity"] is not None and r["client_cpu_us"] > 0, r
+    for column in ("offered/s", "goodput/s", "of capacity", "late starts", "broker us/req"):
+        assert column in result.stdout
+    assert "overload/direct: not run: direct psycopg has no cap" in result.stdout
+
+
+def test_late_starts_count_only_statements_started_after_their_deadline(dsn):
+    bench.ensure_late_sequence(dsn)
+    before = bench.late_starts(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        now = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
+        for deadline in (now - 60, now + 60, now + 60):
+            conn.execute(bench.OVERLOAD, [deadline, 0.001])
+    assert bench.late_starts(dsn) - before == 1
+
+
+def test_psycopg_statements_are_cancelled_at_their_deadline(dsn):
+    # The overload workload's deadline for psycopg, which has none of its own.
+    session = bench._PsycopgSession(dsn, True, "pb-bench-test", True)
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        session.run_within("SELECT pg_sleep(30)", None, 0.2)
+    session.run_within("SELECT 1", None, 0.2)  # the next statement is not cancelled
+
+
+def test_a_failed_pipelined_transaction_leaves_the_session_usable(dsn):
+    # In pipeline mode a failed statement skips the rest up to the Sync,
+    # COMMIT too: the session must roll back, not stay in an aborted
+    # transaction (through PgBouncer it would hold a server connection).
+    session = bench._PsycopgSession(dsn, True, "pb-bench-test", interactive=False)
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        session.transaction([("SELECT 1", None), ("SELECT 1 / 0", None), ("SELECT 2", None)])
+    session.transaction([("SELECT 1", None)])
+    session.run("SELECT 1")
