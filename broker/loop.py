@@ -675,7 +675,10 @@ class Broker:
             job.cancel_at = job.deadline
         guard = None
         if conn.in_flight and not job.in_session and job.deadline - now < NO_DEADLINE / 2:
-            guard = job.deadline - now + time.time() + conn.clock_offset
+            # Both clocks read now: ``now`` is the turn's start, up to tens of
+            # ms ago under load, which would put the guard that much too late
+            # (a statement refused at its deadline could still run).
+            guard = job.deadline - time.monotonic() + time.time() + conn.clock_offset
         if job.resets:
             conn.dirty = True
         if job.changes_schema or conn.prepared.schema_version != self._schema_version:

@@ -234,7 +234,8 @@ class Client:
         request_id = next(self._ids)
         try:  # inline, not _pack_body: this is every request's path
             body_bytes = pack(body)
-            header = pack([request_id, op, int(timeout * 1000), session, *self._header_tail])
+            # At least 1 ms: the wire counts whole milliseconds, 0 is not a timeout.
+            header = pack([request_id, op, int(timeout * 1000) or 1, session, *self._header_tail])
         except (TypeError, ValueError, OverflowError) as exc:
             raise errors.InterfaceError(f"cannot send parameters: {exc}") from exc
         try:

@@ -236,3 +236,10 @@ def test_a_burst_of_slow_statements_runs_side_by_side_up_to_the_cap(start_broker
         # (one after another they would start 1 s apart).
         assert spread < 0.5, [s.isoformat() for s in starts]
     assert sampler.maximum == cap  # the pool grew to the cap, and never past it
+
+
+def test_a_timeout_under_a_millisecond_is_a_timeout_not_a_malformed_request(broker):
+    # The wire counts whole milliseconds: 0.4 ms must not travel as 0.
+    with pytest.raises(client.Error) as caught:
+        broker.client.execute("SELECT pg_sleep(0.1)", timeout=0.0004)
+    assert not isinstance(caught.value, client.MessageError), caught.value
