@@ -11,7 +11,7 @@ from typing import Any
 
 from client.protocol import CONTROL_COMMANDS
 
-from . import config
+from . import config, logs
 from . import stats as S
 from .config import ConfigError, load
 from .redact import Redactor
@@ -22,9 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load(args.config, config.flag_values(args))
-        logging.basicConfig(
-            level=settings.log_level, stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.configure(settings.log_level, settings.log_format)
         Redactor(*settings.all_dsns).install()
         # A reload reads the same sources again, with the same precedence.
         Broker(settings, reread=lambda: load(args.config, config.flag_values(args))).run()

@@ -39,7 +39,6 @@ DESCRIPTORS_RESERVED = 64
 """Descriptors kept for the broker's own use (libzmq, pipes, logs) besides
 three per server connection (its socket, a cancel, a reconnect)."""
 REFUSED_LOG_INTERVAL = 10.0
-_UNPARSED = object()
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by ZMTP's ZAP (RFC 27)
 ZAP_DOMAIN = b"poolbroker"  # libzmq consults ZAP for NULL-mechanism peers only with a domain
@@ -92,11 +91,6 @@ def parse_peer_address(address: str | None) -> tuple[int, int] | None:
     return int(parts[-3]), int(parts[-1])
 
 
-def peer_credentials(frame: zmq.Frame) -> tuple[int, int] | None:
-    """(uid, pid) of an ipc sender; None over tcp."""
-    return parse_peer_address(peer_address(frame))
-
-
 class ClientGate:
     """Counts the client sockets of one ROUTER and admits them, and their users."""
 
@@ -115,7 +109,7 @@ class ClientGate:
         self._check_uids = ipc
         self._uids = frozenset((os.getuid(), *allowed_uids))
         self._warned: set[tuple[str, int | None]] = set()  # (what, uid) already logged
-        self._uid_of: dict[str | None, int | None] = {}  # Peer-Address -> uid
+        self._peer_of: dict[str | None, tuple] = {}  # Peer-Address -> (uid, pid)
         self._shut: set[int] = set()  # descriptors refused, until libzmq closes them
         self._refused_log_at = 0.0
         self._keys_refused = 0  # CURVE keys refused since the last line about them
@@ -267,32 +261,33 @@ class ClientGate:
         credentials = parse_peer_address(peer_address(frame))
         return credentials is not None and credentials[0] == os.getuid()
 
-    def allowed(self, frame: zmq.Frame) -> bool:
-        """Whether the sender may use the broker: not on a socket refused
-        (a request can arrive between its accept and its shutdown) and, over
-        ipc, of an allowed uid."""
+    def sender(self, frame: zmq.Frame) -> int | None:
+        """The pid of the process that sent ``frame`` (0 when unknown: over
+        tcp), or None when it may not use the broker: on a socket refused (a
+        request can arrive between its accept and its shutdown), with a CURVE
+        key no longer allowed, or over ipc from a uid not allowed."""
         if self._shut and frame.get(zmq.SRCFD) in self._shut:
-            return False
+            return None
         if self._curve_keys is not None and frame.get("User-Id") not in self._curve_text:
-            return False  # a key removed by a reload, on a connection still open
+            return None  # a key removed by a reload, on a connection still open
         if not self._check_uids:
-            return True
+            return 0
         # Checked on every message, never cached by routing id: a client may
         # choose its own, and reuse one another process used before.  The
         # address itself comes from the kernel each time; only its parse is kept.
         address = peer_address(frame)
-        uid = self._uid_of.get(address, _UNPARSED)
-        if uid is _UNPARSED:
-            credentials = parse_peer_address(address)
-            uid = credentials[0] if credentials else None
-            if len(self._uid_of) >= ADDRESSES_KEPT:
-                self._uid_of.clear()
-            self._uid_of[address] = uid
+        peer = self._peer_of.get(address)
+        if peer is None:
+            peer = parse_peer_address(address) or (None, 0)
+            if len(self._peer_of) >= ADDRESSES_KEPT:
+                self._peer_of.clear()
+            self._peer_of[address] = peer
+        uid, pid = peer
         if uid in self._uids:
-            return True
+            return pid
         self.rejected += 1
         self._warn(uid, "dropping requests")
-        return False
+        return None
 
     def _warn(self, uid: int | None, what: str) -> None:
         if (what, uid) not in self._warned:

@@ -54,6 +54,7 @@ DEFAULT_POOL = "default"
 ENV_PREFIX = "POOLBROKER_"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LogFormat = Literal["text", "json"]
 
 
 class ConfigError(ValueError):
@@ -339,6 +340,21 @@ class Settings:
 
     log_level: LogLevel = setting(
         "INFO", live=True, help="least severe level of the messages logged")
+
+    log_format: LogFormat = setting(
+        "text", help="how log lines are written: text, or json (one object per line)",
+        doc="Request-level events (a slow statement, a PoolTimeout, a transaction rolled "
+            "back by the broker) carry the client's pid (over ipc; 0 over tcp), the pool, "
+            "the duration in milliseconds and the SQLSTATE where there is one: appended as "
+            "`[client_pid=... pool=... duration_ms=...]` in text, as keys in JSON. Each kind "
+            "is logged 20 times a second at most; the next line counts the rest.")
+
+    log_slow_statements: float = setting(
+        0.0, live=True,
+        help="seconds of server time from which a statement is logged, with its text "
+             "(0: none)",
+        doc="Its first 1,000 characters, at INFO. The time is the statement's on its "
+            "server connection, as the statement-time histogram counts it.")
 
     pools: tuple[PoolSettings, ...] = field(default=(), metadata={POOLS_TABLE: True})
     """The ``[pools.NAME]`` tables: TOML only (no variable, no flag)."""

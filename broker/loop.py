@@ -43,8 +43,9 @@ from . import replies, statements
 from . import stats as S
 from ._psycopg import placeholder_query
 from .adapters import build_adapters
-from .clients import ClientGate, default_max_clients, peer_credentials, raise_open_files_limit
+from .clients import ClientGate, default_max_clients, raise_open_files_limit
 from .config import SPECS, ConfigError, Settings
+from .logs import LogBudget, request_fields, shown_sql
 from .memory import return_large_buffers
 from .pgconn import Outcome, PgConn
 from .pool import (
@@ -69,7 +70,10 @@ OWNER_CHECK_INTERVAL = 0.25
 """Seconds between checks that the processes owning transactions are alive."""
 PEER_PROBE_INTERVAL = 1.0
 """Seconds between checks that clients holding transactions are still connected."""
-MALFORMED_LOG_INTERVAL = 1.0
+MALFORMED_LOGS_PER_SECOND = 1.0
+REQUEST_LOGS_PER_SECOND = 20.0
+"""Lines a second at most of each kind of request-level event (PoolTimeout,
+a transaction rolled back, a slow statement); the next line counts the rest."""
 REPLY_FLUSH_MS = 1000
 """On exit, how long queued replies may take to reach their clients."""
 PIPELINE_DEPTH = 16
@@ -153,8 +157,11 @@ class Broker:
         self._next_owner_check = 0.0
         self._next_peer_probe = 0.0
         self._next_foreign_check = 0.0
-        self._malformed_log_at = 0.0
-        self._malformed_unlogged = 0
+        # What clients can cause in bulk is logged within a budget each.
+        self._malformed_log = LogBudget(MALFORMED_LOGS_PER_SECOND)
+        self._timeout_log = LogBudget(REQUEST_LOGS_PER_SECOND)
+        self._expiry_log = LogBudget(REQUEST_LOGS_PER_SECOND)
+        self._slow_log = LogBudget(REQUEST_LOGS_PER_SECOND)
         self.stats: dict[str, int] = dict.fromkeys(S.COUNTERS, 0)
         self._started = time.monotonic()
         self._metrics: MetricsServer | None = None
@@ -405,7 +412,8 @@ class Broker:
 
     def _on_request(self, frames: list[zmq.Frame], now: float) -> None:
         routing_id = frames[0].bytes
-        if not self._gate.allowed(frames[-1]):
+        client_pid = self._gate.sender(frames[-1])
+        if client_pid is None:
             return  # another user's process: not a word back
         self.stats[S.REQUESTS_NUM] += 1
         if routing_id in self._gone:
@@ -442,7 +450,7 @@ class Broker:
                 f"(max_client_requests={self.settings.max_client_requests}); "
                 "the request was not run")
             return
-        job = Job(op, routing_id, request_id, deadline)
+        job = Job(op, routing_id, request_id, deadline, client_pid=client_pid)
         if token is not None:
             self._on_session_request(job, token, frames[2].bytes, now)
             return
@@ -458,8 +466,6 @@ class Broker:
             return
         if op == OP_BEGIN:  # its BEGIN, and the first statement it may carry
             job.session = secrets.token_bytes(16)
-            credentials = peer_credentials(frames[1])
-            job.owner_pid = credentials[1] if credentials else 0
         elif not job.queries:  # executemany of nothing
             self._reply(routing_id, replies.ok(request_id, EMPTY_RESULT))
             return
@@ -640,7 +646,8 @@ class Broker:
             waiting.popleft()
             self._left_queue(job, now)
             if job.op == OP_BEGIN:
-                self._sessions.open(Session(job.session, job.routing_id, conn, job.owner_pid, now))
+                self._sessions.open(Session(job.session, job.routing_id, conn, job.client_pid,
+                                            now, opened_at=now))
                 pool.move(conn, State.PINNED)
             self._send(conn, job, now)
         if waiting:
@@ -730,6 +737,7 @@ class Broker:
         sessions = self._sessions
         pool = conn.pool
         statement_times = pool.statement_times
+        slow = self.settings.log_slow_statements
         for job, ok, reply in outcomes:
             if job.ran_for and job.shareable:
                 pool.ran(job.queries[0].key, job.ran_for)
@@ -743,6 +751,8 @@ class Broker:
                 continue
             if job.ran_for is not None:  # it reached the server, did not fail unsent
                 statement_times.observe(job.ran_for)
+                if slow and job.ran_for >= slow:
+                    self._log_slow(job, ok, reply)
             self._finish(job)
             if not ok:
                 self.stats[S.REQUESTS_ERRORS] += 1
@@ -758,6 +768,15 @@ class Broker:
                     session.busy = False
                     session.last_active = now
         self._settle(conn, now)
+
+    def _log_slow(self, job: Job, ok: bool, reply: bytes) -> None:
+        """``log_slow_statements``: the statement, its server time, its client."""
+        if (more := self._slow_log.allow()) is None:
+            return
+        sqlstate = None if ok else protocol.unpack(reply)[2].get("sqlstate")
+        logger.info("slow statement (%s): %s%s", OP_NAMES[job.op],
+                    shown_sql(job.simple or job.queries[-1].sql), more,
+                    extra=request_fields(job.client_pid, job.pool.name, job.ran_for, sqlstate))
 
     def _reset_done(self, conn: PgConn, job: Job, ok: bool) -> None:
         if not ok:
@@ -934,7 +953,10 @@ class Broker:
 
     def _expire(self, session: Session, reason: str, now: float) -> None:
         self.stats[S.TRANSACTIONS_EXPIRED] += 1
-        logger.info("rolling back a transaction: %s", reason)
+        if (more := self._expiry_log.allow()) is not None:
+            logger.info("rolling back a transaction: %s%s", reason, more,
+                        extra=request_fields(session.owner_pid, session.conn.pool.name,
+                                             now - session.opened_at))
         self._end_session(session, reason)
         if not session.busy:
             self._settle(session.conn, now)
@@ -966,6 +988,9 @@ class Broker:
 
     def _fail_waiting(self, job: Job, kind: ErrorKind, message: str, **extra: Any) -> None:
         self._finish(job)
+        if kind == ErrorKind.POOL_TIMEOUT and (more := self._timeout_log.allow()) is not None:
+            logger.info("PoolTimeout: %s%s", message, more, extra=request_fields(
+                job.client_pid, job.pool.name, time.monotonic() - job.queued_at))
         self._reply_error(job.routing_id, job.request_id, kind, message, **extra)
 
     def _abandon(self, job: Job, now: float) -> None:
@@ -1010,15 +1035,8 @@ class Broker:
 
     def _malformed(self, routing_id: bytes, request_id: Any, why: str) -> None:
         self.stats[S.MESSAGES_MALFORMED] += 1
-        now = time.monotonic()
-        if now >= self._malformed_log_at:
-            # At most one line a second: a hostile client must not flood the log.
-            self._malformed_log_at = now + MALFORMED_LOG_INTERVAL
-            suppressed, self._malformed_unlogged = self._malformed_unlogged, 0
-            logger.warning("malformed request: %s%s", why,
-                           f" ({suppressed} more since the last report)" if suppressed else "")
-        else:
-            self._malformed_unlogged += 1
+        if (more := self._malformed_log.allow()) is not None:
+            logger.warning("malformed request: %s%s", why, more)
         self._reply_error(routing_id, request_id, ErrorKind.MESSAGE, why)
 
     # Timers

@@ -124,7 +124,7 @@ class Job:
     copy_data: bytes = b""  # OP_COPY_FROM: the chunk to send
     copy_end: bool = False  # OP_COPY_FROM: the last chunk
     copy_max: int = 0  # OP_COPY_TO: bytes to return at most
-    owner_pid: int = 0
+    client_pid: int = 0  # over ipc, from the kernel; 0 over tcp
     size: int = 0  # bytes it holds while waiting or running (max_queued_bytes)
     queued_at: float = 0.0
     cancel_at: float = 0.0  # when the loop cancels it on the server

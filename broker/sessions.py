@@ -28,6 +28,7 @@ class Session:
     owner_pid: int
     last_active: float
     busy: bool = True  # a request of its own is running
+    opened_at: float = 0.0
 
 class Sessions:
     """The open sessions by token and by connection, and the recently ended."""
