@@ -272,7 +272,7 @@ class Broker:
             changed = [name for name in (*SPECS, "pools")
                        if getattr(new, name) != getattr(old, name)]
             applied = {name: getattr(new, name) for name in changed
-                       if name in SPECS and SPECS[name].live}
+                       if (SPECS[name].live if name in SPECS else _same_databases(old, new))}
             answer["applied"] = applied
             answer["restart_needed"] = [name for name in changed if name not in applied]
             if answer["restart_needed"]:
@@ -1264,6 +1264,12 @@ class Broker:
             result[S.MESSAGES_REJECTED] = self._gate.rejected
             result[S.CLIENTS_DENIED] = self._gate.denied
         return result
+
+
+def _same_databases(old: Settings, new: Settings) -> bool:
+    """Whether the pools differ only in their sizes, which a reload applies
+    (a pool added, removed or pointed elsewhere needs a restart)."""
+    return [(p.name, p.dsn) for p in old.pools] == [(p.name, p.dsn) for p in new.pools]
 
 
 def _public_keys(setting: str, directory: str) -> set[bytes]:

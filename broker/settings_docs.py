@@ -52,7 +52,8 @@ _POOLS = f"""
 # or user. Clients choose one by name (client.Client(pool="reports"),
 # postgresql+poolbroker:///reports); without a name they get the pool of dsn
 # above, named "{DEFAULT_POOL}". Every pool's connections count against
-# max_connections. Pools are read at start only (a reload logs a change).
+# max_connections. A reload applies new pool sizes; a pool added, removed or
+# given another dsn needs a restart.
 # [{POOLS_TABLE}.reports]
 """
 

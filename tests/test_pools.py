@@ -109,3 +109,20 @@ def test_no_pool_starves_while_the_global_cap_binds(start_broker, dsn, reports_d
     assert done > 50 and busy_done > 50
     assert sampler.maximum <= 2
     assert broker.stats()["connections_recycled"] >= 1  # one made way for reports
+
+
+def test_a_reload_resizes_pools_live_and_names_what_needs_a_restart(start_broker, reports_dsn):
+    import signal
+
+    broker = start_broker(max_connections=4, pools={"reports": {"dsn": reports_dsn}})
+    text = broker.config.read_text()
+    resized = text.replace("[pools.reports]\n", "[pools.reports]\nmax_connections = 1\n")
+    broker.config.write_text(resized + '[pools.etl]\ndsn = "dbname=etl"\n')
+    broker.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "only applied at a restart" in broker.log(), 5), broker.log()[-800:]
+    pools = {entry["pool"]: entry for entry in broker.stats()["pools"]}
+    assert set(pools) == {"default", "reports"} and pools["reports"]["pool_max"] == 4
+    broker.config.write_text(resized)
+    broker.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: next(e for e in broker.stats()["pools"]
+                                   if e["pool"] == "reports")["pool_max"] == 1, 5)
