@@ -49,8 +49,8 @@ from .logs import LogBudget, request_fields, shown_sql
 from .memory import return_large_buffers
 from .pgconn import Outcome, PgConn
 from .pool import (
-    AGED, FOREIGN_RECHECK_INTERVAL, REBALANCE, RECONNECT, SURPLUS, ConnectError, Pool, Pools,
-    State,
+    AGED, FOREIGN_RECHECK_INTERVAL, QUICK_STATEMENT, REBALANCE, RECONNECT, SURPLUS,
+    ConnectError, Pool, Pools, State,
 )
 from .redact import Redactor
 from .requests import (
@@ -565,7 +565,10 @@ class Broker:
             self._reply(job.routing_id, replies.refusal(job.request_id, exc))
             return False
         if job.shareable:
-            job.expected_fast = job.pool.is_quick(job.queries[0].key)
+            estimate = job.pool.estimate(job.queries[0].key)
+            if estimate is not None:
+                job.expected = estimate
+                job.expected_fast = estimate < QUICK_STATEMENT
         return True
 
     def _check_room(self, size: int) -> None:
@@ -636,7 +639,7 @@ class Broker:
         waiting = pool.waiting
         while waiting:
             job = waiting[0]
-            if job.deadline <= now:
+            if _too_late(job, now):  # it would end late: no use running it
                 waiting.popleft()
                 self._abandon(job, now)
                 continue
@@ -666,9 +669,13 @@ class Broker:
         if only_quick and not job.expected_fast:
             return None
         best, depth = None, PIPELINE_DEPTH
+        # Behind the others' work it would end after its deadline: better wait
+        # for a connection of its own, or be refused in time.
+        room = job.deadline - now - job.expected
         for conn in pool.shared():
             if conn.in_flight < depth and now - conn.head_since < PIPELINE_STALL \
-                    and not conn.dirty and not (only_quick and conn.slow_in_flight):
+                    and not conn.dirty and not (only_quick and conn.slow_in_flight) \
+                    and conn.expected_in_flight < room:
                 best, depth = conn, conn.in_flight
         return best
 
@@ -746,6 +753,7 @@ class Broker:
                 continue
             if job.answered:  # refused at its deadline; its guard stopped it
                 if ok:
+                    self.stats[S.STATEMENTS_LATE] += 1
                     logger.error("a statement refused at its deadline ran after all: "
                                  "the clocks of the broker and the server disagree")
                 continue
@@ -994,13 +1002,17 @@ class Broker:
         self._reply_error(job.routing_id, job.request_id, kind, message, **extra)
 
     def _abandon(self, job: Job, now: float) -> None:
-        """Its deadline passed while it was queued."""
+        """Its deadline passed while it was queued, or it would end after it."""
         self._left_queue(job, now)
         self.stats[S.REQUESTS_ABANDONED] += 1
-        self._fail_waiting(
-            job, ErrorKind.POOL_TIMEOUT,
-            f"the request's deadline passed after {now - job.queued_at:.3f} s waiting for a "
-            "connection; the statement was not run")
+        waited = f"after {now - job.queued_at:.3f} s waiting for a connection"
+        if job.deadline > now:
+            why = (f"too little time was left {waited} ({(job.deadline - now) * 1000:.1f} ms) "
+                   f"for the statement, which lately took {job.expected * 1000:.1f} ms on the "
+                   "server")
+        else:
+            why = f"the request's deadline passed {waited}"
+        self._fail_waiting(job, ErrorKind.POOL_TIMEOUT, f"{why}; the statement was not run")
 
     # Replies
 
@@ -1172,7 +1184,7 @@ class Broker:
         pool_timeout = self.settings.pool_timeout
         kept = []
         for job in pool.waiting:
-            if job.deadline <= now:
+            if _too_late(job, now):
                 self._abandon(job, now)
             elif pool_timeout and now - job.queued_at > pool_timeout:
                 self._left_queue(job, now)
@@ -1264,6 +1276,16 @@ class Broker:
             result[S.MESSAGES_REJECTED] = self._gate.rejected
             result[S.CLIENTS_DENIED] = self._gate.denied
         return result
+
+
+def _too_late(job: Job, now: float) -> bool:
+    """Whether ``job`` would end after its deadline if it started now: the
+    deadline has passed, or its statement lately took longer than the time
+    left.  Not when it took longer than the request's whole timeout: such an
+    estimate says more about itself (a slow spell) than about the request,
+    and only running the statement can correct it."""
+    left = job.deadline - now
+    return left <= 0 or left <= job.expected < job.deadline - job.queued_at
 
 
 def _same_databases(old: Settings, new: Settings) -> bool:

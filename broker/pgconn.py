@@ -163,6 +163,7 @@ class PgConn:
         # when the connection has been idle (its last job ended, or it opened).
         self.head_since = 0.0
         self.slow_in_flight = 0  # jobs in flight not known to be quick
+        self.expected_in_flight = 0.0  # server seconds the jobs in flight took lately, summed
         self.clock_offset = 0.0  # the server's clock minus ours, measured at connect
         self.sending = False  # libpq holds output the kernel has not taken yet
         self.polled = 0  # owned by the loop: the poll events its socket is registered for
@@ -276,6 +277,7 @@ class PgConn:
             self._set_head(job)
         self._pipeline.append(run)
         self._sent_bytes += job.size
+        self.expected_in_flight += job.expected
         if not job.expected_fast:
             self.slow_in_flight += 1
         if job.simple is not None:  # several statements: the simple query protocol
@@ -462,6 +464,7 @@ class PgConn:
             # Not below 0: a job sent in this turn has a head_since later than
             # the turn's ``now`` when a read in the same turn ends it.
             job.ran_for = max(now - self.head_since, 0.0)
+            self.expected_in_flight -= job.expected
             if not job.expected_fast:
                 self.slow_in_flight -= 1
             if run.error is None or not self._rerun(run):
@@ -471,6 +474,7 @@ class PgConn:
             self._read_head_in_chunks(pipeline[0])
         else:
             self._set_head(None, now)
+            self.expected_in_flight = 0.0  # no drift from adding and taking floats
             if self._cancels_finished == self._cancels_started:
                 self._cancel_in_doubt = False
             if self._sent_bytes > BUFFERS_KEPT:
@@ -499,6 +503,7 @@ class PgConn:
         if job.rerun or job.in_session or not job.shareable:
             return False
         job.rerun = True
+        self.expected_in_flight += job.expected
         if not job.expected_fast:
             self.slow_in_flight += 1
         self.send(job, job.guard_at or None)  # its client may have been told it will not run

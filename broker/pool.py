@@ -385,8 +385,9 @@ class Pool:
 
     # Statement durations: what may be pipelined behind what
 
-    def is_quick(self, key: tuple) -> bool:
-        return self._durations.get(hash(key), 1.0) < QUICK_STATEMENT
+    def estimate(self, key: tuple) -> float | None:
+        """The server seconds a statement took lately (smoothed), if known."""
+        return self._durations.get(hash(key))
 
     def ran(self, key: tuple, seconds: float) -> None:
         # By hash: the estimates must not keep statement texts alive, and a

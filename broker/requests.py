@@ -134,6 +134,7 @@ class Job:
     answered: bool = False  # its client was told at its deadline; its outcome is not sent
     rerun: bool = False  # sent a second time (see PgConn._rerun)
     expected_fast: bool = False  # its statement is known to finish within PIPELINE_STALL
+    expected: float = 0.0  # server seconds its statement took lately (0: not known)
     ran_for: float | None = None  # seconds from reaching the head of its pipeline to its end
     pool: Any = None  # the pool.Pool it runs on
 

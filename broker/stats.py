@@ -50,6 +50,7 @@ REQUESTS_CANCELLED = "requests_cancelled"
 REQUESTS_PIPELINED = "requests_pipelined"
 REQUESTS_RERUN = "requests_rerun"
 REQUESTS_DROPPED = "requests_dropped"
+STATEMENTS_LATE = "statements_late"
 MESSAGES_MALFORMED = "messages_malformed"
 REPLIES_UNDELIVERABLE = "replies_undeliverable"
 CONNECTIONS_NUM = "connections_num"
@@ -65,7 +66,10 @@ COUNTERS: dict[str, str] = {
     REQUESTS_QUEUED: "Requests that waited over 1 ms for a connection, timed out ones included",
     REQUESTS_ERRORS: "Requests answered with an error",
     REQUESTS_TIMEOUTS: "Requests that waited longer than pool_timeout (PoolTimeout, not run)",
-    REQUESTS_ABANDONED: "Requests whose deadline passed before they could start (PoolTimeout)",
+    REQUESTS_ABANDONED: "Requests refused unrun at their deadline, or before it when the "
+                        "statement lately took longer than the time left (PoolTimeout)",
+    STATEMENTS_LATE: "Statements that ran after their client was told they would not "
+                     "(the broker's and the server's clocks disagreed): the target is 0",
     REQUESTS_REFUSED: "Requests refused with TooManyRequests",
     REQUESTS_CANCELLED: "Statements cancelled on the server at their deadline",
     REQUESTS_PIPELINED: "Statements sent behind other clients' on a busy connection",

@@ -243,3 +243,21 @@ def test_a_timeout_under_a_millisecond_is_a_timeout_not_a_malformed_request(brok
     with pytest.raises(client.Error) as caught:
         broker.client.execute("SELECT pg_sleep(0.1)", timeout=0.0004)
     assert not isinstance(caught.value, client.MessageError), caught.value
+
+
+def test_a_statement_that_would_end_after_its_deadline_is_refused_unrun(start_broker, admin):
+    # It lately took 0.3 s on the server; with 0.15 s left it would only be
+    # cancelled at its deadline, its connection held for nothing.
+    admin.execute("DROP SEQUENCE IF EXISTS hopeless_runs")
+    admin.execute("CREATE SEQUENCE hopeless_runs")
+    broker = start_broker(max_connections=1)
+    c = broker.client
+    sql = "SELECT nextval('hopeless_runs') FROM pg_sleep(0.3)"
+    c.execute(sql)
+    c.execute(sql)  # the estimate: about 0.3 s
+    with pytest.raises(client.PoolTimeout, match="too little time was left"):
+        c.execute(sql, timeout=0.15)
+    assert admin.execute("SELECT last_value FROM hopeless_runs").fetchone()[0] == 2
+    assert c.execute(sql, timeout=5).rows == [(3,)]  # with time enough, it runs
+    stats = c.stats()
+    assert stats["requests_abandoned"] == 1 and stats["statements_late"] == 0
