@@ -2,7 +2,7 @@
 
 The request path, top to bottom::
 
-    ROUTER frames --requests.decode_header/Decoder--> Job (or a refusal)
+    ROUTER frames --requests.decode_request/Decoder--> Job (or a refusal)
       --> a pinned session's connection, or the pool's FIFO queue
       --> _dispatch: an idle connection, or a shared pipeline (quick jobs)
       --> PgConn.send (libpq pipeline, one Sync per job)
@@ -53,7 +53,7 @@ from .pool import (
 from .redact import Redactor
 from .requests import (
     ENDING_OPS, NO_DEADLINE, OP_RESET, POOLED_OPS, SESSION_OPS, Decoder, Job, Query, Refusal,
-    decode_header,
+    decode_request,
 )
 from .sessions import Session, Sessions, pid_alive
 
@@ -405,11 +405,8 @@ class Broker:
             # Queued in the socket before its client died: nobody waits for it.
             self.stats[S.REQUESTS_DROPPED] += 1
             return
-        if len(frames) != 3:
-            self._malformed(routing_id, None, f"expected 2 frames (header, body), got {len(frames) - 1}")
-            return
         try:
-            request_id, op, deadline, token = decode_header(frames[1].bytes, now)
+            request_id, op, deadline, token, body = decode_request(frames, now)
         except Refusal as exc:
             self._malformed(routing_id, exc.request_id, str(exc))
             return
@@ -420,7 +417,7 @@ class Broker:
             self._reply(routing_id, replies.ok(request_id, None))
             return
         if op == OP_CONTROL:
-            self._on_control(frames, request_id, now)
+            self._on_control(frames, request_id, body, now)
             return
         if self._stopping:
             self._reply_error(routing_id, request_id, ErrorKind.BROKER_UNAVAILABLE,
@@ -437,12 +434,12 @@ class Broker:
             return
         job = Job(op, routing_id, request_id, deadline)
         if token is not None:
-            self._on_session_request(job, token, frames[2].bytes, now)
+            self._on_session_request(job, token, body, now)
             return
         if op not in POOLED_OPS:
             self._malformed(routing_id, request_id, f"{OP_NAMES[op]} needs a transaction")
             return
-        if not self._decode(job, frames[2].bytes):
+        if not self._decode(job, body):
             return
         if op == OP_BEGIN:  # its BEGIN, and the first statement it may carry
             job.session = secrets.token_bytes(16)
@@ -473,7 +470,8 @@ class Broker:
         if len(pool.waiting) > pool.waiting_peak:
             pool.waiting_peak = len(pool.waiting)
 
-    def _on_control(self, frames: list[zmq.Frame], request_id: Any, now: float) -> None:
+    def _on_control(self, frames: list[zmq.Frame], request_id: Any, body: bytes,
+                    now: float) -> None:
         """``poolbroker ctl``: from the broker's own uid over ipc or an operator's key (see
         ClientGate.may_control); anyone else is refused, and told so."""
         routing_id = frames[0].bytes
@@ -484,10 +482,10 @@ class Broker:
                               sqlstate=INSUFFICIENT_PRIVILEGE)
             return
         try:
-            body = protocol.unpack(frames[2].bytes, CONTROL_BODY_BYTES)
+            args = protocol.unpack(body, CONTROL_BODY_BYTES)
         except Exception:  # whatever msgpack raises for a hostile body
-            body = None
-        command = body[0] if isinstance(body, list) and len(body) == 1 else None
+            args = None
+        command = args[0] if isinstance(args, list) and len(args) == 1 else None
         if command not in CONTROL_COMMANDS:
             self._malformed(routing_id, request_id,
                             f"control takes one of {', '.join(CONTROL_COMMANDS)}")

@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import errors
 from .protocol import (
     MAX_STATEMENTS, OP_BATCH, OP_BEGIN, OP_COMMIT, OP_CONTROL, OP_COPY_FROM, OP_COPY_TO,
     OP_EXECUTE, OP_EXECUTEMANY, OP_PING, OP_ROLLBACK, OP_STATS, PROBE_REQUEST_ID, STATUS_OK,
-    default_endpoint, pack, unpack,
+    default_endpoint, pack, pack_request, request_packer, unpack,
 )
 
 logger = logging.getLogger("poolbroker.client")
@@ -47,6 +48,22 @@ FAST_REPLY_WAIT = 0.05
 """Seconds a reply is awaited with a plain blocking recv before polling the
 socket together with its disconnect monitor (so a request in flight when
 the broker dies fails at most this late)."""
+
+LARGE_MESSAGE = 64 * 1024
+"""A request larger than this leaves its Packer behind, with its buffer."""
+
+MONITOR_DRAIN_INTERVAL = 1.0
+"""A request sent this long after the monitor was last read first drops
+what it reported (its queue stays short: a few events a second at most,
+libzmq reconnecting every 100 ms), instead of every request paying for it."""
+
+# Plain ints: pyzmq's enums cost a microsecond or more a use on the hot path.
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+_UNSENDABLE = (TypeError, ValueError, OverflowError)
+"""What msgpack raises for a value the wire cannot carry."""
 
 Params = Sequence[Any] | dict[str, Any] | None
 
@@ -97,18 +114,26 @@ class Result:
 
 
 class _ThreadSocket:
-    """A DEALER socket owned by one thread of one process.
+    """A DEALER socket owned by one thread of one process, and what its
+    requests reuse: a Packer, the socket's bound send and recv.
 
-    ``monitor`` reports the socket's disconnections, so that a request in
-    flight when the broker dies fails at once instead of at its deadline.
+    ``monitor`` reports the socket's connections and disconnections, so that
+    a request in flight when the broker dies fails at once instead of at its
+    deadline.  It is read only when a reply is late, or when a request
+    follows MONITOR_DRAIN_INTERVAL of silence, not on every request
+    (measured: 4 to 8 us each).
     """
 
-    __slots__ = ("monitor", "pid", "poller", "socket")
+    __slots__ = ("drain_at", "monitor", "packer", "pid", "poller", "recv", "send", "socket")
 
     def __init__(self, pid: int, socket: zmq.Socket, monitor: zmq.Socket) -> None:
         self.pid = pid
         self.socket = socket
+        self.send = socket.send
+        self.recv = socket.recv
+        self.packer = request_packer()
         self.monitor = monitor
+        self.drain_at = 0.0
         self.poller = zmq.Poller()
         self.poller.register(socket, zmq.POLLIN)
         self.poller.register(monitor, zmq.POLLIN)
@@ -132,8 +157,11 @@ class _ThreadSocket:
             # socket dropped by an ended thread frees before libzmq releases
             # the name: a new socket reusing the number then failed with
             # "Address already in use".  A counter never repeats.
+            # Connections too: a disconnection followed by a connection is
+            # the broker restarted before a request was sent, not a loss.
             monitor = socket.get_monitor_socket(
-                zmq.EVENT_DISCONNECTED, f"inproc://poolbroker-monitor-{next(_monitor_ids)}")
+                zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED,
+                f"inproc://poolbroker-monitor-{next(_monitor_ids)}")
         except BaseException:
             socket.close(linger=0)
             raise
@@ -152,11 +180,39 @@ class _ThreadSocket:
                 "ipc:///path/to/socket, ipc://@name or tcp://host:port)") from None
         return owned
 
-    def forget_disconnections(self) -> None:
-        """Drop disconnections that happened before this request was sent."""
+    def pack(self, request_id: int, op: int, timeout_ms: int, session: bytes | None,
+             body: list) -> bytes:
+        """The request's one frame; InterfaceError if a value cannot travel."""
+        try:
+            message = pack_request(self.packer, request_id, op, timeout_ms, session, body)
+        except _UNSENDABLE as exc:
+            raise _cannot_send(exc) from exc
+        if len(message) > LARGE_MESSAGE:
+            self.packer = request_packer()  # its buffer grew as large: let it go
+        return message
+
+    def forget_disconnections(self, now: float) -> None:
+        """Drop what the monitor reported so far (before this request was
+        sent, and it was sent: the socket is connected)."""
+        self.drain_at = now + MONITOR_DRAIN_INTERVAL
         monitor = self.monitor
-        while monitor.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than catching Again
+        while monitor.get(_EVENTS) & _POLLIN:  # cheaper than catching Again
             monitor.recv_multipart()
+
+    def connection_lost(self) -> bool:
+        """Whether the broker is disconnected now, by the monitor's last event.
+
+        A request is sent only on a live connection (IMMEDIATE): the events
+        from before it end with that connection's, or were drained.  So a
+        disconnection last means the one it went on is gone.  A reconnection
+        cannot hide it: libzmq reconnects after 100 ms at the soonest, and
+        the monitor is read once a reply is FAST_REPLY_WAIT late and then as
+        soon as it reports anything."""
+        monitor, lost = self.monitor, False
+        while monitor.get(_EVENTS) & _POLLIN:
+            event = parse_monitor_message(monitor.recv_multipart())["event"]
+            lost = event == zmq.EVENT_DISCONNECTED
+        return lost
 
     def close(self) -> None:
         if self.socket.closed:
@@ -224,16 +280,14 @@ class Client:
     def _request(self, op: int, session: bytes | None, body: list, timeout: float | None) -> Any:
         timeout = self.timeout if timeout is None else _seconds("timeout", timeout)
         request_id = next(self._ids)
-        try:  # inline, not _pack_body: this is every request's path
-            body_bytes = pack(body)
-            header = pack([request_id, op, int(timeout * 1000), session])
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise errors.InterfaceError(f"cannot send parameters: {exc}") from exc
         try:
             owned = self._socket()
-            deadline = time.monotonic() + timeout
-            owned.forget_disconnections()
-            self._send(owned.socket, [header, body_bytes], deadline, timeout)
+            message = owned.pack(request_id, op, int(timeout * 1000), session, body)
+            now = time.monotonic()
+            deadline = now + timeout
+            if now >= owned.drain_at:
+                owned.forget_disconnections(now)
+            self._send(owned, message, deadline, timeout)
         except zmq.ZMQError as exc:
             raise self._transport_failed(exc, outcome_unknown=False) from exc
         try:
@@ -253,11 +307,11 @@ class Client:
             f"ZeroMQ failed talking to the broker at {self.endpoint}: {exc}; {outcome}",
             outcome_unknown=outcome_unknown)
 
-    def _send(self, socket: zmq.Socket, frames: list[bytes], deadline: float, timeout: float) -> None:
+    def _send(self, owned: _ThreadSocket, message: bytes, deadline: float, timeout: float) -> None:
         give_up_at = 0.0
         while True:
             try:
-                socket.send_multipart(frames, flags=zmq.NOBLOCK)
+                owned.send(message, _NOBLOCK)
                 return
             except zmq.Again:
                 # IMMEDIATE: no broker connected, so nothing was queued.  Wait
@@ -268,7 +322,7 @@ class Client:
                     give_up_at = min(deadline, now + self.connect_timeout)
                 if now >= give_up_at:
                     raise self._never_sent(timeout) from None
-                socket.poll(max(1, int((give_up_at - now) * 1000)), zmq.POLLOUT)
+                owned.socket.poll(max(1, int((give_up_at - now) * 1000)), zmq.POLLOUT)
 
     def _never_sent(self, timeout: float) -> errors.BrokerUnavailable:
         within = (f"connect_timeout ({self.connect_timeout:g} s)"
@@ -280,16 +334,18 @@ class Client:
 
     def _wait_reply(self, owned: _ThreadSocket, request_id: int, deadline: float,
                     timeout: float) -> Any:
-        socket = owned.socket
+        socket, recv = owned.socket, owned.recv
         while True:
             try:
-                reply_id, status, payload = unpack(socket.recv())
+                reply_id, status, payload = unpack(recv())
             except zmq.Again:  # no reply within FAST_REPLY_WAIT
                 remaining = deadline - time.monotonic()
                 ready = dict(owned.poller.poll(max(1, int(remaining * 1000)))) if remaining > 0 else {}
                 if socket in ready:
                     continue
                 if owned.monitor in ready:
+                    if not owned.connection_lost():
+                        continue  # a reconnection before the request was sent
                     raise errors.BrokerUnavailable(
                         f"the connection to the broker at {self.endpoint} was lost while "
                         "the request was in flight; the statement may have run "
@@ -446,11 +502,15 @@ def parts_total(results: list[Result]) -> Result:
 
 def _pack_body(body: Any) -> bytes:
     """``pack(body)``; a value the wire cannot carry is the caller's error
-    (as in ``Client._request``)."""
+    (as in ``_ThreadSocket.pack``)."""
     try:
         return pack(body)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise errors.InterfaceError(f"cannot send parameters: {exc}") from exc
+    except _UNSENDABLE as exc:
+        raise _cannot_send(exc) from exc
+
+
+def _cannot_send(exc: Exception) -> errors.InterfaceError:
+    return errors.InterfaceError(f"cannot send parameters: {exc}")
 
 
 def _seconds(name: str, value: Any) -> float:
