@@ -269,14 +269,6 @@ def _pack(obj: Any) -> bytes:
     return _packer().pack(obj)
 
 
-def _unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
-    # unpackb bounds every declared length by len(data), so a hostile
-    # header cannot make it allocate more than the message itself.
-    if len(data) > max_bytes:
-        raise ValueError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
-    return msgpack.unpackb(data, ext_hook=_decode_ext, raw=False)
-
-
 ITEM_BYTES = 256
 """What an item of an array or a map is estimated to cost the broker before
 its request runs: decoded, a slot and a small object (40 bytes), and dumped
@@ -437,7 +429,11 @@ def unpack_first(data: bytes | memoryview, max_bytes: int) -> tuple[Any, int]:
 
 def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
     """Deserialize a message; raises ValueError (or a subclass) if malformed."""
-    return _unpack(data, max_bytes)
+    # unpackb bounds every declared length by len(data), so a hostile
+    # header cannot make it allocate more than the message itself.
+    if len(data) > max_bytes:
+        raise ValueError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    return msgpack.unpackb(data, ext_hook=_decode_ext, raw=False)
 
 
 def error_payload(
