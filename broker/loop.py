@@ -2,7 +2,7 @@
 
 The request path, top to bottom::
 
-    ROUTER frames --requests.decode_header/Decoder--> Job (or a refusal)
+    ROUTER frames --requests.decode_request/Decoder--> Job (or a refusal)
       --> a pinned session's connection, or the pool's FIFO queue
       --> _dispatch: an idle connection, or a shared pipeline (quick jobs)
       --> PgConn.send (libpq pipeline, one Sync per job)
@@ -55,7 +55,7 @@ from .pool import (
 from .redact import Redactor
 from .requests import (
     ENDING_OPS, NO_DEADLINE, OP_RESET, POOLED_OPS, SESSION_OPS, Decoder, Job, Query, Refusal,
-    decode_header,
+    decode_request,
 )
 from .sessions import Session, Sessions, pid_alive
 
@@ -420,11 +420,8 @@ class Broker:
             # Queued in the socket before its client died: nobody waits for it.
             self.stats[S.REQUESTS_DROPPED] += 1
             return
-        if len(frames) != 3:
-            self._malformed(routing_id, None, f"expected 2 frames (header, body), got {len(frames) - 1}")
-            return
         try:
-            request_id, op, deadline, token, pool_name = decode_header(frames[1].bytes, now)
+            request_id, op, deadline, token, pool_name, body = decode_request(frames, now)
         except Refusal as exc:
             self._malformed(routing_id, exc.request_id, str(exc))
             return
@@ -435,7 +432,7 @@ class Broker:
             self._reply(routing_id, replies.ok(request_id, None))
             return
         if op == OP_CONTROL:
-            self._on_control(frames, request_id, now)
+            self._on_control(frames, request_id, body, now)
             return
         if self._stopping and token is None:  # a transaction may finish (drain_timeout)
             self._reply_error(routing_id, request_id, ErrorKind.BROKER_UNAVAILABLE,
@@ -452,7 +449,7 @@ class Broker:
             return
         job = Job(op, routing_id, request_id, deadline, client_pid=client_pid)
         if token is not None:
-            self._on_session_request(job, token, frames[2].bytes, now)
+            self._on_session_request(job, token, body, now)
             return
         if op not in POOLED_OPS:
             self._malformed(routing_id, request_id, f"{OP_NAMES[op]} needs a transaction")
@@ -462,7 +459,7 @@ class Broker:
             self._no_such_pool(job, pool_name)
             return
         job.pool = pool
-        if not self._decode(job, frames[2].bytes):
+        if not self._decode(job, body):
             return
         if op == OP_BEGIN:  # its BEGIN, and the first statement it may carry
             job.session = secrets.token_bytes(16)
@@ -501,7 +498,8 @@ class Broker:
         self._reply_error(job.routing_id, job.request_id, ErrorKind.OPERATIONAL, why,
                           sqlstate=INVALID_CATALOG_NAME)
 
-    def _on_control(self, frames: list[zmq.Frame], request_id: Any, now: float) -> None:
+    def _on_control(self, frames: list[zmq.Frame], request_id: Any, body: bytes,
+                    now: float) -> None:
         """``poolbroker ctl``: from the broker's own uid over ipc or an operator's key (see
         ClientGate.may_control); anyone else is refused, and told so."""
         routing_id = frames[0].bytes
@@ -512,10 +510,10 @@ class Broker:
                               sqlstate=INSUFFICIENT_PRIVILEGE)
             return
         try:
-            body = protocol.unpack(frames[2].bytes, CONTROL_BODY_BYTES)
+            args = protocol.unpack(body, CONTROL_BODY_BYTES)
         except Exception:  # whatever msgpack raises for a hostile body
-            body = None
-        command = body[0] if isinstance(body, list) and len(body) == 1 else None
+            args = None
+        command = args[0] if isinstance(args, list) and len(args) == 1 else None
         if command not in CONTROL_COMMANDS:
             self._malformed(routing_id, request_id,
                             f"control takes one of {', '.join(CONTROL_COMMANDS)}")

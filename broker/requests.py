@@ -139,14 +139,35 @@ class Job:
     pool: Any = None  # the pool.Pool it runs on
 
 
-def decode_header(header_bytes: bytes,
-                  now: float) -> tuple[int, int, float, bytes | None, str | None]:
-    """(request_id, op, deadline, session, pool name) of a request header, or
-    raise a Refusal (of kind MESSAGE, with the request id when it was readable)."""
-    if len(header_bytes) > MAX_HEADER_BYTES:
-        raise _malformed(None, "header frame too large")
+def decode_request(frames: list[Any], now: float) -> tuple[
+        int, int, float, bytes | None, str | None, bytes]:
+    """(request_id, op, deadline, session, pool name, body) of a request's
+    frames (the routing id first), or raise a Refusal (of kind MESSAGE, with
+    the request id when it was readable).  One frame holds the header and the
+    body back to back; two, as clients before protocol 2 send them, one each."""
+    if len(frames) == 2:
+        message = frames[1].buffer  # a view: the body is copied once, below
+        request_id, op, deadline, session, pool, end = decode_header(message, now)
+        return request_id, op, deadline, session, pool, bytes(message[end:])
+    if len(frames) == 3:
+        header = frames[1].buffer
+        if len(header) > MAX_HEADER_BYTES:
+            raise _malformed(None, "header frame too large")
+        request_id, op, deadline, session, pool, end = decode_header(header, now)
+        if end != len(header):
+            raise _malformed(request_id, "undecodable header: extra data after it")
+        return request_id, op, deadline, session, pool, frames[2].bytes
+    raise _malformed(None, f"expected 1 frame (header and body) or 2 (header, body), "
+                           f"got {len(frames) - 1}")
+
+
+def decode_header(message: bytes | memoryview, now: float) -> tuple[
+        int, int, float, bytes | None, str | None, int]:
+    """(request_id, op, deadline, session, pool name, end) of the header that
+    starts ``message`` (``end``: the offset where it ends), or raise a
+    Refusal (of kind MESSAGE, with the request id when it was readable)."""
     try:
-        header = protocol.unpack(header_bytes, MAX_HEADER_BYTES)
+        header, end = protocol.unpack_first(message, MAX_HEADER_BYTES)
     except Exception as exc:  # msgpack raises many types on garbage
         raise _malformed(None, f"undecodable header: {exc}") from None
     if not isinstance(header, list) or not HEADER_FIELDS <= len(header) <= HEADER_FIELDS + 1:
@@ -169,7 +190,7 @@ def decode_header(header_bytes: bytes,
         raise _malformed(request_id, "session must be bytes or nil")
     if pool is not None and not isinstance(pool, str):
         raise _malformed(request_id, "pool must be a string or nil")
-    return request_id, op, deadline, session, pool
+    return request_id, op, deadline, session, pool, end
 
 
 def _malformed(request_id: int | None, why: str) -> Refusal:

@@ -149,7 +149,12 @@ def _ext_body(code: int, data: bytes) -> bytes:
 
 
 MALFORMED = [
-    ([b"one frame only"], "expected 2 frames"),
+    ([b"one frame only"], "header must be"),  # one frame is the header, then the body
+    ([_header(), protocol.pack([]), b"a third"], "expected 1 frame"),
+    ([_header() + b"extra", protocol.pack([])], "extra data"),
+    ([b"\x94\xc5\x13\x88" + b"x" * 5000], "undecodable header"),  # not within 4 KiB
+    ([_header(op=protocol.OP_EXECUTE) + b"\xc1"], ""),  # one frame, a bad body
+    ([_header(op=protocol.OP_EXECUTE) + protocol.pack(["SELECT 1"])], "takes 2 arguments"),
     ([b"\xc1\xc1\xc1", b""], "undecodable header"),
     ([protocol.pack({"not": "a list"}), b""], "header must be"),
     ([protocol.pack([1, 2]), b""], "header must be"),
@@ -185,6 +190,15 @@ def test_malformed_requests_are_answered(broker, raw, frames, message):
     assert message in reply[2]["message"]
     assert reply[2]["kind"] in ("MessageError", "DataError", "ProgrammingError", "InterfaceError")
     assert broker.client.execute("SELECT 1").rows == [(1,)]
+
+
+def test_a_request_in_one_frame_or_two_is_answered_alike(broker, raw):
+    body = protocol.pack(["SELECT %s::int", [7]])
+    raw.send_multipart([_header(request_id=1), body])  # as clients before protocol 2 send it
+    raw.send(_header(request_id=2) + body)
+    replies = sorted([_reply(raw), _reply(raw)])
+    assert [reply[0] for reply in replies] == [1, 2]
+    assert replies[0][1:] == replies[1][1:] == [protocol.STATUS_OK, [["int4"], [[7]], 1, [23]]]
 
 
 def test_oversized_message_is_dropped_and_the_broker_serves_on(start_broker):

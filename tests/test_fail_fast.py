@@ -104,6 +104,33 @@ def test_broker_starting_within_connect_timeout_gets_the_request(dsn):
     assert outcome == [[(1,)]]
 
 
+def test_broker_restarted_between_requests_is_not_a_lost_request(dsn):
+    """The disconnection a restart leaves on the client's monitor predates
+    the next request: a slow one (read past FAST_REPLY_WAIT, when the monitor
+    is looked at) is answered, not failed as in flight when the broker died."""
+    broker = BrokerProcess(dsn, max_connections=1)
+    c = client.Client(broker.endpoint, timeout=30)
+    try:
+        broker.start()
+        assert c.execute("SELECT 1").rows == [(1,)]
+        broker.stop()
+        broker.start()
+        started = time.monotonic()
+        assert c.execute("SELECT pg_sleep(0.3), 2").rows[0][1] == 2
+        assert time.monotonic() - started < 5
+        killer = threading.Timer(0.5, broker.proc.kill)  # one in flight fails at once
+        killer.start()
+        started = time.monotonic()
+        with pytest.raises(client.BrokerUnavailable) as info:
+            c.execute("SELECT pg_sleep(20)")
+        killer.join()
+        assert info.value.outcome_unknown and "lost" in str(info.value)
+        assert time.monotonic() - started < 5
+    finally:
+        broker.stop()
+        shutil.rmtree(broker.dir, ignore_errors=True)
+
+
 def _rows_or_error(c: client.Client) -> Any:
     try:
         return c.execute("SELECT 1").rows
@@ -157,8 +184,9 @@ def _fake_broker(endpoint: str, reply: Callable[[int], bytes], stop: threading.E
     try:
         while not stop.is_set():
             if router.poll(50):
-                routing_id, header, _ = router.recv_multipart()
-                router.send_multipart([routing_id, reply(protocol.unpack(header)[0])])
+                routing_id, message = router.recv_multipart()
+                header, _ = protocol.unpack_first(message, 4096)
+                router.send_multipart([routing_id, reply(header[0])])
     finally:
         router.close()
 
