@@ -246,8 +246,11 @@ def test_a_timeout_under_a_millisecond_is_a_timeout_not_a_malformed_request(brok
 
 
 def test_a_statement_that_would_end_after_its_deadline_is_refused_unrun(start_broker, admin):
-    # It lately took 0.3 s on the server; with 0.15 s left it would only be
-    # cancelled at its deadline, its connection held for nothing.
+    # It lately took 0.3 s on the server.  Queued 0.3 s behind another run
+    # of it, a request with a 0.5 s timeout has 0.2 s left when the
+    # connection frees: run, it would only be cancelled at its deadline.
+    import threading
+
     admin.execute("DROP SEQUENCE IF EXISTS hopeless_runs")
     admin.execute("CREATE SEQUENCE hopeless_runs")
     broker = start_broker(max_connections=1)
@@ -255,9 +258,13 @@ def test_a_statement_that_would_end_after_its_deadline_is_refused_unrun(start_br
     sql = "SELECT nextval('hopeless_runs') FROM pg_sleep(0.3)"
     c.execute(sql)
     c.execute(sql)  # the estimate: about 0.3 s
+    ahead = threading.Thread(target=lambda: client.Client(broker.endpoint).execute(sql))
+    ahead.start()
+    assert wait_until(lambda: c.stats()["pool_active"] == 1, 2)
     with pytest.raises(client.PoolTimeout, match="too little time was left"):
-        c.execute(sql, timeout=0.15)
-    assert admin.execute("SELECT last_value FROM hopeless_runs").fetchone()[0] == 2
-    assert c.execute(sql, timeout=5).rows == [(3,)]  # with time enough, it runs
+        c.execute(sql, timeout=0.5)
+    ahead.join()
+    assert admin.execute("SELECT last_value FROM hopeless_runs").fetchone()[0] == 3
+    assert c.execute(sql, timeout=5).rows == [(4,)]  # with time enough, it runs
     stats = c.stats()
     assert stats["requests_abandoned"] == 1 and stats["statements_late"] == 0
