@@ -342,7 +342,7 @@ class Settings:
         "INFO", live=True, help="least severe level of the messages logged")
 
     log_format: LogFormat = setting(
-        "text", help="how log lines are written: text, or json (one object per line)",
+        "text", live=True, help="how log lines are written: text, or json (one object per line)",
         doc="Request-level events (a slow statement, a PoolTimeout, a transaction rolled "
             "back by the broker) carry the client's pid (over ipc; 0 over tcp), the pool, "
             "the duration in milliseconds and the SQLSTATE where there is one: appended as "

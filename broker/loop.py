@@ -39,7 +39,7 @@ from client.protocol import (
 )
 
 from . import endpoint as endpoints
-from . import replies, statements
+from . import logs, replies, statements
 from . import stats as S
 from ._psycopg import placeholder_query
 from .adapters import build_adapters
@@ -304,6 +304,9 @@ class Broker:
         """Run with ``settings`` from now on.  Most are read where they are
         used; these were turned into state at start."""
         lifetime_changed = settings.max_lifetime != self.settings.max_lifetime
+        if settings.log_format != self.settings.log_format:
+            logs.configure(settings.log_level, settings.log_format)
+            self._redact.install()  # the new handler masks the password too
         self.settings = settings
         self._pools.apply(settings)
         self._describe_query_timeout()

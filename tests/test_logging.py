@@ -74,3 +74,16 @@ def test_request_events_are_logged_within_a_budget(start_broker):
         with pytest.raises(client.PoolTimeout):
             broker.client.execute("SELECT 2", timeout=0.1)
     assert "more since the last report" in broker.log()  # the next line counts the rest
+
+
+def test_a_reload_switches_the_log_format(start_broker):
+    import signal
+
+    broker = start_broker(max_connections=1, log_slow_statements=0.05)
+    broker.config.write_text(broker.config.read_text() + 'log_format = "json"\n')
+    broker.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "applied log_format='json'" in broker.log(), 5)
+    broker.client.execute("SELECT pg_sleep(0.06)")
+    assert wait_until(lambda: broker.log().rstrip().endswith("}"), 5)
+    last = json.loads(broker.log().splitlines()[-1])
+    assert last["message"].startswith("slow statement") and last["pool"] == "default"
