@@ -28,6 +28,10 @@ def _serve(args: argparse.Namespace) -> int:
         Broker(settings, reread=lambda: load(args.config, config.flag_values(args))).run()
     except ConfigError as exc:
         return _config_failed(exc)
+    except Exception:
+        # Through the handler: in the log's format, the password masked.
+        logging.getLogger("poolbroker").critical("the broker failed", exc_info=True)
+        return 1
     return 0
 
 

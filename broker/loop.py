@@ -44,7 +44,7 @@ from . import stats as S
 from ._psycopg import placeholder_query
 from .adapters import build_adapters
 from .clients import ClientGate, default_max_clients, raise_open_files_limit
-from .config import SPECS, ConfigError, Settings
+from .config import SPECS, ConfigError, PoolSettings, Settings
 from .logs import LogBudget, request_fields, shown_sql
 from .memory import return_large_buffers
 from .pgconn import Outcome, PgConn
@@ -281,7 +281,9 @@ class Broker:
                        if getattr(new, name) != getattr(old, name)]
             applied = {name: getattr(new, name) for name in changed
                        if (SPECS[name].live if name in SPECS else _same_databases(old, new))}
-            answer["applied"] = applied
+            # Packable for ctl, and no DSN in the log: the pools by their sizes.
+            answer["applied"] = {name: _pool_sizes(value) if name == "pools" else value
+                                 for name, value in applied.items()}
             answer["restart_needed"] = [name for name in changed if name not in applied]
             if answer["restart_needed"]:
                 logger.warning("%s: changed but only applied at a restart (kept as they are): "
@@ -289,7 +291,7 @@ class Broker:
             if applied:
                 self._apply(dataclasses.replace(old, **applied))
                 logger.info("%s: applied %s", why, ", ".join(
-                    f"{name}={value!r}" for name, value in applied.items()))
+                    f"{name}={value!r}" for name, value in answer["applied"].items()))
         if self._curve:
             # A key removed from the directory is refused on its next connection.
             self._load_allowed_clients()
@@ -490,7 +492,7 @@ class Broker:
                 f"{pool.name!r} (max_waiting={self.settings.max_waiting}); the request was "
                 "not run")
             return
-        job.queued_at = now
+        job.queued_at = pool.demand_at = now
         self._admit(job)
         pool.waiting.append(job)
         self._dispatch(now, pool)
@@ -1016,6 +1018,7 @@ class Broker:
         self.stats[S.REQUESTS_ABANDONED] += 1
         waited = f"after {now - job.queued_at:.3f} s waiting for a connection"
         if job.deadline > now:
+            job.pool.doubt(job.queries[0].key)  # else a stale estimate refuses it for good
             why = (f"too little time was left {waited} ({(job.deadline - now) * 1000:.1f} ms) "
                    f"for the statement, which lately took {job.expected * 1000:.1f} ms on the "
                    "server")
@@ -1124,7 +1127,7 @@ class Broker:
                 self.stats[S.CONNECTIONS_CLOSED_IDLE] += 1
                 logger.debug("server connection %d idle for max_idle: closed", conn.conn_id)
                 self._close_conn(conn, now)
-        if (conn := pools.rebalance()) is not None:
+        if (conn := pools.rebalance(now)) is not None:
             logger.debug("server connection %d of pool %r makes way for a starved pool",
                          conn.conn_id, conn.pool.name)
             self._retire_when_idle(conn, REBALANCE, now)
@@ -1289,20 +1292,28 @@ class Broker:
 
 def _too_late(job: Job, now: float) -> bool:
     """Whether ``job`` would be answered after its deadline if it started
-    now: the deadline has passed, or less time is left than its statement
-    lately took plus a margin.  Not when the estimate is longer than the
-    request's whole timeout: such an estimate says more about itself (a slow
-    spell) than about the request, and only running the statement corrects it."""
+    now: the deadline has passed, or, once it has waited, less time is left
+    than its statement lately took plus a margin.  Estimates can be wrong (a
+    slow spell, a cold first run) and only running the statement corrects
+    them: so a request that would start as it arrives runs, one whose
+    estimate is longer than its whole timeout runs, and each refusal lowers
+    the estimate a little (``Pool.doubt``)."""
     left = job.deadline - now
     expected = job.expected
-    return left <= 0 or (left <= expected + min(expected, ESTIMATE_SPREAD) + ANSWER_MARGIN
+    return left <= 0 or (now > job.queued_at  # waited: one that would start at once runs
+                         and left <= expected + min(expected, ESTIMATE_SPREAD) + ANSWER_MARGIN
                          and expected < job.deadline - job.queued_at)
 
 
 def _same_databases(old: Settings, new: Settings) -> bool:
-    """Whether the pools differ only in their sizes, which a reload applies
-    (a pool added, removed or pointed elsewhere needs a restart)."""
-    return [(p.name, p.dsn) for p in old.pools] == [(p.name, p.dsn) for p in new.pools]
+    """Whether the pools differ only in their sizes or order, which a reload
+    applies (a pool added, removed or pointed elsewhere needs a restart)."""
+    return {(p.name, p.dsn) for p in old.pools} == {(p.name, p.dsn) for p in new.pools}
+
+
+def _pool_sizes(pools: tuple[PoolSettings, ...]) -> dict[str, dict[str, int]]:
+    return {p.name: {"max_connections": p.max_connections,
+                     "min_connections": p.min_connections} for p in pools}
 
 
 def _public_keys(setting: str, directory: str) -> set[bytes]:

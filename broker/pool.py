@@ -54,6 +54,8 @@ QUICK_STATEMENT = 0.001
 """Seconds of server time under which a statement counts as quick: only
 quick ones are pipelined behind others while the pool can still grow."""
 ESTIMATES_KEPT = 10_000
+ESTIMATE_DOUBT = 0.9
+"""What a refusal on a statement's estimate leaves of the estimate."""
 SWEEP_CONNECT_TIMEOUT = 2
 """Seconds the first connection, opened before serving, may take: a database
 that is down or unreachable must not hold the broker's start (libpq's minimum)."""
@@ -73,6 +75,9 @@ SURPLUS = "surplus"
 """``PgConn.retiring``: beyond a max_connections lowered by a reload."""
 REBALANCE = "rebalance"
 """``PgConn.retiring``: another pool starves under the global cap."""
+DEMAND_GRACE = 1.0
+"""Seconds a pool counts as having work after its last request: its share
+of the global cap outlives a pause between requests."""
 BACKEND_EXIT_WAIT = 2.0
 """Seconds a closed connection's slot stays counted while the server has not
 closed its end (its backend has not exited).  A server that never does (a
@@ -124,6 +129,12 @@ class State(enum.StrEnum):
     CLOSED = "closed"
 
 
+COST_OF_LOSING = {State.IDLE: 0, State.SHARED: 1, State.BUSY: 2, State.RESETTING: 3,
+                  State.PINNED: 4, State.OPENING: 5, State.CLOSED: 5}
+"""How much a connection's retirement costs, by its state (least_needed's
+order): idle ones go at once, a transaction keeps its connection longest."""
+
+
 class Pools:
     """Every pool by name, and the global cap their connections share.
 
@@ -154,9 +165,11 @@ class Pools:
         """A pool's active connections reached a new peak: maybe all pools' too."""
         self.active_peak = max(self.active_peak, sum(pool.active for pool in self.all))
 
-    def foreign(self) -> set[Backend]:
+    def foreign(self) -> frozenset[Backend]:
         """Dead predecessors' connections still counted, of every pool's server."""
-        return set().union(*(pool.foreign for pool in self.all))
+        if self.alone:
+            return self.all[0].foreign
+        return frozenset().union(*(pool.foreign for pool in self.all))
 
     def apply(self, settings: Settings) -> None:
         """A reload's settings (the pools themselves are fixed at start)."""
@@ -170,13 +183,14 @@ class Pools:
         """Connections that may still open under the global cap: open,
         opening, closed until their backends exit and a dead predecessor's
         count (those once, though several pools on one server see them)."""
-        return self._room(lambda pool: len(pool.conns) + len(pool.closing))
+        return self._room(Pool.held)
 
     def surplus(self) -> list[PgConn]:
         """Connections beyond a cap lowered by a reload: each pool's own,
-        then the global one's, taken from the largest pool."""
+        then the global one's (a dead predecessor's connections count),
+        taken from the largest pool."""
         out = [conn for pool in self.all for conn in pool.surplus()]
-        if out or self.alone:
+        if out:
             return out
         donor = max(self.all, key=Pool.staying)
         return donor.least_needed(-self._room(Pool.staying))
@@ -184,51 +198,64 @@ class Pools:
     def _room(self, size: Callable[[Pool], int]) -> int:
         return self.settings.max_connections - sum(map(size, self.all)) - len(self.foreign())
 
-    def starved(self, pool: Pool) -> bool:
-        """Whether a pool other than ``pool``, with requests waiting, holds
-        less than its fair share while ``pool`` holds at least its own."""
-        share = self._share()
-        return pool.held() >= share and any(
-            other is not pool and other.waiting and other.held() < share
-            and other.held() < other.settings.max_connections for other in self.all)
+    def _has_work(self, pool: Pool, now: float) -> bool:
+        # A pool that had a request within DEMAND_GRACE still counts: one used
+        # now and then must not have its connection taken between requests.
+        return bool(pool.waiting or pool.active or now - pool.demand_at < DEMAND_GRACE)
 
-    def _share(self) -> int:
+    def _share(self, now: float) -> int:
         """Each pool's fair share of the global cap: divided among the pools
-        that have work (waiting or running), at least one each."""
-        busy = sum(1 for pool in self.all if pool.waiting or pool.active)
+        that have work (see _has_work), at least one each."""
+        busy = sum(1 for pool in self.all if self._has_work(pool, now))
         return max(1, self.settings.max_connections // max(1, busy))
 
-    def rebalance(self) -> PgConn | None:
+    def _starved(self, share: int) -> list[Pool]:
+        """Pools with requests waiting, below their share and their own cap,
+        whose database answers (a failing pool must not take connections
+        from healthy ones for attempts that fail)."""
+        return [pool for pool in self.all if pool.waiting and not pool.failing
+                and pool.held() < min(share, pool.settings.max_connections)]
+
+    def starved(self, pool: Pool, now: float) -> bool:
+        """Whether another pool starves (see rebalance) while ``pool`` holds
+        at least its share: then ``pool`` does not grow into a freed slot."""
+        share = self._share(now)
+        return pool.held() >= share and any(other is not pool for other in self._starved(share))
+
+    def rebalance(self, now: float) -> PgConn | None:
         """A connection to retire so that a starved pool can open one.
 
         When the global cap binds, a pool with requests waiting that holds
-        less than its fair share (:meth:`_share`) gets a connection from the
-        pool furthest above its share (a pool with no work has none): an
-        idle one at once, else the first
-        to finish its clients' work (it takes no new work meanwhile).  One at
-        a time: the next is chosen once the freed slot is taken, and a pool
-        at or above its share does not grow while another starves
-        (:meth:`starved`).  A share is a floor, not a ceiling: an
-        uncontended pool may use the whole cap."""
+        less than its fair share (:meth:`_share`) gets a connection from a
+        pool above its share (a pool with no work has none): the one whose
+        loss costs least over every such pool (idle first, a transaction
+        last), retired at once if idle, else once its clients' work is done
+        (it takes no new work meanwhile).  One at a time, but for an idle
+        one found while a busy one is on its way out; a pool at or above its
+        share does not grow while another starves (:meth:`starved`).  A
+        share is a floor, not a ceiling: an uncontended pool may use the
+        whole cap."""
         if self.alone or self.room() > 0 or any(pool.closing for pool in self.all):
             return None
-        if any(conn.retiring == REBALANCE for conn in self.conns()):
-            return None  # one already on its way out
-        share = self._share()
-        starved = [pool for pool in self.all if pool.waiting and pool.held() < share
-                   and pool.held() < pool.settings.max_connections]
+        share = self._share(now)
+        starved = self._starved(share)
         if not starved:
             return None
-
-        def above_share(pool: Pool) -> int:  # a pool with no work has no share
-            return pool.staying() - (share if pool.waiting or pool.active else 0)
-
-        donor = max((pool for pool in self.all if pool not in starved), key=above_share,
-                    default=None)
-        if donor is None or above_share(donor) <= 0:
+        pending = [conn for conn in self.conns() if conn.retiring == REBALANCE]
+        if any(conn.state == State.IDLE for conn in pending):
+            return None  # it closes at once: its slot is coming
+        best: tuple[int, int, PgConn] | None = None
+        for pool in self.all:
+            above = pool.staying() - (share if self._has_work(pool, now) else 0)
+            if pool in starved or above <= 0:
+                continue
+            for conn in pool.least_needed(1):
+                rank = (COST_OF_LOSING[conn.state], -above)
+                if best is None or rank < best[:2]:
+                    best = (*rank, conn)
+        if best is None or (pending and best[0] != COST_OF_LOSING[State.IDLE]):
             return None
-        chosen = donor.least_needed(1)
-        return chosen[0] if chosen else None
+        return best[2]
 
 
 def pool_settings(settings: Settings, spec: PoolSettings) -> Settings:
@@ -256,6 +283,7 @@ class Pool:
         self.closing: dict[int, tuple[socket.socket, float]] = {}
         self._in: dict[State, dict[int, PgConn]] = {state: {} for state in State}
         self.waiting: deque[Job] = deque()
+        self.demand_at = 0.0  # when a request last joined the queue (the loop sets it)
         self._opened: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup_fd, self._wakeup_write = os.pipe()
         os.set_blocking(self.wakeup_fd, False)
@@ -374,20 +402,33 @@ class Pool:
         return list(self._in[State.SHARED].values())
 
     def held(self) -> int:
-        """Connections counted against this pool's cap: closed ones whose
-        backends have not exited, and a dead predecessor's, still count."""
-        return len(self.conns) + len(self.closing) + len(self.foreign)
+        """Connections counted against this pool's own cap: closed ones whose
+        backends have not exited still count.  A dead predecessor's count
+        against the global cap (``Pools.room``), whichever pool saw them."""
+        return len(self.conns) + len(self.closing)
 
     @property
     def at_cap(self) -> bool:
-        return self.held() >= self.settings.max_connections \
-            or (not self.group.alone and self.group.room() <= 0)
+        return self.held() >= self.settings.max_connections or self.group.room() <= 0
+
+    @property
+    def failing(self) -> bool:
+        """The last attempt to connect failed (its database is down or missing)."""
+        return self._connect_error is not None
 
     # Statement durations: what may be pipelined behind what
 
     def estimate(self, key: tuple) -> float | None:
         """The server seconds a statement took lately (smoothed), if known."""
         return self._durations.get(hash(key))
+
+    def doubt(self, key: tuple) -> None:
+        """A request was refused on the estimate: lower it a little, so that
+        one that no longer holds (a slow spell, a cold first run) cannot keep
+        refusing the statement; the next run sets it right."""
+        key = hash(key)
+        if key in self._durations:
+            self._durations[key] *= ESTIMATE_DOUBT
 
     def ran(self, key: tuple, seconds: float) -> None:
         # By hash: the estimates must not keep statement texts alive, and a
@@ -405,11 +446,9 @@ class Pool:
         """Open up to ``wanted`` more connections, never beyond the cap."""
         if now < self._retry_at or self.at_cap:  # at cap: the common case under load
             return
-        room = self.settings.max_connections - self.held()
-        if not self.group.alone:
-            if self.group.starved(self):
-                return  # the slot is for the pool below its share
-            room = min(room, self.group.room())
+        if not self.group.alone and self.group.starved(self, now):
+            return  # the slot is for the pool below its share
+        room = min(self.settings.max_connections - self.held(), self.group.room())
         opening = self.count(State.OPENING)
         if self._sweep_pending:
             # The first connection could not open: the next one sweeps, alone.
@@ -464,8 +503,7 @@ class Pool:
         being retired: idle ones first, then those whose clients' work ends
         soonest, transactions last.  One opening is not chosen: once open,
         it is idle, and the next tick takes it."""
-        return self.least_needed(self.staying() + len(self.foreign)
-                                 - self.settings.max_connections)
+        return self.least_needed(self.staying() - self.settings.max_connections)
 
     def least_needed(self, count: int) -> list[PgConn]:
         """Up to ``count`` connections not yet being retired, those whose
@@ -547,10 +585,11 @@ class Pool:
                        stopping: Callable[[], bool]) -> frozenset[Backend]:
         """Before serving: while connections that cannot be ended leave no
         room beside ``conn``, nothing could be served anyway."""
-        if len(left) >= self.settings.max_connections:
+        cap = self.group.settings.max_connections  # they count against the global cap
+        if len(left) >= cap:
             logger.warning("a dead broker's server connections fill max_connections: "
                            "waiting for them to end before serving")
-        while len(left) >= self.settings.max_connections and not stopping():
+        while len(left) >= cap and not stopping():
             time.sleep(FOREIGN_RECHECK_INTERVAL)
             left &= predecessors.listed(conn, self._marked)
         return left
@@ -594,8 +633,8 @@ class Pool:
                 self._backoff = min(CONNECT_BACKOFF_MAX,
                                     max(CONNECT_BACKOFF_MIN, self._backoff * 2))
                 self._retry_at = now + self._backoff
-                logger.error("cannot connect to the database (retry in %.1f s): %s",
-                             self._backoff, error.message)
+                logger.error("pool %r: cannot connect to the database (retry in %.1f s): %s",
+                             self.name, self._backoff, error.message)
                 continue
             self._backoff = 0.0
             self._connect_error = None
@@ -609,9 +648,13 @@ class Pool:
     def unreachable(self, now: float) -> ConnectError | None:
         """The last connect error while it is every request's fate: no
         connection is open, none is opening that might succeed, and the
-        backoff holds the next attempt.  Requests are told at once; waiting
-        would only delay the same error by up to CONNECT_BACKOFF_MAX."""
-        if self.conns or now >= self._retry_at:
+        backoff holds the next attempt, or no attempt may be made (other
+        pools hold the global cap, and a failing pool takes nothing from
+        them).  Requests are told at once; waiting would only delay the same
+        error by up to CONNECT_BACKOFF_MAX, or to their deadline."""
+        if self.conns or self._connect_error is None:
+            return None
+        if now >= self._retry_at and not self.at_cap:
             return None
         return self._connect_error
 

@@ -7,6 +7,7 @@ broker emits that could carry it passes through a ``Redactor``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -33,6 +34,12 @@ def dsn_secrets(dsn: str) -> list[str]:
             raw = match.group(1)
             found.add(raw)
             found.add(raw.strip("'"))
+    # As a message may show it once escaped: repr(), JSON (the JSON log
+    # lines), a TOML string (poolbroker config); the escaping of the
+    # escaped, for a repr() of a DSN in a JSON line.
+    for secret in list(found):
+        for escaped in (repr(secret)[1:-1], json.dumps(secret)[1:-1]):
+            found.update((escaped, json.dumps(escaped)[1:-1]))
     return sorted((s for s in found if s), key=len, reverse=True)
 
 

@@ -8,6 +8,7 @@ both; tests/test_config.py fails while either differs from the declaration.
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -77,7 +78,8 @@ def settings_toml(settings: Settings) -> str:
     lines = [f"[{TABLE}]"]
     lines += [f"{name} = {toml_literal(getattr(settings, name))}" for name in SPECS]
     for pool in settings.pools:
-        lines += ["", f"[{POOLS_TABLE}.{pool.name}]"]
+        key = pool.name if re.fullmatch(r"[A-Za-z0-9_-]+", pool.name) else toml_literal(pool.name)
+        lines += ["", f"[{POOLS_TABLE}.{key}]"]  # quoted: a dot would nest a table
         lines += [f"{name} = {toml_literal(getattr(pool, name))}" for name in POOL_SPECS]
     return "\n".join(lines) + "\n"
 

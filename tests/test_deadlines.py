@@ -268,3 +268,14 @@ def test_a_statement_that_would_end_after_its_deadline_is_refused_unrun(start_br
     assert c.execute(sql, timeout=5).rows == [(4,)]  # with time enough, it runs
     stats = c.stats()
     assert stats["requests_abandoned"] == 1 and stats["statements_late"] == 0
+
+
+def test_an_estimate_from_one_slow_run_does_not_refuse_a_statement_for_good(broker):
+    # A cold first run took 92 ms: with 100 ms timeouts, no request may be
+    # refused on that estimate when it would start at once, and the runs
+    # that follow set the estimate right.
+    c = broker.client
+    sql = "SELECT 1 FROM pg_sleep(%s)"
+    c.execute(sql, [0.092])
+    for _ in range(50):
+        assert c.execute(sql, [0.001], timeout=0.1).rows == [(1,)]

@@ -4,6 +4,8 @@ than ``max_connections``, and none starves while that cap binds."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -126,3 +128,32 @@ def test_a_reload_resizes_pools_live_and_names_what_needs_a_restart(start_broker
     broker.proc.send_signal(signal.SIGHUP)
     assert wait_until(lambda: next(e for e in broker.stats()["pools"]
                                    if e["pool"] == "reports")["pool_max"] == 1, 5)
+    # The same through poolbroker ctl: its answer names the sizes (a DSN
+    # there crashed the broker: not packable, and a password in the log).
+    broker.config.write_text(text.replace("[pools.reports]\n",
+                                          "[pools.reports]\nmax_connections = 2\n"))
+    answer = broker.client.control("reload")
+    assert answer["applied"] == {"pools": {"reports": {"max_connections": 2,
+                                                       "min_connections": 0}}}
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
+
+
+def test_a_pool_whose_database_is_missing_takes_nothing_from_a_healthy_one(start_broker, dsn):
+    # Its requests fail at once with the server's reason; it is no starved
+    # pool for the rebalancing to serve with the healthy pool's connections.
+    missing = make_conninfo(dsn, dbname="pbtest_no_such_database")
+    broker = start_broker(max_connections=2, min_connections=0,
+                          pools={"gone": {"dsn": missing}})
+    load = Load(broker.endpoint, 4, 3.0, sql=SLOW)
+    gone = client.Client(broker.endpoint, timeout=5, pool="gone")
+    failures = 0
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        with pytest.raises(client.OperationalError) as caught:
+            gone.execute("SELECT 1")
+        assert caught.value.sqlstate == "3D000"
+        failures += 1
+        time.sleep(0.05)
+    done, errors, _ = load.finish()
+    assert errors == [] and done > 50 and failures > 10
+    assert broker.stats()["connections_recycled"] == 0

@@ -353,3 +353,16 @@ def test_a_symlinked_socket_directory_is_refused(tmp_path):
         os.unlink(link)
     assert out.returncode == 2
     assert "symbolic link" in out.stderr
+
+
+@pytest.mark.parametrize("password", ["Se\\cr3t", 'Pa"ss9', "Qu'o\\te7"])
+def test_config_output_masks_passwords_with_escapes(dsn, password):
+    # Shown escaped (a TOML string here; a JSON log line or a repr() elsewhere),
+    # a password must be masked in that spelling too.
+    quoted = "'" + password.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    result = subprocess.run([sys.executable, "-m", "broker.cli", "config"],
+                            capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "POOLBROKER_DSN": f"{dsn} password={quoted}"})
+    assert result.returncode == 0, result.stderr
+    assert "********" in result.stdout
+    assert not any(piece in result.stdout for piece in ("cr3t", "ss9", "te7")), result.stdout
