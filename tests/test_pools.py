@@ -4,6 +4,7 @@ than ``max_connections``, and none starves while that cap binds."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psycopg
@@ -11,6 +12,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import client
+from broker.pool import DEMAND_GRACE
 from client import dbapi
 from conftest import ConnectionSampler, Load, wait_until
 
@@ -25,6 +27,14 @@ def reports_dsn(pg) -> str:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [REPORTS]).fetchone():
             conn.execute(f"CREATE DATABASE {REPORTS}")
     return make_conninfo(pg.dsn, dbname=REPORTS)
+
+
+@pytest.fixture(scope="module")
+def third_dsn(pg) -> str:
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'pbtest_third'").fetchone():
+            conn.execute("CREATE DATABASE pbtest_third")
+    return make_conninfo(pg.dsn, dbname="pbtest_third")
 
 
 def _size(broker, pool: str) -> int:
@@ -157,3 +167,46 @@ def test_a_pool_whose_database_is_missing_takes_nothing_from_a_healthy_one(start
     done, errors, _ = load.finish()
     assert errors == [] and done > 50 and failures > 10
     assert broker.stats()["connections_recycled"] == 0
+
+
+def test_a_pool_used_now_and_then_keeps_its_connection_between_requests(start_broker,
+                                                                       reports_dsn):
+    # Cap 2, the default pool busy: a request on reports every 0.4 s must not
+    # take a connection from the default pool each time, to give it back
+    # as soon as reports is idle (a close and an open a request).
+    broker = start_broker(max_connections=2, pools={"reports": {"dsn": reports_dsn}})
+    load = Load(broker.endpoint, 4, 5.0, sql=SLOW, transaction_every=10**9)
+    time.sleep(0.5)
+    reports = client.Client(broker.endpoint, timeout=10, pool="reports")
+    before = broker.stats()["connections_recycled"]
+    for _ in range(10):
+        assert reports.execute("SELECT 1").rows == [(1,)]
+        time.sleep(0.4)
+    recycled = broker.stats()["connections_recycled"] - before
+    done, errors, _ = load.finish()
+    assert errors == [] and recycled <= 2, recycled
+
+
+def test_a_starved_pool_gets_an_idle_connection_before_a_transactions(start_broker,
+                                                                      reports_dsn, third_dsn):
+    # Cap 4: three long transactions on the default pool, one idle connection
+    # of a pool with no work: reports gets that one, not a transaction's.
+    broker = start_broker(max_connections=4, max_idle=0, pool_timeout=3,
+                          pools={"reports": {"dsn": reports_dsn}, "third": {"dsn": third_dsn}})
+    client.Client(broker.endpoint, timeout=5, pool="third").execute("SELECT 1")
+
+    def long_transaction() -> None:
+        with client.Client(broker.endpoint, timeout=30).transaction() as tx:
+            tx.execute("SELECT pg_sleep(4)")
+
+    holders = [threading.Thread(target=long_transaction) for _ in range(3)]
+    for holder in holders:
+        holder.start()
+    try:
+        assert wait_until(lambda: broker.stats()["sessions_active"] == 3, 5)
+        time.sleep(DEMAND_GRACE)  # third's request is no longer recent work
+        reports = client.Client(broker.endpoint, timeout=10, pool="reports")
+        assert reports.execute("SELECT current_database()").rows == [(REPORTS,)]
+    finally:
+        for holder in holders:
+            holder.join()
