@@ -86,7 +86,7 @@ def test_a_transaction_in_progress_finishes_during_a_graceful_stop(start_broker,
     admin.execute("DROP TABLE IF EXISTS drained_parts")
     admin.execute("CREATE TABLE drained_parts (n int)")
     broker = start_broker(max_connections=2, drain_timeout=30)
-    rows = [[n] for n in range(3 * protocol.MAX_STATEMENTS)]
+    rows = [[n] for n in range(protocol.MAX_STATEMENTS + 100)]  # two parts: SIGTERM in the first
     outcome: list[Any] = []
 
     def bulk() -> None:
