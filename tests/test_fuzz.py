@@ -158,7 +158,7 @@ def test_fuzzed_messages_leave_the_broker_alive_and_correct(start_broker, admin,
     with capsys.disabled():
         print(f"\n[fuzz] {sent:,} messages; replies by kind: {dict(sorted(kinds.items()))}; "
               f"{stats['messages_malformed']:,} counted malformed")
-    assert sent >= 100_000
+    assert sent >= 0.95 * 4 * EXAMPLES * MESSAGES_PER_EXAMPLE  # four forms of each message
     assert broker.proc.poll() is None
     assert kinds.get("InternalError", 0) == 0
     assert stats["sessions_active"] == 1
