@@ -46,8 +46,9 @@ APPLICATION_NAME_MAX = NAMEDATALEN - 1 - MARK_BYTES
 TABLE = "poolbroker"
 """The TOML table that holds the settings."""
 POOLS_TABLE = "pools"
-"""The TOML table whose tables are named pools (``[pools.reports]``); marks
-the fields that hold them, which are not settings of their own."""
+"""The TOML table whose tables are named pools (``[pools.reports]``)."""
+_NOT_A_SETTING = "not a setting"
+"""Marks a field that no setting() declares: the pools, a pool's name."""
 POOL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
 DEFAULT_POOL = "default"
 """The pool of the broker's own ``dsn``: the one requests without a pool name use."""
@@ -356,7 +357,7 @@ class Settings:
         doc="Its first 1,000 characters, at INFO. The time is the statement's on its "
             "server connection, as the statement-time histogram counts it.")
 
-    pools: tuple[PoolSettings, ...] = field(default=(), metadata={POOLS_TABLE: True})
+    pools: tuple[PoolSettings, ...] = field(default=(), metadata={_NOT_A_SETTING: True})
     """The ``[pools.NAME]`` tables: TOML only (no variable, no flag)."""
 
     @property
@@ -371,19 +372,19 @@ class PoolSettings:
     count against the global ``max_connections`` with the default pool's.
     Declared like :class:`Settings` (the TOML keys are the field names)."""
 
-    name: str = field(default="", metadata={POOLS_TABLE: True})
+    name: str = field(default="", metadata={_NOT_A_SETTING: True})
 
     dsn: str = setting(
         "", shown="required", example="host=/var/run/postgresql dbname=reports user=reports",
         help="libpq connection string of this pool's database")
 
     max_connections: int = setting(
-        0, help="this pool's own cap on server connections (0: the global "
+        0, live=True, help="this pool's own cap on server connections (0: the global "
                 "`max_connections`)",
         doc="The pools together never hold more than the global `max_connections`.")
 
     min_connections: int = setting(
-        0, help="this pool's connections opened at start and kept open",
+        0, live=True, help="this pool's connections opened at start and kept open",
         doc="The default pool's is the global `min_connections`.")
 
 
@@ -473,7 +474,7 @@ def _specs(cls: type) -> dict[str, Spec]:
     kinds = get_type_hints(cls)
     specs = {}
     for f in fields(cls):
-        if f.metadata.get(POOLS_TABLE):
+        if f.metadata.get(_NOT_A_SETTING):
             continue
         declared = f.metadata.get(Spec)
         if declared is None:  # say so at import: its flag, variable and docs would be missing

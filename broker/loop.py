@@ -44,7 +44,7 @@ from . import stats as S
 from ._psycopg import placeholder_query
 from .adapters import build_adapters
 from .clients import ClientGate, default_max_clients, raise_open_files_limit
-from .config import SPECS, ConfigError, PoolSettings, Settings
+from .config import POOL_SPECS, SPECS, ConfigError, PoolSettings, Settings
 from .logs import LogBudget, request_fields, shown_sql
 from .memory import return_large_buffers
 from .pgconn import Outcome, PgConn
@@ -1306,9 +1306,14 @@ def _too_late(job: Job, now: float) -> bool:
 
 
 def _same_databases(old: Settings, new: Settings) -> bool:
-    """Whether the pools differ only in their sizes or order, which a reload
-    applies (a pool added, removed or pointed elsewhere needs a restart)."""
-    return {(p.name, p.dsn) for p in old.pools} == {(p.name, p.dsn) for p in new.pools}
+    """Whether the pools differ only in what a reload applies (their sizes)
+    or in order; a pool added, removed or pointed elsewhere needs a restart."""
+    fixed = [name for name, spec in POOL_SPECS.items() if not spec.live]
+
+    def databases(settings: Settings) -> set[tuple]:
+        return {(p.name, *(getattr(p, name) for name in fixed)) for p in settings.pools}
+
+    return databases(old) == databases(new)
 
 
 def _pool_sizes(pools: tuple[PoolSettings, ...]) -> dict[str, dict[str, int]]:

@@ -86,18 +86,17 @@ def settings_toml(settings: Settings) -> str:
 
 def markdown_table() -> str:
     """README's table: setting, environment variable, default, meaning."""
-    rows = ["| setting | env | default | on reload | meaning |", "|---|---|---|---|---|"]
-    for spec in SPECS.values():
+    def row(key: str, env: str, spec: Spec) -> str:
         default = spec.shown or f"`{spec.shown_default}`"
         meaning = _meaning(spec).replace("|", "\\|")
-        rows.append(f"| `{spec.name}` | `{spec.env}` | {default} | {_on_reload(spec)} "
-                    f"| {meaning} |")
-    for spec in POOL_SPECS.values():
-        default = spec.shown or f"`{spec.shown_default}`"
-        meaning = _meaning(spec).replace("|", "\\|")
-        rows.append(f"| `{POOLS_TABLE}.NAME.{spec.name}` | (TOML only) | {default} | restart "
-                    f"| {meaning} |")
-    return "\n".join(rows) + "\n"
+        return f"| `{key}` | {env} | {default} | {_on_reload(spec)} | {meaning} |"
+
+    return "\n".join([
+        "| setting | env | default | on reload | meaning |", "|---|---|---|---|---|",
+        *(row(spec.name, f"`{spec.env}`", spec) for spec in SPECS.values()),
+        *(row(f"{POOLS_TABLE}.NAME.{spec.name}", "(TOML only)", spec)
+          for spec in POOL_SPECS.values()),
+    ]) + "\n"
 
 
 def readme_with_table(readme: str) -> str:
