@@ -320,7 +320,7 @@ class Broker:
             for conn in self._pools.conns():
                 if conn.state != State.OPENING:
                     conn.pool.set_expiry(conn)
-        # A lower cap: _size_pool retires the surplus as it becomes idle;
+        # A lower cap: _size_pools retires the surplus as it becomes idle;
         # a higher one: the queues may be served at once.
         self._dispatch_all(time.monotonic())
 
