@@ -88,9 +88,9 @@ as undeliverable: a client that never reads holds at most
 (max_client_requests + REPLY_QUEUE_SLACK) x max_result_bytes of the broker.
 Requests past it wait in the client: libzmq stops reading its socket."""
 ROUTER_BATCH = 256
+"""Requests read per turn before connections get their turn."""
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq converts an enum flag on every call
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-"""Requests read per turn before connections get their turn."""
 ESTIMATE_SPREAD = 0.01
 """A statement's time varies around its estimate: as much again, up to this
 many seconds, is counted on (short ones vary the most, relatively)."""
@@ -99,6 +99,13 @@ ANSWER_MARGIN = 0.003
 reply's way to the client.  Measured on the overload bench (cap 2, 3 ms
 statements, 100 ms deadlines, 2x capacity offered): with no margin 57-59%
 of capacity answered in time, with these 69-72%."""
+BACKLOG_SHARE = 0.5
+"""A queue whose oldest request has waited this share of its timeout is
+backed up: its newest requests are served first (adaptive LIFO).  First
+come, first served would then start every request with little of its time
+left, and the least delay on its way back would answer it late; the newest
+has nearly all of its time, and the oldest are refused when too little of
+theirs is left."""
 GUARD_MARGIN = 0.02
 """Seconds past a pipelined job's deadline before its client is told it will
 not run: covers the error of the measured clock offset and a result still in
@@ -654,10 +661,20 @@ class Broker:
                 waiting.popleft()
                 self._abandon(job, now)
                 continue
+            newest = _backed_up(job, now)
+            if newest:
+                job = waiting[-1]
+                if _too_late(job, now):
+                    waiting.pop()
+                    self._abandon(job, now)
+                    continue
             conn = self._connection_for(job, now)
             if conn is None:
-                break  # first come, first served: nothing overtakes the head
-            waiting.popleft()
+                break  # nothing overtakes the request chosen: it is served next
+            if newest:
+                waiting.pop()
+            else:
+                waiting.popleft()
             self._left_queue(job, now)
             if job.op == OP_BEGIN:
                 self._sessions.open(Session(job.session, job.routing_id, conn, job.client_pid,
@@ -1303,6 +1320,12 @@ def _too_late(job: Job, now: float) -> bool:
     return left <= 0 or (now > job.queued_at  # waited: one that would start at once runs
                          and left <= expected + min(expected, ESTIMATE_SPREAD) + ANSWER_MARGIN
                          and expected < job.deadline - job.queued_at)
+
+
+def _backed_up(head: Job, now: float) -> bool:
+    """Whether the queue whose oldest request is ``head`` is backed up (see
+    BACKLOG_SHARE): that request has waited that share of its timeout."""
+    return now - head.queued_at > (head.deadline - head.queued_at) * BACKLOG_SHARE
 
 
 def _same_databases(old: Settings, new: Settings) -> bool:

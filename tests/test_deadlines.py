@@ -279,3 +279,36 @@ def test_an_estimate_from_one_slow_run_does_not_refuse_a_statement_for_good(brok
     c.execute(sql, [0.092])
     for _ in range(50):
         assert c.execute(sql, [0.001], timeout=0.1).rows == [(1,)]
+
+
+def test_a_backed_up_queue_serves_its_newest_request_first(start_broker):
+    # The oldest request has waited more than half its timeout when the
+    # connection frees: first come, first served would start every request
+    # late under overload, so the newest (with all its time) goes first,
+    # and the oldest still runs with what it has left.
+    broker = start_broker(max_connections=1)
+    c = broker.client
+    c.execute("SELECT 1")
+    started: dict[str, Any] = {}
+
+    def run(name: str, sql: str, timeout: float) -> None:
+        with thread_client(broker.endpoint, 30) as own:
+            started[name] = own.execute(sql, timeout=timeout).rows[0][0]
+
+    def waiting(n: int) -> Callable[[], bool]:
+        return lambda: c.stats()["requests_waiting"] == n
+
+    blocker = threading.Thread(target=run, args=("blocker", "SELECT pg_sleep(1.5)", 30))
+    blocker.start()
+    _wait_for(lambda: c.stats()["pool_active"] == 1)
+    oldest = threading.Thread(target=run, args=("oldest", "SELECT clock_timestamp()", 2.0))
+    oldest.start()
+    _wait_for(waiting(1))
+    time.sleep(1.1)  # past half of its 2 s; the blocker runs 0.4 s more
+    newest = threading.Thread(target=run, args=("newest", "SELECT clock_timestamp()", 2.0))
+    newest.start()
+    _wait_for(waiting(2))
+    for t in (blocker, oldest, newest):
+        t.join(10)
+    assert set(started) == {"blocker", "oldest", "newest"}, started
+    assert started["newest"] < started["oldest"]
