@@ -121,6 +121,7 @@ _DISCARD = Query(b"DISCARD ALL", None, (), None)
 _COPY_OPS = frozenset((OP_COPY_FROM, OP_COPY_TO))
 _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: Flag arithmetic is slow
+_EVENTS = int(zmq.EVENTS)
 INSUFFICIENT_PRIVILEGE = "42501"
 """The SQLSTATE of a control command refused to its sender."""
 INVALID_CATALOG_NAME = "3D000"
@@ -369,7 +370,10 @@ class Broker:
             self._close_transport()
             raise
         router, poller, by_fd = self._router, self._poller, self._by_fd
-        recv = router.recv
+        # The backend's methods, bound once: pyzmq's Socket and Frame classes
+        # route every attribute through a Python-level __getattr__ hook.
+        recv = zmq.backend.Socket.recv.__get__(router)
+        router_events = zmq.backend.Socket.get.__get__(router)
         pools = self._pools.all
         by_wakeup = self._pools.by_wakeup
         gate = self._gate
@@ -406,16 +410,21 @@ class Broker:
                     else:  # a closed connection's socket: see _on_closing
                         self._on_closing(what, now)
                 if requests:
+                    # Asked, not tried: a zmq.Again ending each turn's reads
+                    # cost more than the rest of a request's reading.
                     for _ in range(ROUTER_BATCH):
+                        if not router_events(_EVENTS) & _POLLIN:
+                            break
                         try:
-                            frame = recv(_NOBLOCK, copy=False)
+                            routing_id = recv(_NOBLOCK)  # bytes: a Frame costs more
+                            frame = recv(_NOBLOCK, copy=False)  # its metadata: the sender
                         except zmq.Again:
                             break
-                        frames = [frame]
+                        parts = [frame]
                         while frame.more:
                             frame = recv(_NOBLOCK, copy=False)
-                            frames.append(frame)
-                        self._on_request(frames, now)
+                            parts.append(frame)
+                        self._on_request(routing_id, parts, now)
                 if now >= self._next_housekeeping:
                     self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
                     if self._reload_requested:
@@ -430,8 +439,8 @@ class Broker:
 
     # Requests
 
-    def _on_request(self, frames: list[zmq.Frame], now: float) -> None:
-        routing_id = frames[0].bytes
+    def _on_request(self, routing_id: bytes, frames: list[zmq.Frame], now: float) -> None:
+        """``frames``: the request's own, after its routing id."""
         client_pid = self._gate.sender(frames[-1])
         if client_pid is None:
             return  # another user's process: not a word back
@@ -452,7 +461,7 @@ class Broker:
             self._reply(routing_id, replies.ok(request_id, None))
             return
         if op == OP_CONTROL:
-            self._on_control(frames, request_id, body, now)
+            self._on_control(routing_id, frames, request_id, body, now)
             return
         if self._stopping and token is None:  # a transaction may finish (drain_timeout)
             self._reply_error(routing_id, request_id, ErrorKind.BROKER_UNAVAILABLE,
@@ -518,11 +527,10 @@ class Broker:
         self._reply_error(job.routing_id, job.request_id, ErrorKind.OPERATIONAL, why,
                           sqlstate=INVALID_CATALOG_NAME)
 
-    def _on_control(self, frames: list[zmq.Frame], request_id: Any, body: bytes,
-                    now: float) -> None:
+    def _on_control(self, routing_id: bytes, frames: list[zmq.Frame], request_id: Any,
+                    body: bytes, now: float) -> None:
         """``poolbroker ctl``: from the broker's own uid over ipc or an operator's key (see
         ClientGate.may_control); anyone else is refused, and told so."""
-        routing_id = frames[0].bytes
         if not self._gate.may_control(frames[-1], self._admin_keys):
             self._reply_error(routing_id, request_id, ErrorKind.PROGRAMMING,
                               "control commands are taken only from the broker's own user "

@@ -78,6 +78,8 @@ _ROWS = frozenset((pq.ExecStatus.TUPLES_OK, pq.ExecStatus.TUPLES_CHUNK,
 _DONE = frozenset((pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK,
                    pq.ExecStatus.EMPTY_QUERY, pq.ExecStatus.FATAL_ERROR))
 _COPY = frozenset((pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_BOTH))
+_PIPELINE_SYNC, _PIPELINE_ABORTED = pq.ExecStatus.PIPELINE_SYNC, pq.ExecStatus.PIPELINE_ABORTED
+_CONNECTION_OK = pq.ConnStatus.OK
 _NO_ROWS: list[bytes] = []
 _NO_RESULTS: list = []
 
@@ -382,31 +384,33 @@ class PgConn:
                     else:
                         run.current += 1  # the end of one step's results
                         self._read_head_in_chunks(run)
-                elif result.status == pq.ExecStatus.PIPELINE_SYNC:
+                    continue
+                # Read once: each read of it makes an enum member in Python code.
+                status = result.status
+                if status == _PIPELINE_SYNC:
                     self._end_run(run, now, ended)
-                elif result.status in _COPY:
+                elif status in _COPY:
                     if run.job is not None and run.job.op in (OP_COPY_FROM, OP_COPY_TO):
                         return ended + self._start_copy(pgconn, run, result, now)
-                    self.broken = f"unexpected {result.status.name} result"
+                    self.broken = f"unexpected {status.name} result"
                     raise psycopg.OperationalError(self.broken)
-                elif result.status != pq.ExecStatus.PIPELINE_ABORTED:
-                    self._take(run, result)
-            if not pipeline and pgconn.status != pq.ConnStatus.OK:
+                elif status != _PIPELINE_ABORTED:
+                    self._take(run, result, status)
+            if not pipeline and pgconn.status != _CONNECTION_OK:
                 self.broken = "the server closed the connection"
         except psycopg.Error as exc:
             ended.extend(self.fail_all(exc))
         return ended
 
-    def _take(self, run: _Run, result: pq.PGresult) -> None:
+    def _take(self, run: _Run, result: pq.PGresult, status: pq.ExecStatus) -> None:
         if run.current >= len(run.steps):
             if not run.simple:
                 self.broken = "a result nobody asked for"
                 raise psycopg.OperationalError(self.broken)
             run.steps.append(_Result())  # the simple protocol: the next statement's
         step = run.steps[run.current]
-        status = result.status
         if type(step) is _Result:
-            self._take_result(run, step, result)
+            self._take_result(run, step, result, status)
             if run.simple and status in _DONE:
                 run.current += 1
         elif type(step) is _Prepare:
@@ -421,8 +425,8 @@ class PgConn:
                 "the request's deadline passed before the server could start it "
                 "(it was queued behind other statements); the statement was not run")
 
-    def _take_result(self, run: _Run, into: _Result, result: pq.PGresult) -> None:
-        status = result.status
+    def _take_result(self, run: _Run, into: _Result, result: pq.PGresult,
+                     status: pq.ExecStatus) -> None:
         if status in _ROWS:
             first = into.columns is None
             rows = result.ntuples

@@ -142,23 +142,24 @@ class Job:
 def decode_request(frames: list[Any], now: float) -> tuple[
         int, int, float, bytes | None, str | None, bytes]:
     """(request_id, op, deadline, session, pool name, body) of a request's
-    frames (the routing id first), or raise a Refusal (of kind MESSAGE, with
-    the request id when it was readable).  One frame holds the header and the
-    body back to back; two, as clients before protocol 2 send them, one each."""
-    if len(frames) == 2:
-        message = frames[1].buffer  # a view: the body is copied once, below
+    frames (those after its routing id), or raise a Refusal (of kind MESSAGE,
+    with the request id when it was readable).  One frame holds the header
+    and the body back to back; two, as clients before protocol 2 send them,
+    one each."""
+    if len(frames) == 1:
+        message = frames[0].buffer  # a view: the body is copied once, below
         request_id, op, deadline, session, pool, end = decode_header(message, now)
         return request_id, op, deadline, session, pool, bytes(message[end:])
-    if len(frames) == 3:
-        header = frames[1].buffer
+    if len(frames) == 2:
+        header = frames[0].buffer
         if len(header) > MAX_HEADER_BYTES:
             raise _malformed(None, "header frame too large")
         request_id, op, deadline, session, pool, end = decode_header(header, now)
         if end != len(header):
             raise _malformed(request_id, "undecodable header: extra data after it")
-        return request_id, op, deadline, session, pool, frames[2].bytes
+        return request_id, op, deadline, session, pool, frames[1].bytes
     raise _malformed(None, f"expected 1 frame (header and body) or 2 (header, body), "
-                           f"got {len(frames) - 1}")
+                           f"got {len(frames)}")
 
 
 def decode_header(message: bytes | memoryview, now: float) -> tuple[
@@ -336,8 +337,10 @@ class Decoder:
     def _convert(self, sql: str, params: Any, query: Any = None, reuse: bool = False) -> Query:
         """psycopg's placeholder rules and dumpers; ``reuse`` dumps another
         parameter set into an already converted ``query`` (executemany)."""
-        query = query or self._new_query()
         try:
+            if params is None and not reuse:  # psycopg's conversion only encodes it
+                return Query(sql.encode(), None, (), None)
+            query = query or self._new_query()
             if reuse:
                 query.dump(params)
             elif params is not None and (len(sql) > SHORT_TEXT

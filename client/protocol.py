@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime as _dt
 import decimal
 import enum
+import threading
 import uuid
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -365,12 +366,32 @@ def pack(obj: Any) -> bytes:
     return _pack(obj)
 
 
+_reused = threading.local()
+REUSED_PACKER_BYTES = 1 << 20
+"""A reused packer whose buffer grew past this (a large result) is dropped."""
+
+
+def _reused_packer() -> msgpack.Packer:
+    """This thread's packer for the functions below (the broker's replies),
+    emptied: making a Packer for every piece of every reply cost more than
+    packing it.  Each function takes what it packed before calling another."""
+    try:
+        packer = _reused.packer
+    except AttributeError:
+        packer = _reused.packer = _packer(autoreset=False)
+    packer.reset()
+    return packer
+
+
 def pack_rows(rows: list) -> bytes:
     """Rows as consecutive msgpack arrays, to splice into ``pack_result``."""
-    packer = _packer(autoreset=False)
+    packer = _reused_packer()
     for row in rows:
         packer.pack(row)
-    return packer.bytes()
+    packed = packer.bytes()
+    if len(packed) > REUSED_PACKER_BYTES:
+        del _reused.packer  # its buffer stays as large as the largest use
+    return packed
 
 
 def pack_result(columns: list[str] | None, packed_rows: list[bytes], row_count: int,
@@ -379,7 +400,7 @@ def pack_result(columns: list[str] | None, packed_rows: list[bytes], row_count: 
     """``pack([columns, rows, rowcount, types])`` (a RESULT) from rows packed
     beforehand (so that their size was known while they were read); with
     ``more`` (RESULTs packed beforehand), their list as a fifth item."""
-    packer = _packer(autoreset=False)  # one for both ends: a Packer costs a microsecond
+    packer = _reused_packer()
     packer.pack_array_header(5 if more else 4)
     packer.pack(columns)
     packer.pack_array_header(row_count)
@@ -387,9 +408,10 @@ def pack_result(columns: list[str] | None, packed_rows: list[bytes], row_count: 
     packer.reset()
     packer.pack(rowcount)
     packer.pack(types)
+    tail = packer.bytes()
     if more:
-        return b"".join((head, *packed_rows, packer.bytes(), pack_list(more)))
-    return b"".join((head, *packed_rows, packer.bytes()))
+        return b"".join((head, *packed_rows, tail, pack_list(more)))
+    return b"".join((head, *packed_rows, tail))
 
 
 EMPTY_RESULT = [None, [], 0, None]
@@ -398,14 +420,14 @@ EMPTY_RESULT = [None, [], 0, None]
 
 def pack_list(packed_items: list[bytes]) -> bytes:
     """``pack(list)`` of items packed beforehand."""
-    packer = _packer(autoreset=False)
+    packer = _reused_packer()
     packer.pack_array_header(len(packed_items))
     return b"".join((packer.bytes(), *packed_items))
 
 
 def pack_ok_reply(request_id: int, packed_payload: bytes) -> bytes:
     """``pack([request_id, STATUS_OK, payload])`` with the payload packed beforehand."""
-    packer = _packer(autoreset=False)
+    packer = _reused_packer()
     packer.pack_array_header(3)
     packer.pack(request_id)
     packer.pack(STATUS_OK)
@@ -430,13 +452,18 @@ def unpack_first(data: bytes | memoryview, max_bytes: int) -> tuple[Any, int]:
     """The first msgpack value in ``data`` and the offset where it ends,
     reading at most its first ``max_bytes``; ValueError (or a subclass) if
     there is none.  Ext values come back undecoded, as msgpack.ExtType."""
-    reader = msgpack.Unpacker(max_buffer_size=max_bytes)
-    reader.feed(data[:max_bytes])
+    # unpackb, not an Unpacker: an Unpacker embeds a 40 KB stack that is
+    # zeroed each time one is made, for every request.  unpackb hands what
+    # follows the first value over in ExtraData.
+    window = data[:max_bytes]
     try:
-        value = reader.unpack()
-    except msgpack.OutOfData:
-        raise ValueError(f"no whole value within {min(len(data), max_bytes)} bytes") from None
-    return value, reader.tell()
+        return msgpack.unpackb(window), len(window)
+    except msgpack.ExtraData as extra:
+        return extra.unpacked, len(window) - len(extra.extra)
+    except ValueError as exc:
+        if "incomplete" not in str(exc):
+            raise
+        raise ValueError(f"no whole value within {len(window)} bytes") from None
 
 
 def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:

@@ -21,7 +21,8 @@ frames.  ``DIR`` alone (or ``DIR:client``) is the tree's client.
 
 ``--profile FILE`` instead runs one client process under cProfile for
 ``--seconds`` against a broker of this tree (with ``--processes`` - 1 others
-loading it as above) and writes the stats to FILE.
+loading it as above) and writes the stats to FILE; ``--profile-broker
+FILE`` runs the broker's loop under cProfile (its thread's CPU time).
 """
 
 from __future__ import annotations
@@ -76,9 +77,25 @@ def _postgres(workdir: str) -> tuple[subprocess.Popen, str]:
     return server, dsn
 
 
-def _broker(tree: Path, dsn: str, endpoint: str, cap: int) -> subprocess.Popen:
+_PROFILED_BROKER = """
+import cProfile, runpy, sys, time
+profile, sys.argv = sys.argv[1], ["broker.cli", *sys.argv[2:]]
+profiler = cProfile.Profile(time.thread_time)  # the loop's CPU, not its waits
+profiler.enable()
+try:
+    runpy.run_module("broker.cli", run_name="__main__")
+finally:
+    profiler.disable()
+    profiler.dump_stats(profile)
+"""
+
+
+def _broker(tree: Path, dsn: str, endpoint: str, cap: int,
+            profile: str | None = None) -> subprocess.Popen:
+    run = [sys.executable, "-c", _PROFILED_BROKER, profile] if profile else \
+        [sys.executable, "-m", "broker.cli"]
     return subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "serve", "--dsn", dsn, "--endpoint", endpoint,
+        [*run, "serve", "--dsn", dsn, "--endpoint", endpoint,
          "--max-connections", str(cap), "--max-waiting", "100000", "--log-level", "WARNING"],
         cwd=tree, env=_tree_env(tree))
 
@@ -219,6 +236,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--cap", type=int, default=4)
     parser.add_argument("--profile", help="cProfile one client into this file")
+    parser.add_argument("--profile-broker",
+                        help="cProfile the broker's loop (its thread's CPU) into this file")
     parser.add_argument("--loop", default="client", help=argparse.SUPPRESS)
     parser.add_argument("--drive", help=argparse.SUPPRESS)
     parser.add_argument("--broker-pid", type=int, help=argparse.SUPPRESS)
@@ -232,11 +251,11 @@ def main() -> None:
     server, dsn = _postgres(workdir)
     runs: dict[tuple[Path, str], list[dict]] = {target: [] for target in targets}
     try:
-        for round_ in range(1 if args.profile else args.rounds):
+        for round_ in range(1 if args.profile or args.profile_broker else args.rounds):
             for tree, loop in targets:
                 sockdir = tempfile.mkdtemp(prefix="b-", dir=workdir)  # 0700
                 endpoint = f"ipc://{sockdir}/b.sock"
-                broker = _broker(tree, dsn, endpoint, args.cap)
+                broker = _broker(tree, dsn, endpoint, args.cap, args.profile_broker)
                 try:
                     run = _driver(tree, loop, endpoint, args, broker.pid, args.profile)
                 finally:
