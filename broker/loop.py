@@ -145,6 +145,9 @@ class Broker:
         self._reread = reread
         self._context = zmq.Context()
         self._router = self._context.socket(zmq.ROUTER)
+        # The backend's send, bound once: pyzmq's Socket.send adds Python code
+        # (draft-socket options) to every frame of every reply.
+        self._router_send = zmq.backend.Socket.send.__get__(self._router)
         self._poller = zmq.Poller()
         adapters = build_adapters()
         self._redact = Redactor(*settings.all_dsns)
@@ -1056,7 +1059,7 @@ class Broker:
     def _send_to(self, routing_id: bytes, message: bytes) -> None:
         # Frame by frame: send_multipart costs a few microseconds more a reply.
         # ROUTER_MANDATORY raises (EHOSTUNREACH, EAGAIN) on the first frame.
-        send = self._router.send
+        send = self._router_send
         send(routing_id, _NOBLOCK_MORE)
         send(message, _NOBLOCK)
 
