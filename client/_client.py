@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -62,6 +63,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
+_ANY_SIZE = sys.maxsize
 _UNSENDABLE = (TypeError, ValueError, OverflowError)
 """What msgpack raises for a value the wire cannot carry."""
 
@@ -352,7 +354,8 @@ class Client:
         socket, recv = owned.socket, owned.recv
         while True:
             try:
-                reply_id, status, payload = unpack(recv())
+                # Whatever its size: the broker bounds results (max_result_bytes).
+                reply_id, status, payload = unpack(recv(), _ANY_SIZE)
             except zmq.Again:  # no reply within FAST_REPLY_WAIT
                 remaining = deadline - time.monotonic()
                 ready = dict(owned.poller.poll(max(1, int(remaining * 1000)))) if remaining > 0 else {}

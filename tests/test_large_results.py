@@ -59,6 +59,10 @@ def test_requests_too_big_for_the_loop_run_on_the_connection_thread(start_broker
 def test_max_result_bytes_zero_reads_results_whole(start_broker):
     c = start_broker(max_connections=1, max_result_bytes=0).client
     assert c.execute("SELECT repeat('x', 3000000)").rows == [("x" * 3_000_000,)]
+    # Past the 64 MB the transport takes for a request: a reply is as large
+    # as its broker lets results be.
+    big = c.execute("SELECT length(v), v FROM repeat('x', %s) v", [65 * MB], timeout=60)
+    assert big.rows[0][0] == len(big.rows[0][1]) == 65 * MB
     r = c.execute("SELECT 1 AS a WHERE false")
     assert (r.columns, r.rows) == (["a"], [])
 
