@@ -76,6 +76,11 @@ def throwaway_cluster(prefix: str, port: int) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def pg() -> Cluster:
+    # Under pytest-xdist (make test) each worker process has its own session,
+    # hence its own cluster: a directory of its own with a unix socket only
+    # (listen_addresses is empty, so the port only names the socket file).
+    # pg_stat_activity counts, pg_terminate_backend sweeps and lock waits
+    # therefore see one worker's brokers and connections, as in a serial run.
     with throwaway_cluster("pb-pg-", 5432) as cluster:
         yield cluster
 
@@ -90,6 +95,32 @@ def admin(dsn: str) -> psycopg.Connection:
     """A direct connection for set-up and for checking what the broker did."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         yield conn
+
+
+_FIGURES: list[str] = []
+"""Lines given to ``figures``, in the order their tests' reports arrived."""
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``figures(line)``: a line of measured figures, printed in a section at
+    the end of the run.  It travels in the test's report (user_properties),
+    so it reaches the terminal from a pytest-xdist worker too, where output
+    printed past capture is lost."""
+    return lambda line: request.node.user_properties.append(("figures", line))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Called in the process that prints the run: the controller under xdist.
+    if report.when == "call":
+        _FIGURES.extend(value for name, value in report.user_properties if name == "figures")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
 
 
 class Supervisord:
