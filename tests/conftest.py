@@ -97,6 +97,25 @@ def admin(dsn: str) -> psycopg.Connection:
         yield conn
 
 
+HEAVY_FILES = frozenset({"test_soak.py", "test_limits.py", "test_fuzz.py", "test_bounds.py",
+                         "test_flask_app.py", "test_operations.py"})
+"""Files whose tests each load the whole machine (dozens of client processes,
+gunicorn workers, thousands of sockets, fuzzing flat out).  Under pytest-xdist
+(make test: --dist loadgroup) they share one group, hence one worker, so
+two of them never run at once: the load beside them stays one other
+worker's, and the timing windows of tests (a 2 s connect_timeout, a retry
+after max_clients) keep the room they have in a serial run."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every other file is a group of its own: its tests in order on one
+    # worker, its module fixtures set up once (what --dist loadfile does).
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("heavy" if name in HEAVY_FILES else name))
+
+
 _FIGURES: list[str] = []
 """Lines given to ``figures``, in the order their tests' reports arrived."""
 
