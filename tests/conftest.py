@@ -76,6 +76,11 @@ def throwaway_cluster(prefix: str, port: int) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def pg() -> Cluster:
+    # Under pytest-xdist (make test) each worker process has its own session,
+    # hence its own cluster: a directory of its own with a unix socket only
+    # (listen_addresses is empty, so the port only names the socket file).
+    # pg_stat_activity counts, pg_terminate_backend sweeps and lock waits
+    # therefore see one worker's brokers and connections, as in a serial run.
     with throwaway_cluster("pb-pg-", 5432) as cluster:
         yield cluster
 
@@ -90,6 +95,51 @@ def admin(dsn: str) -> psycopg.Connection:
     """A direct connection for set-up and for checking what the broker did."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         yield conn
+
+
+HEAVY_FILES = frozenset({"test_soak.py", "test_limits.py", "test_fuzz.py", "test_bounds.py",
+                         "test_flask_app.py", "test_operations.py"})
+"""Files whose tests each load the whole machine (dozens of client processes,
+gunicorn workers, thousands of sockets, fuzzing flat out).  Under pytest-xdist
+(make test: --dist loadgroup) they share one group, hence one worker, so
+two of them never run at once: the load beside them stays one other
+worker's, and the timing windows of tests (a 2 s connect_timeout, a retry
+after max_clients) keep the room they have in a serial run."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every other file is a group of its own: its tests in order on one
+    # worker, its module fixtures set up once (what --dist loadfile does).
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("heavy" if name in HEAVY_FILES else name))
+
+
+_FIGURES: list[str] = []
+"""Lines given to ``figures``, in the order their tests' reports arrived."""
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``figures(line)``: a line of measured figures, printed in a section at
+    the end of the run.  It travels in the test's report (user_properties),
+    so it reaches the terminal from a pytest-xdist worker too, where output
+    printed past capture is lost."""
+    return lambda line: request.node.user_properties.append(("figures", line))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Called in the process that prints the run: the controller under xdist.
+    if report.when == "call":
+        _FIGURES.extend(value for name, value in report.user_properties if name == "figures")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
 
 
 class Supervisord:

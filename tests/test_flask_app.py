@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
@@ -236,17 +236,16 @@ def running(stack: FlaskStack) -> Iterator[FlaskStack]:
         stack.close()
 
 
-def report(capsys: pytest.CaptureFixture, label: str, load: Load,
+def report(figures: Callable[[str], None], label: str, load: Load,
            sampler: ConnectionSampler) -> None:
-    with capsys.disabled():
-        print(f"\n[flask {label}] {load.requests} requests from {CONCURRENCY} connections "
-              f"({dict(sorted(load.statuses.items()))}), {len(load.failures)} failed; "
-              f"peak server connections {sampler.maximum} ({sampler.samples} samples)")
+    figures(f"[flask {label}] {load.requests} requests from {CONCURRENCY} connections "
+            f"({dict(sorted(load.statuses.items()))}), {len(load.failures)} failed; "
+            f"peak server connections {sampler.maximum} ({sampler.samples} samples)")
 
 
 def test_flask_app_under_gunicorn_and_supervisord_holds_the_brokers_cap(
         dsn: str, admin: psycopg.Connection, fresh_schema: None,
-        capsys: pytest.CaptureFixture) -> None:
+        figures: Callable[[str], None]) -> None:
     with running(FlaskStack(dsn)) as stack:
         broker = client.Client(stack.endpoint, timeout=10)
         try:
@@ -255,7 +254,7 @@ def test_flask_app_under_gunicorn_and_supervisord_holds_the_brokers_cap(
             broker.close()
         with ConnectionSampler(dsn, stack.broker_application_name) as sampler:
             load = drive(stack.port, "broker")
-        report(capsys, f"postgresql+poolbroker, broker cap {CAP}", load, sampler)
+        report(figures, f"postgresql+poolbroker, broker cap {CAP}", load, sampler)
         assert load.failures == []
         assert load.requests == CONCURRENCY * PER_CONNECTION
         assert 0 < sampler.maximum <= CAP
@@ -264,7 +263,7 @@ def test_flask_app_under_gunicorn_and_supervisord_holds_the_brokers_cap(
 
 def test_same_app_on_psycopg_and_queuepool_opens_what_it_opens(
         pg: Cluster, dsn: str, admin: psycopg.Connection, fresh_schema: None,
-        capsys: pytest.CaptureFixture) -> None:
+        figures: Callable[[str], None]) -> None:
     """No cap to assert: the figure the broker's replaces, measured."""
     application_name = f"pbtest-qp-{uuid.uuid4().hex[:8]}"
     url = (f"postgresql+psycopg:///postgres?host={pg.socket_dir}&port={pg.port}"
@@ -272,7 +271,7 @@ def test_same_app_on_psycopg_and_queuepool_opens_what_it_opens(
     with running(FlaskStack(dsn, url)) as stack:
         with ConnectionSampler(dsn, application_name) as sampler:
             load = drive(stack.port, "queuepool")
-        report(capsys, "postgresql+psycopg, QueuePool", load, sampler)
+        report(figures, "postgresql+psycopg, QueuePool", load, sampler)
         assert load.failures == []
         assert load.requests == CONCURRENCY * PER_CONNECTION
         assert sampler.maximum > 0

@@ -134,7 +134,7 @@ def _fuzz(endpoint: str, stolen: bytes) -> tuple[int, dict[str, int]]:
     return sent, kinds
 
 
-def test_fuzzed_messages_leave_the_broker_alive_and_correct(start_broker, admin, capsys):
+def test_fuzzed_messages_leave_the_broker_alive_and_correct(start_broker, admin, figures):
     broker = start_broker(max_connections=CAP, log_level="INFO", pool_timeout=5,
                           max_client_requests=1000, idle_transaction_timeout=600)
     victim = broker.client
@@ -155,9 +155,8 @@ def test_fuzzed_messages_leave_the_broker_alive_and_correct(start_broker, admin,
         if (stats["requests_num"] == before["requests_num"] + 1
                 and stats["sessions_active"] == 1 and stats["requests_waiting"] == 0):
             break
-    with capsys.disabled():
-        print(f"\n[fuzz] {sent:,} messages; replies by kind: {dict(sorted(kinds.items()))}; "
-              f"{stats['messages_malformed']:,} counted malformed")
+    figures(f"[fuzz] {sent:,} messages; replies by kind: {dict(sorted(kinds.items()))}; "
+            f"{stats['messages_malformed']:,} counted malformed")
     assert sent >= 0.95 * 4 * EXAMPLES * MESSAGES_PER_EXAMPLE  # four forms of each message
     assert broker.proc.poll() is None
     assert kinds.get("InternalError", 0) == 0

@@ -65,7 +65,7 @@ def _broker_worker(worker: int, threads: int) -> int:
     return sum(done)
 
 
-def test_cap_holds_across_forked_processes(broker, dsn, admin, cap_tables, capsys):
+def test_cap_holds_across_forked_processes(broker, dsn, admin, cap_tables, figures):
     client.configure(broker.endpoint, timeout=60)
     client.execute("SELECT 1")  # the parent's socket exists before the fork
     threads = [1 + (w % 3) for w in range(PROCESSES)]  # 1, 2 or 3 threads each
@@ -76,10 +76,9 @@ def test_cap_holds_across_forked_processes(broker, dsn, admin, cap_tables, capsy
     assert admin.execute("SELECT count(*) FROM cap_log").fetchone()[0] == total
     counters = dict(admin.execute("SELECT id, value FROM cap_counter").fetchall())
     assert counters == {1: total, 2: total}
-    with capsys.disabled():
-        print(f"\n[cap] {PROCESSES} processes, {sum(threads)} threads, {total * 5} requests: "
-              f"max server connections seen {sampler.maximum} in {sampler.samples} samples "
-              f"(cap {CAP})")
+    figures(f"[cap] {PROCESSES} processes, {sum(threads)} threads, {total * 5} requests: "
+            f"max server connections seen {sampler.maximum} in {sampler.samples} samples "
+            f"(cap {CAP})")
     assert 0 < sampler.maximum <= CAP
     assert client.execute("SELECT 1").rows == [(1,)]  # the parent still works
 
@@ -140,16 +139,15 @@ def _pool_worker(dsn: str, application_name: str, worker: int, threads: int) -> 
         return sum(done)
 
 
-def test_per_process_pools_exceed_the_cap(dsn, cap_tables, capsys):
+def test_per_process_pools_exceed_the_cap(dsn, cap_tables, figures):
     """Why the broker exists: per-process pools of max_size 4 add up."""
     application_name = "pbtest-psycopg-pool"
     threads = [1 + (w % 3) for w in range(PROCESSES)]
     with ConnectionSampler(dsn, application_name) as sampler:
         run_in_processes(_pool_worker, [(dsn, application_name, w, threads[w])
                                         for w in range(PROCESSES)])
-    with capsys.disabled():
-        print(f"\n[cap] psycopg_pool(max_size={CAP}) in each of {PROCESSES} processes: "
-              f"max server connections seen {sampler.maximum}")
+    figures(f"[cap] psycopg_pool(max_size={CAP}) in each of {PROCESSES} processes: "
+            f"max server connections seen {sampler.maximum}")
     assert sampler.maximum > CAP
 
 

@@ -138,7 +138,7 @@ class Gunicorn:
     ("sync", 4, 1, 8, 25),
 ])
 def test_gunicorn_behind_supervisord(supervised, dsn, worker_class, workers, threads,
-                                     concurrency, per_connection, capsys):
+                                     concurrency, per_connection, figures):
     app = Gunicorn(supervised.endpoint, worker_class, workers, threads)
     try:
         with ConnectionSampler(dsn, supervised.application_name) as sampler:
@@ -146,9 +146,8 @@ def test_gunicorn_behind_supervisord(supervised, dsn, worker_class, workers, thr
     finally:
         app.close()
     total = concurrency * per_connection
-    with capsys.disabled():
-        print(f"\n[gunicorn {worker_class}] {total} requests from {concurrency} connections, "
-              f"{len(failures)} failed; max server connections {sampler.maximum} (cap {CAP})")
+    figures(f"[gunicorn {worker_class}] {total} requests from {concurrency} connections, "
+            f"{len(failures)} failed; max server connections {sampler.maximum} (cap {CAP})")
     assert failures == []
     assert 0 < sampler.maximum <= CAP
 

@@ -126,7 +126,7 @@ def _drive(endpoint: str, seconds: float, threads: int = 8) -> int:
 
 @pytest.mark.parametrize("check_interval", [1.0, 0.0], ids=["server-check", "sweep-only"])
 def test_cap_holds_across_a_broker_sigkill_and_restart(start_broker, admin, dsn,
-                                                       check_interval, capsys):
+                                                       check_interval, figures):
     # sweep-only: the killed broker's backends do not check for it, as with
     # PostgreSQL 13 or a broker from before connection_check_interval.
     broker = start_broker(max_connections=CAP, connection_check_interval=check_interval)
@@ -139,10 +139,9 @@ def test_cap_holds_across_a_broker_sigkill_and_restart(start_broker, admin, dsn,
     with ConnectionSampler(dsn, broker.application_name) as sampler:
         ran = _drive(broker.endpoint, 2.0)
     stats = broker.stats()
-    with capsys.disabled():
-        print(f"\n[sigkill+restart {check_interval:g}] {ran} statements after the restart; "
-              f"max server connections {sampler.maximum} of cap {CAP} "
-              f"({sampler.samples} samples)")
+    figures(f"[sigkill+restart {check_interval:g}] {ran} statements after the restart; "
+            f"max server connections {sampler.maximum} of cap {CAP} "
+            f"({sampler.samples} samples)")
     assert 0 < sampler.maximum <= CAP
     assert stats["pool_predecessors"] == 0
     if not check_interval:
@@ -177,7 +176,7 @@ def two_roles(admin: psycopg.Connection, dsn: str) -> tuple[str, str]:
 
 
 def test_backends_it_may_not_terminate_count_against_the_cap(start_broker, admin, dsn,
-                                                             two_roles, capsys):
+                                                             two_roles, figures):
     gone_dsn, next_dsn = two_roles
     old = start_broker(dsn=gone_dsn, max_connections=CAP, connection_check_interval=0)
     threads = _run_long_statements(old, admin, 2)
@@ -196,9 +195,8 @@ def test_backends_it_may_not_terminate_count_against_the_cap(start_broker, admin
         _wait_for(lambda: broker.stats()["pool_predecessors"] == 0)
         _drive(broker.endpoint, 1.0)
     pool_size = broker.stats()["pool_size"]
-    with capsys.disabled():
-        print(f"\n[refused termination] 2 counted, pool {pool_size} after they ended; "
-              f"max server connections {sampler.maximum} of cap {CAP}")
+    figures(f"[refused termination] 2 counted, pool {pool_size} after they ended; "
+            f"max server connections {sampler.maximum} of cap {CAP}")
     assert sampler.maximum <= CAP
     assert pool_size == CAP
 
