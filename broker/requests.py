@@ -338,7 +338,9 @@ class Decoder:
         """psycopg's placeholder rules and dumpers; ``reuse`` dumps another
         parameter set into an already converted ``query`` (executemany)."""
         try:
-            if params is None and not reuse:  # psycopg's conversion only encodes it
+            # psycopg's conversion only encodes it; not an executemany's
+            # template, whose text the parameter sets after this one reuse
+            if params is None and query is None:
                 return Query(sql.encode(), None, (), None)
             query = query or self._new_query()
             if reuse:

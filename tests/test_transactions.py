@@ -201,3 +201,14 @@ def test_terminated_idle_connections_are_replaced(start_broker, admin):
     for n in range(4):
         assert c.execute("SELECT %s::int", [n]).rows == [(n,)]
     assert broker.stats()["connections_lost"] >= 1
+
+
+def test_executemany_of_parameter_sets_none_runs_its_statement_each_time(broker, admin, accounts):
+    # A parameter set of None runs the text as it is, as psycopg does: every
+    # one of them, not the first alone (the others once went as empty queries).
+    result = broker.client.executemany("INSERT INTO accounts VALUES (7, 1)", [None])
+    assert result.rowcount == 1
+    result = broker.client.executemany(
+        "UPDATE accounts SET balance = balance + 1 WHERE id = 7", [None, None, None])
+    assert _balances(admin)[7] == 4
+    assert result.rowcount == 3
