@@ -100,7 +100,8 @@ reply's way to the client.  Measured on the overload bench (cap 2, 3 ms
 statements, 100 ms deadlines, 2x capacity offered): with no margin 57-59%
 of capacity answered in time, with these 69-72%."""
 BACKLOG_SHARE = 0.5
-"""A queue whose oldest request has waited this share of its timeout is
+"""A queue whose oldest request has waited this share of its timeout (or of
+pool_timeout, when that ends its wait first) is
 backed up: its newest requests are served first (adaptive LIFO).  First
 come, first served would then start every request with little of its time
 left, and the least delay on its way back would answer it late; the newest
@@ -672,7 +673,7 @@ class Broker:
                 waiting.popleft()
                 self._abandon(job, now)
                 continue
-            newest = _backed_up(job, now)
+            newest = _backed_up(job, now, self.settings.pool_timeout)
             if newest:
                 job = waiting[-1]
                 if _too_late(job, now):
@@ -1333,10 +1334,14 @@ def _too_late(job: Job, now: float) -> bool:
                          and expected < job.deadline - job.queued_at)
 
 
-def _backed_up(head: Job, now: float) -> bool:
+def _backed_up(head: Job, now: float, pool_timeout: float) -> bool:
     """Whether the queue whose oldest request is ``head`` is backed up (see
-    BACKLOG_SHARE): that request has waited that share of its timeout."""
-    return now - head.queued_at > (head.deadline - head.queued_at) * BACKLOG_SHARE
+    BACKLOG_SHARE): that request has waited that share of what it may wait,
+    its timeout or pool_timeout, whichever ends first."""
+    may_wait = head.deadline - head.queued_at
+    if pool_timeout and pool_timeout < may_wait:
+        may_wait = pool_timeout
+    return now - head.queued_at > may_wait * BACKLOG_SHARE
 
 
 def _same_databases(old: Settings, new: Settings) -> bool:

@@ -312,3 +312,35 @@ def test_a_backed_up_queue_serves_its_newest_request_first(start_broker):
         t.join(10)
     assert set(started) == {"blocker", "oldest", "newest"}, started
     assert started["newest"] < started["oldest"]
+
+
+def test_a_queue_backed_up_within_pool_timeout_serves_its_newest_request_first(start_broker):
+    # With the defaults (a 60 s timeout, pool_timeout 30 s) no request waits
+    # half its timeout: pool_timeout refuses it first.  A queue is backed up
+    # by what its oldest request may wait, whichever bound comes first.
+    broker = start_broker(max_connections=1, pool_timeout=2)
+    c = broker.client
+    c.execute("SELECT 1")
+    started: dict[str, Any] = {}
+
+    def run(name: str, sql: str) -> None:
+        with thread_client(broker.endpoint, 30) as own:
+            started[name] = own.execute(sql, timeout=30).rows[0][0]
+
+    def waiting(n: int) -> Callable[[], bool]:
+        return lambda: c.stats()["requests_waiting"] == n
+
+    blocker = threading.Thread(target=run, args=("blocker", "SELECT pg_sleep(1.5)"))
+    blocker.start()
+    _wait_for(lambda: c.stats()["pool_active"] == 1)
+    oldest = threading.Thread(target=run, args=("oldest", "SELECT clock_timestamp()"))
+    oldest.start()
+    _wait_for(waiting(1))
+    time.sleep(1.1)  # past half of its 2 s of pool_timeout; the blocker runs 0.4 s more
+    newest = threading.Thread(target=run, args=("newest", "SELECT clock_timestamp()"))
+    newest.start()
+    _wait_for(waiting(2))
+    for t in (blocker, oldest, newest):
+        t.join(10)
+    assert set(started) == {"blocker", "oldest", "newest"}, started
+    assert started["newest"] < started["oldest"]
