@@ -673,7 +673,7 @@ class Broker:
                 waiting.popleft()
                 self._abandon(job, now)
                 continue
-            newest = _backed_up(job, now, self.settings.pool_timeout)
+            newest = not job.chosen and _backed_up(job, now, self.settings.pool_timeout)
             if newest:
                 job = waiting[-1]
                 if _too_late(job, now):
@@ -682,6 +682,14 @@ class Broker:
                     continue
             conn = self._connection_for(job, now)
             if conn is None:
+                if newest:
+                    # It stays the one served next: newer requests arriving
+                    # meanwhile would each overtake it (one waiting for an
+                    # idle connection, as a BEGIN does, behind a stream of
+                    # shareable ones would never get it).
+                    waiting.pop()
+                    waiting.appendleft(job)
+                    job.chosen = True
                 break  # nothing overtakes the request chosen: it is served next
             if newest:
                 waiting.pop()

@@ -344,3 +344,36 @@ def test_a_queue_backed_up_within_pool_timeout_serves_its_newest_request_first(s
         t.join(10)
     assert set(started) == {"blocker", "oldest", "newest"}, started
     assert started["newest"] < started["oldest"]
+
+
+def test_a_begin_in_a_backed_up_queue_is_not_overtaken_by_every_newer_request(start_broker):
+    # Under adaptive LIFO the newest request is chosen; a BEGIN needs an idle
+    # connection, and shareable statements arriving after it each went into
+    # the connection's pipeline ahead of it, so it never became idle: the
+    # transactions timed out while first come, first served ran them all.
+    broker = start_broker(max_connections=1, pool_timeout=5)
+    stop = time.monotonic() + 4
+    outcomes: dict[str, list[int]] = {}
+
+    def run(name: str, transaction: bool) -> None:
+        done = outcomes.setdefault(name, [0, 0])
+        with thread_client(broker.endpoint, 0.4) as c:
+            while time.monotonic() < stop:
+                try:
+                    if transaction:
+                        with c.transaction(timeout=0.4) as tx:
+                            tx.execute("SELECT pg_sleep(0.03)")
+                    else:
+                        c.execute("SELECT pg_sleep(0.03)", timeout=0.4)
+                    done[0] += 1
+                except (client.PoolTimeout, client.QueryCanceled, client.OperationalError):
+                    done[1] += 1
+
+    threads = [threading.Thread(target=run, args=(f"plain{i}", False)) for i in range(7)]
+    threads.append(threading.Thread(target=run, args=("transactions", True)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    ok, failed = outcomes["transactions"]
+    assert ok >= 8 and failed <= ok // 4, outcomes
