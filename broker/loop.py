@@ -123,6 +123,7 @@ _COPY_OPS = frozenset((OP_COPY_FROM, OP_COPY_TO))
 _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: Flag arithmetic is slow
 _EVENTS = int(zmq.EVENTS)
+_COPY_THRESHOLD = zmq.COPY_THRESHOLD  # bytes from which pyzmq sends without copying
 INSUFFICIENT_PRIVILEGE = "42501"
 """The SQLSTATE of a control command refused to its sender."""
 INVALID_CATALOG_NAME = "3D000"
@@ -1070,7 +1071,8 @@ class Broker:
         # ROUTER_MANDATORY raises (EHOSTUNREACH, EAGAIN) on the first frame.
         send = self._router_send
         send(routing_id, _NOBLOCK_MORE)
-        send(message, _NOBLOCK)
+        # A large reply goes without a copy, as pyzmq's own send would send it.
+        send(message, _NOBLOCK, copy=len(message) < _COPY_THRESHOLD)
 
     def _reply(self, routing_id: bytes, reply: bytes) -> None:
         try:
