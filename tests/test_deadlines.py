@@ -281,12 +281,19 @@ def test_an_estimate_from_one_slow_run_does_not_refuse_a_statement_for_good(brok
         assert c.execute(sql, [0.001], timeout=0.1).rows == [(1,)]
 
 
-def test_a_backed_up_queue_serves_its_newest_request_first(start_broker):
+@pytest.mark.parametrize("settings, timeout", [
     # The oldest request has waited more than half its timeout when the
     # connection frees: first come, first served would start every request
     # late under overload, so the newest (with all its time) goes first,
     # and the oldest still runs with what it has left.
-    broker = start_broker(max_connections=1)
+    pytest.param({}, 2.0, id="timeout"),
+    # With the defaults (a 60 s timeout, pool_timeout 30 s) no request waits
+    # half its timeout: pool_timeout refuses it first.  A queue is backed up
+    # by what its oldest request may wait, whichever bound comes first.
+    pytest.param({"pool_timeout": 2}, 30, id="pool_timeout"),
+])
+def test_a_backed_up_queue_serves_its_newest_request_first(start_broker, settings, timeout):
+    broker = start_broker(max_connections=1, **settings)
     c = broker.client
     c.execute("SELECT 1")
     started: dict[str, Any] = {}
@@ -301,43 +308,11 @@ def test_a_backed_up_queue_serves_its_newest_request_first(start_broker):
     blocker = threading.Thread(target=run, args=("blocker", "SELECT pg_sleep(1.5)", 30))
     blocker.start()
     _wait_for(lambda: c.stats()["pool_active"] == 1)
-    oldest = threading.Thread(target=run, args=("oldest", "SELECT clock_timestamp()", 2.0))
+    oldest = threading.Thread(target=run, args=("oldest", "SELECT clock_timestamp()", timeout))
     oldest.start()
     _wait_for(waiting(1))
-    time.sleep(1.1)  # past half of its 2 s; the blocker runs 0.4 s more
-    newest = threading.Thread(target=run, args=("newest", "SELECT clock_timestamp()", 2.0))
-    newest.start()
-    _wait_for(waiting(2))
-    for t in (blocker, oldest, newest):
-        t.join(10)
-    assert set(started) == {"blocker", "oldest", "newest"}, started
-    assert started["newest"] < started["oldest"]
-
-
-def test_a_queue_backed_up_within_pool_timeout_serves_its_newest_request_first(start_broker):
-    # With the defaults (a 60 s timeout, pool_timeout 30 s) no request waits
-    # half its timeout: pool_timeout refuses it first.  A queue is backed up
-    # by what its oldest request may wait, whichever bound comes first.
-    broker = start_broker(max_connections=1, pool_timeout=2)
-    c = broker.client
-    c.execute("SELECT 1")
-    started: dict[str, Any] = {}
-
-    def run(name: str, sql: str) -> None:
-        with thread_client(broker.endpoint, 30) as own:
-            started[name] = own.execute(sql, timeout=30).rows[0][0]
-
-    def waiting(n: int) -> Callable[[], bool]:
-        return lambda: c.stats()["requests_waiting"] == n
-
-    blocker = threading.Thread(target=run, args=("blocker", "SELECT pg_sleep(1.5)"))
-    blocker.start()
-    _wait_for(lambda: c.stats()["pool_active"] == 1)
-    oldest = threading.Thread(target=run, args=("oldest", "SELECT clock_timestamp()"))
-    oldest.start()
-    _wait_for(waiting(1))
-    time.sleep(1.1)  # past half of its 2 s of pool_timeout; the blocker runs 0.4 s more
-    newest = threading.Thread(target=run, args=("newest", "SELECT clock_timestamp()"))
+    time.sleep(1.1)  # past half of its 2 s (of the bound); the blocker runs 0.4 s more
+    newest = threading.Thread(target=run, args=("newest", "SELECT clock_timestamp()", timeout))
     newest.start()
     _wait_for(waiting(2))
     for t in (blocker, oldest, newest):
