@@ -674,7 +674,7 @@ class Broker:
                 waiting.popleft()
                 self._abandon(job, now)
                 continue
-            newest = not job.chosen and _backed_up(job, now, self.settings.pool_timeout)
+            newest = _backed_up(job, now, self.settings.pool_timeout)
             if newest:
                 job = waiting[-1]
                 if _too_late(job, now):
@@ -685,12 +685,10 @@ class Broker:
             if conn is None:
                 if newest:
                     # It stays the one served next: newer requests arriving
-                    # meanwhile would each overtake it (one waiting for an
-                    # idle connection, as a BEGIN does, behind a stream of
-                    # shareable ones would never get it).
+                    # meanwhile would each overtake it.  At the head it has
+                    # hardly waited, and keeps its place (see _backed_up).
                     waiting.pop()
                     waiting.appendleft(job)
-                    job.chosen = True
                 break  # nothing overtakes the request chosen: it is served next
             if newest:
                 waiting.pop()
@@ -1347,7 +1345,12 @@ def _too_late(job: Job, now: float) -> bool:
 def _backed_up(head: Job, now: float, pool_timeout: float) -> bool:
     """Whether the queue whose oldest request is ``head`` is backed up (see
     BACKLOG_SHARE): that request has waited that share of what it may wait,
-    its timeout or pool_timeout, whichever ends first."""
+    its timeout or pool_timeout, whichever ends first.  Never while it needs
+    a connection of its own (a BEGIN): the requests that share one would go
+    around it, each into a busy connection's pipeline, and the connection
+    would never be free for it."""
+    if not head.shareable:
+        return False
     may_wait = head.deadline - head.queued_at
     if pool_timeout and pool_timeout < may_wait:
         may_wait = pool_timeout

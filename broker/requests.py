@@ -137,7 +137,6 @@ class Job:
     expected: float = 0.0  # server seconds its statement took lately (0: not known)
     ran_for: float | None = None  # seconds from reaching the head of its pipeline to its end
     pool: Any = None  # the pool.Pool it runs on
-    chosen: bool = False  # picked to be served next, it waits at the head of its queue
 
 
 def decode_request(frames: list[Any], now: float) -> tuple[
