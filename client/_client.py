@@ -416,7 +416,8 @@ class Client:
         timeout = self.timeout if timeout is None else _seconds("timeout", timeout)
         if session is None:
             with self.transaction(timeout=timeout) as transaction:
-                return self._parts(transaction._session, sql, parts, timeout, savepoint=False)
+                return self._parts(transaction._live_session(), sql, parts, timeout,
+                                   savepoint=False)
         self._request(OP_EXECUTE, session, [PARTS_SAVEPOINT, None], timeout)
         return self._parts(session, sql, parts, timeout, savepoint=True)
 
@@ -614,19 +615,31 @@ def _load_curve_keys(server_key_file: str | None,
 
 
 class Transaction:
-    """A pinned transaction; use as a context manager from one thread."""
+    """A pinned transaction; use as a context manager from one thread.
+
+    Its BEGIN travels with its first statement: one round trip fewer, and
+    no server connection held before the first statement is sent (a
+    ``with`` block that runs nothing never asks the broker).  So the wait
+    for a connection, and a PoolTimeout, come with the first statement."""
 
     def __init__(self, client: Client, timeout: float | None) -> None:
         self._client = client
         self._timeout = timeout
-        self._session: bytes | None = None
+        self._entered = False
+        self._session: bytes | None = None  # the broker's token, once BEGIN ran
+        # The first statement failed on the server, which then rolled the
+        # transaction back: what comes next must fail as in an aborted one.
+        self._failed = False
 
     def __enter__(self) -> Transaction:
-        self._session = self._client._request(OP_BEGIN, None, [], self._timeout)
+        if self._entered:
+            raise errors.InterfaceError("the transaction is already open")
+        self._entered = True
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         session, self._session = self._session, None
+        self._entered = self._failed = False
         if session is None:
             return
         if exc_type is None:
@@ -639,18 +652,45 @@ class Transaction:
             # an abandoned transaction by itself.
             logger.debug("rollback after %r failed: %s", exc, rollback_error)
 
-    def _live_session(self) -> bytes:
-        if self._session is None:
+    def _check_usable(self) -> None:
+        if not self._entered:
             raise errors.InterfaceError("the transaction is not open: use it inside 'with'")
+        if self._failed:  # what the server would answer in an aborted transaction
+            raise errors.InternalError(
+                "current transaction is aborted, commands ignored until end of "
+                "transaction block", sqlstate="25P02")
+
+    def _live_session(self) -> bytes:
+        """The broker's token, after a BEGIN of its own if no statement ran yet."""
+        if self._session is None:
+            self._check_usable()
+            self._session = self._client._request(OP_BEGIN, None, [], self._timeout)
         return self._session
 
+    def _run(self, op: int, args: list, timeout: float | None) -> Result:
+        """OP_EXECUTE or OP_EXECUTEMANY; the first one carries the BEGIN."""
+        timeout = timeout or self._timeout
+        if self._session is not None:
+            return Result._from_wire(self._client._request(op, self._session, args, timeout))
+        self._check_usable()
+        try:
+            self._session, result = self._client._begin(None, op, args, timeout)
+        except errors.Error as exc:
+            # A SQLSTATE means the statement ran and failed; the broker has
+            # rolled back.  A request refused unrun changed nothing.
+            self._failed = exc.sqlstate is not None
+            raise
+        return result
+
     def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Result:
-        return self._client._execute(self._live_session(), sql, params,
-                                     timeout or self._timeout)
+        return self._run(OP_EXECUTE, [sql, params], timeout)
 
     def executemany(self, sql: str, seq_of_params: Iterable[Params], *,
                     timeout: float | None = None) -> Result:
-        return self._client._executemany(self._live_session(), sql, seq_of_params,
+        params = list(seq_of_params)
+        if self._session is None and len(in_parts(params)) == 1:
+            return self._run(OP_EXECUTEMANY, [sql, params], timeout)
+        return self._client._executemany(self._live_session(), sql, params,
                                          timeout or self._timeout)
 
     def copy(self, sql: str, data: Iterable[Any] | None = None, *,

@@ -212,3 +212,39 @@ def test_executemany_of_parameter_sets_none_runs_its_statement_each_time(broker,
         "UPDATE accounts SET balance = balance + 1 WHERE id = 7", [None, None, None])
     assert _balances(admin)[7] == 4
     assert result.rowcount == 3
+
+
+def test_a_transaction_sends_its_begin_with_its_first_statement(broker, admin, accounts):
+    """One round trip fewer; a block that runs nothing asks the broker nothing."""
+    def requests() -> int:
+        return broker.stats()["requests_num"]  # counts the stats request too
+
+    start = requests()
+    with broker.client.transaction():
+        pass
+    assert requests() - start == 1
+    start = requests()
+    with broker.client.transaction() as tx:
+        tx.execute("UPDATE accounts SET balance = 0 WHERE id = 1")
+        assert tx.execute("SELECT balance FROM accounts WHERE id = 1").rows == [(0,)]
+    assert requests() - start == 3 + 1  # BEGIN with the UPDATE, the SELECT, COMMIT
+    assert _balances(admin) == {1: 0, 2: 100}
+
+
+@pytest.mark.parametrize("before", [[], ["SELECT 1"]], ids=["first", "second"])
+def test_statements_after_a_failed_one_fail_as_in_an_aborted_transaction(
+        broker, admin, accounts, before):
+    """The first statement's failure ends the transaction on the broker at
+    once; what follows must fail as the server fails it after a later one."""
+    with broker.client.transaction() as tx:
+        for sql in before:
+            tx.execute(sql)
+        with pytest.raises(client.IntegrityError):
+            tx.execute("INSERT INTO accounts VALUES (1, 0)")
+        with pytest.raises(client.InternalError) as aborted:
+            tx.execute("UPDATE accounts SET balance = 0 WHERE id = 2")
+        assert aborted.value.sqlstate == "25P02"
+        with pytest.raises(client.InternalError):
+            tx.executemany("UPDATE accounts SET balance = %s WHERE id = 2", [[1], [2]])
+    assert _balances(admin) == {1: 100, 2: 100}
+    assert broker.stats()["sessions_active"] == 0
