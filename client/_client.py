@@ -578,6 +578,11 @@ def _pack_body(body: Any) -> bytes:
         raise _cannot_send(exc) from exc
 
 
+def _outcome_unknown(exc: errors.Error) -> bool:
+    """The request reached the broker and no answer came: it may have run."""
+    return isinstance(exc, errors.BrokerUnavailable) and exc.outcome_unknown
+
+
 def _cannot_send(exc: Exception) -> errors.InterfaceError:
     return errors.InterfaceError(f"cannot send parameters: {exc}")
 
@@ -639,10 +644,10 @@ class Transaction:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         session, self._session = self._session, None
-        self._entered = self._failed = False
+        failed, self._entered, self._failed = self._failed, False, False
         if session is None:
             return
-        if exc_type is None:
+        if exc_type is None and not failed:
             self._client._request(OP_COMMIT, session, [], self._timeout)
             return
         try:
@@ -662,23 +667,28 @@ class Transaction:
 
     def _live_session(self) -> bytes:
         """The broker's token, after a BEGIN of its own if no statement ran yet."""
+        self._check_usable()
         if self._session is None:
-            self._check_usable()
             self._session = self._client._request(OP_BEGIN, None, [], self._timeout)
         return self._session
 
     def _run(self, op: int, args: list, timeout: float | None) -> Result:
         """OP_EXECUTE or OP_EXECUTEMANY; the first one carries the BEGIN."""
-        timeout = timeout or self._timeout
-        if self._session is not None:
-            return Result._from_wire(self._client._request(op, self._session, args, timeout))
         self._check_usable()
+        timeout = timeout or self._timeout
+        session = self._session
         try:
+            if session is not None:
+                return Result._from_wire(self._client._request(op, session, args, timeout))
             self._session, result = self._client._begin(None, op, args, timeout)
         except errors.Error as exc:
-            # A SQLSTATE means the statement ran and failed; the broker has
-            # rolled back.  A request refused unrun changed nothing.
-            self._failed = exc.sqlstate is not None
+            # Nothing after a statement that may have run (its outcome is
+            # unknown) may commit; nor after a first one that failed on the
+            # server, which has rolled back.  Later failures the server
+            # tracks itself (ROLLBACK TO SAVEPOINT may recover), and a
+            # request refused unrun changed nothing.
+            if _outcome_unknown(exc) or (session is None and exc.sqlstate is not None):
+                self._failed = True
             raise
         return result
 

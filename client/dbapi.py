@@ -36,7 +36,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ._client import (
-    PARTS_SAVEPOINT, Client, Params, Result, RowStream, in_parts, quote_identifier,
+    PARTS_SAVEPOINT, Client, Params, Result, RowStream, _outcome_unknown, in_parts,
+    quote_identifier,
 )
 from .errors import (
     DatabaseError, DataError, Error, IntegrityError, InterfaceError, InternalError,
@@ -308,6 +309,8 @@ class Connection:
         session = self._session
         if session is not None:
             self._check_thread()
+        if self._failed:  # the server would roll back anyway, unless an outcome is unknown
+            op = OP_ROLLBACK
         self._failed = False
         if session is None:
             return
@@ -405,9 +408,10 @@ class Connection:
                                                   self._timeout)
         except Error as exc:
             # An error from the server (it has a SQLSTATE) aborts the
-            # transaction until rollback, as in psycopg.  A request refused
-            # unrun changed nothing.
-            self._failed = exc.sqlstate is not None
+            # transaction until rollback, as in psycopg; so does a statement
+            # that may have run (its outcome unknown): nothing after it may
+            # commit.  A request refused unrun changed nothing.
+            self._failed = exc.sqlstate is not None or _outcome_unknown(exc)
             raise
         self._thread = threading.get_ident()
         return result

@@ -12,7 +12,7 @@ import pytest
 
 import client
 from client import protocol
-from conftest import OF_APPLICATION
+from conftest import OF_APPLICATION, wait_until
 
 
 @pytest.fixture
@@ -248,3 +248,59 @@ def test_statements_after_a_failed_one_fail_as_in_an_aborted_transaction(
             tx.executemany("UPDATE accounts SET balance = %s WHERE id = 2", [[1], [2]])
     assert _balances(admin) == {1: 100, 2: 100}
     assert broker.stats()["sessions_active"] == 0
+
+
+def _sleeping(admin: psycopg.Connection) -> bool:
+    return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                         "AND query LIKE '%%pg_sleep(1)%%' AND pid <> pg_backend_pid()"
+                         ).fetchone()[0] > 0
+
+
+@pytest.mark.parametrize("api", ["transaction", "dbapi"])
+@pytest.mark.parametrize("how", ["stalled", "restarted"])
+def test_a_statement_of_unknown_outcome_leaves_the_block_all_or_nothing(
+        start_broker, admin, accounts, how, api):
+    """The first statement (it carries the BEGIN) is sent and no answer
+    comes: it may have run, so what the block runs after it must not commit
+    without it.  (Found by a review: the block committed its second half.)"""
+    from client import dbapi
+
+    broker = start_broker(idle_transaction_timeout=3)
+    timeout = 1 if how == "stalled" else 5
+
+    def disturb() -> None:
+        assert wait_until(lambda: _sleeping(admin), 5)
+        if how == "stalled":  # the broker lives on; its answer comes too late
+            os.kill(broker.proc.pid, signal.SIGSTOP)
+            time.sleep(2.5)  # past the request's timeout (1 s) and its grace
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        else:  # the broker dies under the statement and is started again
+            broker.proc.kill()
+            broker.proc.wait()
+            broker.start()
+
+    first = "UPDATE accounts SET balance = balance - 50 WHERE id = 1; SELECT pg_sleep(1)"
+    second = "UPDATE accounts SET balance = balance + 50 WHERE id = 2"
+    disturber = threading.Thread(target=disturb)
+    try:
+        if api == "transaction":
+            with client.Client(broker.endpoint, timeout=5).transaction() as tx:
+                disturber.start()
+                with pytest.raises(client.BrokerUnavailable) as unknown:
+                    tx.execute(first, timeout=timeout)
+                disturber.join()
+                tx.execute(second)
+        else:
+            conn = dbapi.connect(broker.endpoint, timeout=timeout)
+            disturber.start()
+            with pytest.raises(client.BrokerUnavailable) as unknown:
+                conn.cursor().execute(first)
+            disturber.join()
+            conn.cursor().execute(second)
+            conn.commit()
+    except client.Error:
+        pass  # the block may fail; it must not commit half of itself
+    assert unknown.value.outcome_unknown
+    disturber.join()
+    assert wait_until(lambda: broker.stats()["sessions_active"] == 0, 6)
+    assert _balances(admin) in ({1: 100, 2: 100}, {1: 50, 2: 150})
