@@ -121,6 +121,11 @@ _ROLLBACK = _ENDINGS[OP_ROLLBACK]
 _DISCARD = Query(b"DISCARD ALL", None, (), None)
 _COPY_OPS = frozenset((OP_COPY_FROM, OP_COPY_TO))
 _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+# What each request's path names, as plain module names: Python 3.11 finds an
+# enum's member through EnumType's __getattr__ hook, ~4x a plain attribute.
+_NOT_IN_TRANSACTION = pq.TransactionStatus.IDLE
+_IDLE, _SHARED, _BUSY, _PINNED, _RESETTING = (
+    State.IDLE, State.SHARED, State.BUSY, State.PINNED, State.RESETTING)
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: Flag arithmetic is slow
 _EVENTS = int(zmq.EVENTS)
 _COPY_THRESHOLD = zmq.COPY_THRESHOLD  # bytes from which pyzmq sends without copying
@@ -416,9 +421,11 @@ class Broker:
                         self._on_closing(what, now)
                 if requests:
                     # Asked, not tried: a zmq.Again ending each turn's reads
-                    # cost more than the rest of a request's reading.
-                    for _ in range(ROUTER_BATCH):
-                        if not router_events(_EVENTS) & _POLLIN:
+                    # cost more than the rest of a request's reading.  Not
+                    # asked before the first read: the poll just said there is
+                    # one (and pyzmq's get() costs ~2 us: it makes an enum).
+                    for read in range(ROUTER_BATCH):
+                        if read and not router_events(_EVENTS) & _POLLIN:
                             break
                         try:
                             routing_id = recv(_NOBLOCK)  # bytes: a Frame costs more
@@ -698,7 +705,7 @@ class Broker:
             if job.op == OP_BEGIN:
                 self._sessions.open(Session(job.session, job.routing_id, conn, job.client_pid,
                                             now, opened_at=now))
-                pool.move(conn, State.PINNED)
+                pool.move(conn, _PINNED)
             self._send(conn, job, now)
         if waiting:
             pool.grow(now, len(waiting))
@@ -763,8 +770,8 @@ class Broker:
             outcomes = [(job, False, replies.refusal(job.request_id, exc))]
         except psycopg.Error as exc:
             outcomes = conn.fail_all(exc)
-        if conn.state == State.IDLE:
-            conn.pool.move(conn, State.SHARED if job.shareable else State.BUSY)
+        if conn.state == _IDLE:
+            conn.pool.move(conn, _SHARED if job.shareable else _BUSY)
         self._unflushed.add(conn)
         if conn.in_flight > 1:
             self.stats[S.REQUESTS_PIPELINED] += 1
@@ -818,7 +825,7 @@ class Broker:
             if session is not None:
                 if job.op in ENDING_OPS or (job.op == OP_BEGIN and not ok):
                     sessions.close(session)
-                    pool.move(conn, State.RESETTING)
+                    pool.move(conn, _RESETTING)
                 else:
                     session.busy = False
                     session.last_active = now
@@ -866,22 +873,22 @@ class Broker:
                 self._end_session(session, "the transaction ended on the server")
                 self._settle(conn, now)
             return
-        if status in _IN_TRANSACTION and conn.state == State.RESETTING:
+        if status in _IN_TRANSACTION and conn.state == _RESETTING:
             self._send(conn, Job(OP_RESET, b"", 0, float("inf"), [_ROLLBACK]), now)
             return
-        if status != pq.TransactionStatus.IDLE:
+        if status != _NOT_IN_TRANSACTION:
             conn.broken = f"left in transaction status {status.name} outside a transaction"
             self._close_conn(conn, now)
             return
         if conn.dirty or conn.session_changed():
-            if conn.state != State.RESETTING:
-                pool.move(conn, State.RESETTING)
+            if conn.state != _RESETTING:
+                pool.move(conn, _RESETTING)
             self._send(conn, Job(OP_RESET, b"", 0, float("inf"), [_DISCARD]), now)
             return
         if self._stopping or conn.retiring:
             self._retire(conn, now)
             return
-        pool.move(conn, State.IDLE)
+        pool.move(conn, _IDLE)
         if pool.waiting:
             self._dispatch(now, pool)
 

@@ -80,6 +80,11 @@ _DONE = frozenset((pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK,
 _COPY = frozenset((pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_BOTH))
 _PIPELINE_SYNC, _PIPELINE_ABORTED = pq.ExecStatus.PIPELINE_SYNC, pq.ExecStatus.PIPELINE_ABORTED
 _CONNECTION_OK = pq.ConnStatus.OK
+# Plain module names for what each result is tested against: Python 3.11
+# finds an enum's member through EnumType's __getattr__ hook, ~4x a plain
+# attribute.
+_TUPLES_OK, _COMMAND_OK = pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK
+_FATAL_ERROR, _EMPTY_QUERY = pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.EMPTY_QUERY
 _NO_ROWS: list[bytes] = []
 _NO_RESULTS: list = []
 
@@ -446,15 +451,15 @@ class PgConn:
                 if self._result_limit and run.size > self._result_limit:
                     run.error = self._too_large(run.size)
                     self.cancel(run.job)
-            if status == pq.ExecStatus.TUPLES_OK:
+            if status == _TUPLES_OK:
                 into.rowcount = into.count
-        elif status == pq.ExecStatus.COMMAND_OK:
+        elif status == _COMMAND_OK:
             tuples = result.command_tuples
             into.rowcount = -1 if tuples is None else tuples
-        elif status == pq.ExecStatus.FATAL_ERROR:
+        elif status == _FATAL_ERROR:
             if run.error is None:
                 run.error = psycopg.errors.error_from_result(result, encoding="utf-8")
-        elif status != pq.ExecStatus.EMPTY_QUERY:
+        elif status != _EMPTY_QUERY:
             self.broken = f"unexpected {status.name} result"
             raise psycopg.OperationalError(self.broken)
 

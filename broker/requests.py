@@ -34,6 +34,11 @@ from client.protocol import (
 from ._psycopg import convert_placeholders
 from .statements import Classification, Kind, classify
 
+# The kinds every request is tested against, as plain module names: Python
+# 3.11 finds an enum's member through EnumType's __getattr__ hook, ~4x a
+# plain attribute.
+_PLAIN, _SESSION, _COPY, _TRANSACTION = Kind.PLAIN, Kind.SESSION, Kind.COPY, Kind.TRANSACTION
+
 NO_DEADLINE = 24 * 3600.0
 MAX_HEADER_BYTES = 4096
 QUERY_BYTES = 256
@@ -378,10 +383,10 @@ class Decoder:
             job.size += _held(queries[0])
         if worst.statements > 1 and len(queries) == 1 and queries[0].params is None:
             job.simple = queries[0].sql  # several statements: the simple query protocol
-        job.resets = worst.kind >= Kind.SESSION
+        job.resets = worst.kind >= _SESSION
         job.changes_schema = changes_schema
         job.drops_plans = drops_plans
-        job.shareable = (worst.kind == Kind.PLAIN and not job.in_session
+        job.shareable = (worst.kind == _PLAIN and not job.in_session
                          and job.simple is None)
 
     def _copy(self, job: Job, sql: str, *, from_stdin: bool) -> None:
@@ -456,11 +461,11 @@ def _held(query: Query) -> int:
 
 def _check(verdict: Classification, in_session: bool, batch: bool) -> None:
     kind = verdict.kind
-    if kind == Kind.TRANSACTION:
+    if kind == _TRANSACTION:
         raise Refusal(ErrorKind.PROGRAMMING, _TRANSACTION_HINT)
-    if kind == Kind.COPY:
+    if kind == _COPY:
         raise Refusal(ErrorKind.NOT_SUPPORTED, _COPY_HINT)
-    if kind == Kind.SESSION and not (in_session or batch):
+    if kind == _SESSION and not (in_session or batch):
         raise Refusal(ErrorKind.SESSION_STATE_REFUSED,
                       _SESSION_HINT.format(reason=verdict.reason or "session state"))
 
