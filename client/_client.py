@@ -631,6 +631,7 @@ class Transaction:
         self._client = client
         self._timeout = timeout
         self._entered = False
+        self._owner = (0, 0)  # (pid, thread) of the socket the transaction belongs to
         self._session: bytes | None = None  # the broker's token, once BEGIN ran
         # The first statement failed on the server, which then rolled the
         # transaction back: what comes next must fail as in an aborted one.
@@ -640,6 +641,7 @@ class Transaction:
         if self._entered:
             raise errors.InterfaceError("the transaction is already open")
         self._entered = True
+        self._owner = (os.getpid(), threading.get_ident())
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
@@ -660,6 +662,11 @@ class Transaction:
     def _check_usable(self) -> None:
         if not self._entered:
             raise errors.InterfaceError("the transaction is not open: use it inside 'with'")
+        if self._session is None and self._owner != (os.getpid(), threading.get_ident()):
+            # Its BEGIN would go on this thread's socket, which the broker
+            # takes for another client: as it answers once the BEGIN ran.
+            raise errors.TransactionExpired(
+                "the transaction belongs to the thread (and process) that entered it")
         if self._failed:  # what the server would answer in an aborted transaction
             raise errors.InternalError(
                 "current transaction is aborted, commands ignored until end of "

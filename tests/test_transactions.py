@@ -186,6 +186,22 @@ def test_other_clients_cannot_use_a_transaction(broker, accounts):
         assert tx.execute("SELECT 2").rows == [(2,)]
 
 
+def test_another_thread_cannot_open_a_transaction_it_did_not_enter(broker, admin, accounts):
+    """Before its first statement the transaction exists only in the client:
+    a thread that did not enter it must not open it on its own socket."""
+    with broker.client.transaction() as tx:
+        errors = []
+        thread = threading.Thread(target=lambda: errors.append(pytest.raises(
+            client.TransactionExpired, tx.execute,
+            "UPDATE accounts SET balance = 0 WHERE id = 1")))
+        thread.start()
+        thread.join()
+        assert len(errors) == 1
+        tx.execute("UPDATE accounts SET balance = 1 WHERE id = 2")
+    assert _balances(admin) == {1: 100, 2: 1}
+    assert broker.stats()["sessions_active"] == 0
+
+
 def test_terminated_idle_connections_are_replaced(start_broker, admin):
     broker = start_broker(max_connections=2)
     c = broker.client
