@@ -117,6 +117,12 @@ class Row:
     vs_pgbouncer: float | None = None  # of per_second (overload: of goodput)
     vs_direct: float | None = None
     skipped: str = ""  # why this target did not run
+    # With several rounds: the figures above are medians over the rounds (the
+    # counts are sums, the peaks maxima), a ratio the median of each round's
+    # own ratio, and these each round's ratios.
+    rounds: int = 1
+    vs_pgbouncer_rounds: list[float] = field(default_factory=list)
+    vs_direct_rounds: list[float] = field(default_factory=list)
 
 
 # Sessions: what one client thread talks to.
@@ -783,6 +789,10 @@ class Plan:
     rate: float = 0.0
     deadline: float = 0.1
     statement_time: float = 0.003
+    # Every workload this many times, the targets' order (and a baseline's
+    # place) reversed every other round: on a shared machine one run of a
+    # target can differ from the next by a third.
+    rounds: int = 1
 
     @property
     def capacity(self) -> float:
@@ -821,7 +831,9 @@ def run(plan: Plan) -> list[Row]:
                 if "overload" in runnable:
                     ensure_late_sequence(dsn)
                 for workload in runnable:
-                    results[workload] = _run_workload(plan, workload, dsn, workdir)
+                    results[workload] = _medians([
+                        _run_workload(plan, workload, dsn, workdir, reverse=bool(r % 2))
+                        for r in range(plan.rounds)])
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     return [r for w in plan.workloads for r in results[w]]
@@ -847,16 +859,20 @@ def _forms(workload: str, target: str) -> list[tuple[bool, str]]:
     return [(True, target)] + ([(False, f"{target}-pipeline")] if both else [])
 
 
-def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row]:
+def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str, *,
+                  reverse: bool = False) -> list[Row]:
     def row(target: str) -> Row:
         return _row(plan, workload, target)
 
+    def ordered(items: list) -> list:
+        return items[::-1] if reverse else items
+
     rows: list[Row] = []
-    for target in plan.targets:
+    for target in ordered(list(plan.targets)):
         if target == "broker":
             brokers = [("", None)] + ([("baseline-", plan.baseline)] if plan.baseline else [])
             for interactive, variant in _forms(workload, target):
-                for prefix, source in brokers:  # A/B: each variant, back to back
+                for prefix, source in ordered(brokers):  # A/B: each variant, back to back
                     name = application_name(prefix + variant)
                     with _running_broker(dsn, plan.cap, workdir, name, source) \
                             as (endpoint, pid):
@@ -901,8 +917,52 @@ def _run_workload(plan: Plan, workload: str, dsn: str, workdir: str) -> list[Row
     return rows
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def _medians(rounds: list[list[Row]]) -> list[Row]:
+    """One row per target from each round's: in the first round's order."""
+    if len(rounds) == 1:
+        return rounds[0]
+    by_target: dict[str, list[Row]] = {}
+    for rows in rounds:
+        for r in rows:
+            by_target.setdefault(r.target, []).append(r)
+    return [_median_row(by_target[r.target]) for r in rounds[0]]
+
+
+def _median_row(rows: list[Row]) -> Row:
+    def median(name: str) -> float | None:
+        values = [getattr(r, name) for r in rows if getattr(r, name) is not None]
+        return statistics.median(values) if values else None
+
+    def total(name: str) -> int | None:
+        values = [getattr(r, name) for r in rows if getattr(r, name) is not None]
+        return sum(values) if values else None
+
+    ran = [r for r in rows if not r.skipped]
+    if not ran:
+        return rows[0]
+    first = ran[0]
+    merged = Row(first.workload, first.target, first.processes, first.threads, first.seconds,
+                 rounds=len(ran),
+                 first_error=next((r.first_error for r in ran if r.first_error), ""),
+                 max_server_connections=max(r.max_server_connections for r in ran),
+                 broker_peak_rss_mb=max((r.broker_peak_rss_mb for r in ran
+                                         if r.broker_peak_rss_mb is not None), default=None),
+                 vs_pgbouncer_rounds=[r.vs_pgbouncer for r in ran if r.vs_pgbouncer is not None],
+                 vs_direct_rounds=[r.vs_direct for r in ran if r.vs_direct is not None])
+    for name in ("per_second", "p50_ms", "p99_ms", "client_cpu_us", "broker_cpu_us",
+                 "offered_per_second", "goodput_of_capacity", "vs_pgbouncer", "vs_direct"):
+        setattr(merged, name, median(name))
+    for name in ("operations", "errors", "late_answers", "unsent", "late_starts"):
+        setattr(merged, name, total(name))
+    return merged
+
+
+def _ratio(value: float | None, rounds: list[float] | None = None) -> str:
+    if value is None:
+        return "-"
+    if rounds and min(rounds) != max(rounds):
+        return f"{value:.2f}x ({min(rounds):.2f}-{max(rounds):.2f})"
+    return f"{value:.2f}x"
 
 
 def _number(value: float | None, digits: int = 0) -> str:
@@ -918,8 +978,8 @@ CLOSED_COLUMNS: _Columns = _LEAD + (
     ("ops/s", lambda r: _number(r.per_second)), ("p50 ms", lambda r: f"{r.p50_ms:.2f}"),
     ("p99 ms", lambda r: f"{r.p99_ms:.2f}"),
     ("max conns", lambda r: str(r.max_server_connections)), ("errors", lambda r: str(r.errors)),
-    ("vs pgbouncer", lambda r: _ratio(r.vs_pgbouncer)),
-    ("vs direct", lambda r: _ratio(r.vs_direct)), ("broker RSS MB", lambda r: _number(r.broker_peak_rss_mb))) + _CPU
+    ("vs pgbouncer", lambda r: _ratio(r.vs_pgbouncer, r.vs_pgbouncer_rounds)),
+    ("vs direct", lambda r: _ratio(r.vs_direct, r.vs_direct_rounds)), ("broker RSS MB", lambda r: _number(r.broker_peak_rss_mb))) + _CPU
 # Goodput: answers within the deadline; failed: errors (refused or cancelled
 # at the deadline); late: answers after it; unsent: due while every client
 # thread still waited; late starts: counted by the server.
@@ -931,7 +991,7 @@ OVERLOAD_COLUMNS: _Columns = _LEAD + (
     ("late", lambda r: str(r.late_answers)), ("unsent", lambda r: str(r.unsent)),
     ("late starts", lambda r: _number(r.late_starts)),
     ("max conns", lambda r: str(r.max_server_connections)),
-    ("vs pgbouncer", lambda r: _ratio(r.vs_pgbouncer))) + _CPU
+    ("vs pgbouncer", lambda r: _ratio(r.vs_pgbouncer, r.vs_pgbouncer_rounds))) + _CPU
 
 
 def _table(rows: list[Row], columns: _Columns) -> list[str]:

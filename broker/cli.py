@@ -196,6 +196,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     # The overload workload divides by the statement time (its capacity) and
     # by the rate (its due times); a deadline of 0 would send nothing.
+    if args.rounds < 1:
+        raise SystemExit("poolbroker bench: --rounds must be 1 or more")
     if args.rate < 0 or args.deadline <= 0 or args.statement_time <= 0:
         raise SystemExit("poolbroker bench: --rate must be 0 or more, --deadline and "
                          "--statement-time more than 0")
@@ -209,7 +211,7 @@ def _bench(args: argparse.Namespace) -> int:
         duration=args.duration, scale=args.scale,
         dsn=args.dsn or os.environ.get("POOLBROKER_DSN"), pgbouncer=args.pgbouncer,
         baseline=args.baseline, rate=args.rate, deadline=args.deadline,
-        statement_time=args.statement_time)
+        statement_time=args.statement_time, rounds=args.rounds)
     rows = bench.run(plan)
     print(bench.format_table(rows))
     if args.json:
@@ -292,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--cap", type=int, default=4,
                        help="server connections for the broker and PgBouncer (4)")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per run (5)")
+    bench.add_argument("--rounds", type=int, default=1,
+                       help="run each workload this many times, the targets' order "
+                            "reversed every other round, and report medians, each ratio "
+                            "with its range over the rounds (1)")
     bench.add_argument("--scale", type=int, default=1, help="pgbench scale factor (1)")
     bench.add_argument("--pgbouncer", help="path of the pgbouncer binary (found on PATH)")
     bench.add_argument("--baseline", metavar="DIR",

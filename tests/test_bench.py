@@ -75,6 +75,23 @@ def test_baseline_checkout_runs_right_after_this_broker(dsn):
     assert all(r.operations > 0 and r.errors == 0 for r in rows)
 
 
+def test_rounds_give_one_row_per_target_with_each_rounds_ratio(dsn):
+    plan = bench.Plan(workloads=("select1",), targets=("broker", "direct"), processes=1,
+                      duration=0.2, cap=CAP, dsn=dsn, baseline=str(REPO), rounds=3)
+    rows = bench.run(plan)
+    # The first round's order, whatever order the later rounds ran in.
+    assert [r.target for r in rows] == ["broker", "baseline-broker", "direct"]
+    assert all(r.rounds == 3 and r.errors == 0 and r.operations > 0 for r in rows)
+    direct = rows[-1]
+    assert direct.vs_direct == 1.0 and direct.vs_direct_rounds == [1.0, 1.0, 1.0]
+    broker = rows[0]
+    assert len(broker.vs_direct_rounds) == 3
+    assert broker.vs_direct == sorted(broker.vs_direct_rounds)[1]
+    low, high = min(broker.vs_direct_rounds), max(broker.vs_direct_rounds)
+    spread = f" ({low:.2f}-{high:.2f})" if low != high else ""
+    assert f"{broker.vs_direct:.2f}x{spread}" in bench.format_table(rows)
+
+
 def test_max_conns_counts_only_the_target_measured(dsn):
     # Idle sessions of someone else on the same database: before the count
     # filtered by application_name they showed as the broker's connections.
