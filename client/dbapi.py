@@ -224,8 +224,9 @@ class Connection:
         self._deferrable: bool | None = None
         self._session: bytes | None = None  # the open transaction's token
         self._thread = 0  # the thread whose socket opened it
-        # A statement failed on the server: the transaction is aborted until
-        # rollback (if it was the first, the broker has rolled it back already).
+        # The transaction is aborted until rollback and the server cannot say
+        # so: its first statement failed (the broker has rolled it back), or
+        # a statement's outcome is unknown.
         self._failed = False
 
     # Settings
@@ -309,7 +310,7 @@ class Connection:
         session = self._session
         if session is not None:
             self._check_thread()
-        if self._failed:  # the server would roll back anyway, unless an outcome is unknown
+        if self._failed:  # nothing after a statement of unknown outcome may commit
             op = OP_ROLLBACK
         self._failed = False
         if session is None:
@@ -407,11 +408,15 @@ class Connection:
             self._session, result = client._begin(self._characteristics(), op, args,
                                                   self._timeout)
         except Error as exc:
-            # An error from the server (it has a SQLSTATE) aborts the
-            # transaction until rollback, as in psycopg; so does a statement
-            # that may have run (its outcome unknown): nothing after it may
-            # commit.  A request refused unrun changed nothing.
-            self._failed = exc.sqlstate is not None or _outcome_unknown(exc)
+            # The first statement's error from the server (it has a SQLSTATE):
+            # the broker has rolled back already, so the client holds the
+            # transaction aborted until rollback, as the server would.  A later
+            # one's the server tracks (ROLLBACK TO SAVEPOINT may recover it,
+            # as in psycopg).  A statement that may have run (its outcome
+            # unknown): nothing after it may commit.  A request refused unrun
+            # changed nothing.
+            if _outcome_unknown(exc) or (session is None and exc.sqlstate is not None):
+                self._failed = True
             raise
         self._thread = threading.get_ident()
         return result
@@ -433,7 +438,8 @@ class Connection:
             return self._client._parts(self._session, sql, parts, self._timeout or
                                        self._client.timeout, savepoint=True)
         except Error as exc:
-            self._failed = exc.sqlstate is not None  # as _run: the server aborted it
+            if _outcome_unknown(exc):  # as _run; a SQLSTATE the server tracks
+                self._failed = True
             raise
 
 

@@ -474,3 +474,29 @@ def test_a_broker_that_is_not_there_is_reported_at_the_first_statement(tmp_path)
     assert isinstance(failed.value, client.BrokerUnavailable)
     assert not conn.in_transaction
     conn.close()
+
+
+def test_rollback_to_savepoint_recovers_a_transaction_as_in_psycopg(broker, admin, items, dsn):
+    """After an error the server holds the transaction aborted, and a
+    ROLLBACK TO SAVEPOINT recovers it (SQLAlchemy's begin_nested() relies on
+    it): the client must not refuse it on the server's behalf."""
+    def run(connection, integrity_error: type) -> list:
+        cur = connection.cursor()
+        cur.execute("UPDATE items SET qty = 0 WHERE id = 1")
+        cur.execute("SAVEPOINT before_insert")
+        with pytest.raises(integrity_error):
+            cur.execute("INSERT INTO items VALUES (2, 'again', 0)")
+        cur.execute("ROLLBACK TO SAVEPOINT before_insert")
+        cur.execute("UPDATE items SET qty = 0 WHERE id = 3")
+        connection.commit()
+        rows = admin.execute("SELECT id, qty FROM items WHERE id <= 3 ORDER BY id").fetchall()
+        admin.execute("UPDATE items SET qty = id WHERE id <= 3")
+        return rows
+
+    with psycopg.connect(dsn) as direct:
+        assert run(direct, psycopg.IntegrityError) == [(1, 0), (2, 2), (3, 0)]
+    connection = dbapi.connect(broker.endpoint, timeout=15)
+    try:
+        assert run(connection, dbapi.IntegrityError) == [(1, 0), (2, 2), (3, 0)]
+    finally:
+        connection.close()
