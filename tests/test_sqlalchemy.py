@@ -148,6 +148,19 @@ def test_a_unique_violation_is_an_integrity_error_and_the_session_rolls_back(eng
         assert session.scalars(sa.select(Author.name).order_by(Author.id)).all() == ["ann", "bob"]
 
 
+def test_a_failed_nested_transaction_rolls_back_to_its_savepoint(engine, schema):
+    """begin_nested(): the outer transaction goes on after the inner one fails."""
+    with orm.Session(engine) as session:
+        session.add(Author(id=1, name="ann"))
+        session.flush()
+        with pytest.raises(exc.IntegrityError):
+            with session.begin_nested():
+                session.add(Author(id=2, name="ann"))
+        session.add(Author(id=3, name="cy"))
+        session.commit()
+        assert session.scalars(sa.select(Author.name).order_by(Author.id)).all() == ["ann", "cy"]
+
+
 # Isolation, read only, autocommit
 
 @pytest.mark.parametrize("level", ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE",
