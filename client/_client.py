@@ -12,6 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import zmq
@@ -707,8 +708,9 @@ class Transaction:
         params = list(seq_of_params)
         if self._session is None and len(in_parts(params)) == 1:
             return self._run(OP_EXECUTEMANY, [sql, params], timeout)
-        return self._client._executemany(self._live_session(), sql, params,
-                                         timeout or self._timeout)
+        with self._aborted_if_unknown():
+            return self._client._executemany(self._live_session(), sql, params,
+                                             timeout or self._timeout)
 
     def copy(self, sql: str, data: Iterable[Any] | None = None, *,
              timeout: float | None = None) -> Result | CopyOut:
@@ -718,16 +720,27 @@ class Transaction:
         session, request = self._live_session(), self._client._request
         first: str | None = sql
         buffer = bytearray()
-        for item in data:
-            buffer += _copy_chunk(item)
-            if len(buffer) >= COPY_CHUNK_BYTES:
-                request(OP_COPY_FROM, session, [first, bytes(buffer), False],
-                        timeout or self._timeout)
-                first = None
-                buffer.clear()
-        payload = request(OP_COPY_FROM, session, [first, bytes(buffer), True],
-                          timeout or self._timeout)
+        with self._aborted_if_unknown():
+            for item in data:
+                buffer += _copy_chunk(item)
+                if len(buffer) >= COPY_CHUNK_BYTES:
+                    request(OP_COPY_FROM, session, [first, bytes(buffer), False],
+                            timeout or self._timeout)
+                    first = None
+                    buffer.clear()
+            payload = request(OP_COPY_FROM, session, [first, bytes(buffer), True],
+                              timeout or self._timeout)
         return Result._from_wire(payload)
+
+    @contextmanager
+    def _aborted_if_unknown(self) -> Iterator[None]:
+        """Requests that may leave work done unknown to the client (see _run)."""
+        try:
+            yield
+        except errors.Error as exc:
+            if _outcome_unknown(exc):
+                self._failed = True
+            raise
 
 
 class CopyOut:

@@ -320,3 +320,34 @@ def test_a_statement_of_unknown_outcome_leaves_the_block_all_or_nothing(
     disturber.join()
     assert wait_until(lambda: broker.stats()["sessions_active"] == 0, 6)
     assert _balances(admin) in ({1: 100, 2: 100}, {1: 50, 2: 150})
+
+
+def test_a_later_executemany_of_unknown_outcome_leaves_the_block_all_or_nothing(
+        start_broker, admin, accounts):
+    """As above, for an executemany after the first statement: it takes its
+    own path to the broker (in parts when it is long).  (Found by a review.)"""
+    broker = start_broker(idle_transaction_timeout=3)
+
+    def stall() -> None:
+        assert wait_until(lambda: _sleeping(admin), 5)
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        time.sleep(2.5)  # past the request's timeout (1 s) and its grace
+        os.kill(broker.proc.pid, signal.SIGCONT)
+
+    staller = threading.Thread(target=stall)
+    try:
+        with client.Client(broker.endpoint, timeout=5).transaction() as tx:
+            tx.execute("UPDATE accounts SET balance = balance + 50 WHERE id = 2")
+            staller.start()
+            with pytest.raises(client.BrokerUnavailable) as unknown:
+                tx.executemany("UPDATE accounts SET balance = balance - %s "
+                               "FROM (SELECT pg_sleep(1)) AS s WHERE id = 1", [[50]], timeout=1)
+            assert unknown.value.outcome_unknown
+            staller.join()
+            with pytest.raises(client.InternalError):
+                tx.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 2")
+    except client.Error:
+        pass  # the block may fail; it must not commit half of itself
+    staller.join()
+    assert wait_until(lambda: broker.stats()["sessions_active"] == 0, 6)
+    assert _balances(admin) in ({1: 100, 2: 100}, {1: 50, 2: 150})
