@@ -929,26 +929,28 @@ def _medians(rounds: list[list[Row]]) -> list[Row]:
 
 
 def _median_row(rows: list[Row]) -> Row:
-    def median(name: str) -> float | None:
-        values = [getattr(r, name) for r in rows if getattr(r, name) is not None]
-        return statistics.median(values) if values else None
-
-    def total(name: str) -> int | None:
-        values = [getattr(r, name) for r in rows if getattr(r, name) is not None]
-        return sum(values) if values else None
-
     ran = [r for r in rows if not r.skipped]
     if not ran:
         return rows[0]
+
+    def known(name: str) -> list:
+        return [value for r in ran if (value := getattr(r, name)) is not None]
+
+    def median(name: str) -> float | None:
+        values = known(name)
+        return statistics.median(values) if values else None
+
+    def total(name: str) -> int | None:
+        values = known(name)
+        return sum(values) if values else None
+
     first = ran[0]
     merged = Row(first.workload, first.target, first.processes, first.threads, first.seconds,
                  rounds=len(ran),
                  first_error=next((r.first_error for r in ran if r.first_error), ""),
                  max_server_connections=max(r.max_server_connections for r in ran),
-                 broker_peak_rss_mb=max((r.broker_peak_rss_mb for r in ran
-                                         if r.broker_peak_rss_mb is not None), default=None),
-                 vs_pgbouncer_rounds=[r.vs_pgbouncer for r in ran if r.vs_pgbouncer is not None],
-                 vs_direct_rounds=[r.vs_direct for r in ran if r.vs_direct is not None])
+                 broker_peak_rss_mb=max(known("broker_peak_rss_mb"), default=None),
+                 vs_pgbouncer_rounds=known("vs_pgbouncer"), vs_direct_rounds=known("vs_direct"))
     for name in ("per_second", "p50_ms", "p99_ms", "client_cpu_us", "broker_cpu_us",
                  "offered_per_second", "goodput_of_capacity", "vs_pgbouncer", "vs_direct"):
         setattr(merged, name, median(name))

@@ -49,8 +49,8 @@ from .logs import LogBudget, request_fields, shown_sql
 from .memory import return_large_buffers
 from .pgconn import Outcome, PgConn
 from .pool import (
-    AGED, FOREIGN_RECHECK_INTERVAL, QUICK_STATEMENT, REBALANCE, RECONNECT, SURPLUS,
-    ConnectError, Pool, Pools, State,
+    AGED, BUSY, FOREIGN_RECHECK_INTERVAL, IDLE, PINNED, QUICK_STATEMENT, REBALANCE, RECONNECT,
+    RESETTING, SHARED, SURPLUS, ConnectError, Pool, Pools, State,
 )
 from .redact import Redactor
 from .requests import (
@@ -121,11 +121,9 @@ _ROLLBACK = _ENDINGS[OP_ROLLBACK]
 _DISCARD = Query(b"DISCARD ALL", None, (), None)
 _COPY_OPS = frozenset((OP_COPY_FROM, OP_COPY_TO))
 _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
-# What each request's path names, as plain module names: Python 3.11 finds an
-# enum's member through EnumType's __getattr__ hook, ~4x a plain attribute.
+# As a plain module name, for each request's path: Python 3.11 finds an
+# enum's member through EnumType's __getattr__ hook (see pool.IDLE).
 _NOT_IN_TRANSACTION = pq.TransactionStatus.IDLE
-_IDLE, _SHARED, _BUSY, _PINNED, _RESETTING = (
-    State.IDLE, State.SHARED, State.BUSY, State.PINNED, State.RESETTING)
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: Flag arithmetic is slow
 _EVENTS = int(zmq.EVENTS)
 _COPY_THRESHOLD = zmq.COPY_THRESHOLD  # bytes from which pyzmq sends without copying
@@ -705,7 +703,7 @@ class Broker:
             if job.op == OP_BEGIN:
                 self._sessions.open(Session(job.session, job.routing_id, conn, job.client_pid,
                                             now, opened_at=now))
-                pool.move(conn, _PINNED)
+                pool.move(conn, PINNED)
             self._send(conn, job, now)
         if waiting:
             pool.grow(now, len(waiting))
@@ -770,8 +768,8 @@ class Broker:
             outcomes = [(job, False, replies.refusal(job.request_id, exc))]
         except psycopg.Error as exc:
             outcomes = conn.fail_all(exc)
-        if conn.state == _IDLE:
-            conn.pool.move(conn, _SHARED if job.shareable else _BUSY)
+        if conn.state == IDLE:
+            conn.pool.move(conn, SHARED if job.shareable else BUSY)
         self._unflushed.add(conn)
         if conn.in_flight > 1:
             self.stats[S.REQUESTS_PIPELINED] += 1
@@ -825,7 +823,7 @@ class Broker:
             if session is not None:
                 if job.op in ENDING_OPS or (job.op == OP_BEGIN and not ok):
                     sessions.close(session)
-                    pool.move(conn, _RESETTING)
+                    pool.move(conn, RESETTING)
                 else:
                     session.busy = False
                     session.last_active = now
@@ -865,7 +863,7 @@ class Broker:
                 self._dispatch(now, pool)  # room for one more behind the others
             return
         status = conn.transaction_status
-        if conn in self._ddl_open and status == pq.TransactionStatus.IDLE:
+        if conn in self._ddl_open and status == _NOT_IN_TRANSACTION:
             self._schema_changed(conn)
         session = self._sessions.by_conn.get(conn.conn_id)
         if session is not None:
@@ -873,7 +871,7 @@ class Broker:
                 self._end_session(session, "the transaction ended on the server")
                 self._settle(conn, now)
             return
-        if status in _IN_TRANSACTION and conn.state == _RESETTING:
+        if status in _IN_TRANSACTION and conn.state == RESETTING:
             self._send(conn, Job(OP_RESET, b"", 0, float("inf"), [_ROLLBACK]), now)
             return
         if status != _NOT_IN_TRANSACTION:
@@ -881,14 +879,14 @@ class Broker:
             self._close_conn(conn, now)
             return
         if conn.dirty or conn.session_changed():
-            if conn.state != _RESETTING:
-                pool.move(conn, _RESETTING)
+            if conn.state != RESETTING:
+                pool.move(conn, RESETTING)
             self._send(conn, Job(OP_RESET, b"", 0, float("inf"), [_DISCARD]), now)
             return
         if self._stopping or conn.retiring:
             self._retire(conn, now)
             return
-        pool.move(conn, _IDLE)
+        pool.move(conn, IDLE)
         if pool.waiting:
             self._dispatch(now, pool)
 

@@ -133,11 +133,11 @@ class State(enum.StrEnum):
     CLOSED = "closed"
 
 
-# The states the hot path names, as plain module names: Python 3.11 finds an
-# enum's member through EnumType's __getattr__ hook, ~4x a plain attribute,
-# and a connection moves twice a request.
-_IDLE, _SHARED, _BUSY, _PINNED, _CLOSED = (
-    State.IDLE, State.SHARED, State.BUSY, State.PINNED, State.CLOSED)
+# The states each request's path names (here and in the loop), as plain
+# module names: Python 3.11 finds an enum's member through EnumType's
+# __getattr__ hook, ~4x a plain attribute, and a connection moves twice a request.
+IDLE, SHARED, BUSY, PINNED, RESETTING, CLOSED = (
+    State.IDLE, State.SHARED, State.BUSY, State.PINNED, State.RESETTING, State.CLOSED)
 
 COST_OF_LOSING = {State.IDLE: 0, State.SHARED: 1, State.BUSY: 2, State.RESETTING: 3,
                   State.PINNED: 4, State.OPENING: 5, State.CLOSED: 5}
@@ -318,12 +318,12 @@ class Pool:
         """Put ``conn`` in ``state``; ``close`` closes it."""
         del self._in[conn.state][conn.conn_id]  # a StrEnum: "opening" finds State.OPENING
         conn.state = state
-        if state == _CLOSED:
+        if state == CLOSED:
             self.conns.pop(conn.conn_id, None)
         else:
             self._in[state][conn.conn_id] = conn
             # Identity tests: hashing an enum member calls Python code.
-            if state is _SHARED or state is _BUSY or state is _PINNED:
+            if state is SHARED or state is BUSY or state is PINNED:
                 active = self.active
                 if active > self.active_peak:
                     self.active_peak = active
@@ -332,7 +332,7 @@ class Pool:
     @property
     def active(self) -> int:
         """Connections running clients' work (PgBouncer's sv_active)."""
-        return len(self._in[_SHARED]) + len(self._in[_BUSY]) + len(self._in[_PINNED])
+        return len(self._in[SHARED]) + len(self._in[BUSY]) + len(self._in[PINNED])
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """The pool's entry of the broker's statistics (``stats.POOLS``), but
@@ -404,7 +404,7 @@ class Pool:
 
     def idle(self) -> PgConn | None:
         """The most recently used idle connection (its caches are warm)."""
-        idle = self._in[_IDLE]
+        idle = self._in[IDLE]
         return next(reversed(idle.values())) if idle else None
 
     def shared(self) -> list[PgConn]:

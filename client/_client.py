@@ -579,9 +579,17 @@ def _pack_body(body: Any) -> bytes:
         raise _cannot_send(exc) from exc
 
 
-def _outcome_unknown(exc: errors.Error) -> bool:
-    """The request reached the broker and no answer came: it may have run."""
-    return isinstance(exc, errors.BrokerUnavailable) and exc.outcome_unknown
+def _aborts_transaction(exc: errors.Error, first: bool) -> bool:
+    """Whether ``exc`` leaves a transaction aborted where the server cannot
+    say so: a statement that may have run (the request reached the broker and
+    no answer came), after which nothing may commit; or a ``first``
+    statement that failed on the server, whose transaction the broker has
+    rolled back.  A later statement's failure the server tracks itself
+    (ROLLBACK TO SAVEPOINT may recover it, as in psycopg); a request refused
+    unrun changed nothing."""
+    if isinstance(exc, errors.BrokerUnavailable) and exc.outcome_unknown:
+        return True
+    return first and exc.sqlstate is not None
 
 
 def _cannot_send(exc: Exception) -> errors.InterfaceError:
@@ -634,8 +642,8 @@ class Transaction:
         self._entered = False
         self._owner = (0, 0)  # (pid, thread) of the socket the transaction belongs to
         self._session: bytes | None = None  # the broker's token, once BEGIN ran
-        # The first statement failed on the server, which then rolled the
-        # transaction back: what comes next must fail as in an aborted one.
+        # Aborted where the server cannot say so (see _aborts_transaction):
+        # what comes next fails as in an aborted transaction, the end rolls back.
         self._failed = False
 
     def __enter__(self) -> Transaction:
@@ -690,12 +698,7 @@ class Transaction:
                 return Result._from_wire(self._client._request(op, session, args, timeout))
             self._session, result = self._client._begin(None, op, args, timeout)
         except errors.Error as exc:
-            # Nothing after a statement that may have run (its outcome is
-            # unknown) may commit; nor after a first one that failed on the
-            # server, which has rolled back.  Later failures the server
-            # tracks itself (ROLLBACK TO SAVEPOINT may recover), and a
-            # request refused unrun changed nothing.
-            if _outcome_unknown(exc) or (session is None and exc.sqlstate is not None):
+            if _aborts_transaction(exc, first=session is None):
                 self._failed = True
             raise
         return result
@@ -734,11 +737,12 @@ class Transaction:
 
     @contextmanager
     def _aborted_if_unknown(self) -> Iterator[None]:
-        """Requests that may leave work done unknown to the client (see _run)."""
+        """Requests after the first that may leave work done unknown to the
+        client (see _aborts_transaction)."""
         try:
             yield
         except errors.Error as exc:
-            if _outcome_unknown(exc):
+            if _aborts_transaction(exc, first=False):
                 self._failed = True
             raise
 

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ._client import (
-    PARTS_SAVEPOINT, Client, Params, Result, RowStream, _outcome_unknown, in_parts,
+    PARTS_SAVEPOINT, Client, Params, Result, RowStream, _aborts_transaction, in_parts,
     quote_identifier,
 )
 from .errors import (
@@ -408,14 +408,7 @@ class Connection:
             self._session, result = client._begin(self._characteristics(), op, args,
                                                   self._timeout)
         except Error as exc:
-            # The first statement's error from the server (it has a SQLSTATE):
-            # the broker has rolled back already, so the client holds the
-            # transaction aborted until rollback, as the server would.  A later
-            # one's the server tracks (ROLLBACK TO SAVEPOINT may recover it,
-            # as in psycopg).  A statement that may have run (its outcome
-            # unknown): nothing after it may commit.  A request refused unrun
-            # changed nothing.
-            if _outcome_unknown(exc) or (session is None and exc.sqlstate is not None):
+            if _aborts_transaction(exc, first=session is None):
                 self._failed = True
             raise
         self._thread = threading.get_ident()
@@ -438,7 +431,7 @@ class Connection:
             return self._client._parts(self._session, sql, parts, self._timeout or
                                        self._client.timeout, savepoint=True)
         except Error as exc:
-            if _outcome_unknown(exc):  # as _run; a SQLSTATE the server tracks
+            if _aborts_transaction(exc, first=False):
                 self._failed = True
             raise
 
