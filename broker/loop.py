@@ -479,12 +479,10 @@ class Broker:
             return
         in_flight = self._in_flight.get(routing_id, 0)
         if in_flight >= self.settings.max_client_requests:
-            self.stats[S.REQUESTS_REFUSED] += 1
-            self._reply_error(
-                routing_id, request_id, ErrorKind.TOO_MANY_REQUESTS,
-                f"this client already has {in_flight} requests waiting or running "
-                f"(max_client_requests={self.settings.max_client_requests}); "
-                "the request was not run")
+            self._refuse(routing_id, request_id,
+                         f"this client already has {in_flight} requests waiting or running "
+                         f"(max_client_requests={self.settings.max_client_requests}); "
+                         "the request was not run")
             return
         job = Job(op, routing_id, request_id, deadline, client_pid=client_pid)
         if token is not None:
@@ -511,12 +509,10 @@ class Broker:
         # Paused, idle connections serve nobody: max_waiting bounds the queue still.
         if len(pool.waiting) >= self.settings.max_waiting \
                 and (self._paused or not pool.count(State.IDLE)):
-            self.stats[S.REQUESTS_REFUSED] += 1
-            self._reply_error(
-                routing_id, request_id, ErrorKind.TOO_MANY_REQUESTS,
-                f"{len(pool.waiting)} requests are already waiting for a connection of pool "
-                f"{pool.name!r} (max_waiting={self.settings.max_waiting}); the request was "
-                "not run")
+            self._refuse(routing_id, request_id,
+                         f"{len(pool.waiting)} requests are already waiting for a connection "
+                         f"of pool {pool.name!r} (max_waiting={self.settings.max_waiting}); "
+                         "the request was not run")
             return
         job.queued_at = pool.demand_at = now
         self._admit(job)
@@ -1098,6 +1094,11 @@ class Broker:
                      **extra: Any) -> None:
         self.stats[S.REQUESTS_ERRORS] += 1
         self._reply(routing_id, replies.error(request_id, error_payload(kind, message, **extra)))
+
+    def _refuse(self, routing_id: bytes, request_id: Any, why: str) -> None:
+        """A request over a limit, refused unrun (TooManyRequests)."""
+        self.stats[S.REQUESTS_REFUSED] += 1
+        self._reply_error(routing_id, request_id, ErrorKind.TOO_MANY_REQUESTS, why)
 
     def _malformed(self, routing_id: bytes, request_id: Any, why: str) -> None:
         self.stats[S.MESSAGES_MALFORMED] += 1
