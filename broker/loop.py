@@ -613,7 +613,7 @@ class Broker:
 
     def _on_session_request(self, job: Job, token: bytes, body: bytes, now: float) -> None:
         session = self._sessions.by_token.get(token)
-        if session is None or session.routing_id != job.routing_id:
+        if session is None or not (session.routing_id == job.routing_id or _ends_own(job, session)):
             # Same answer for a forged token and a stale one: nothing to learn.
             reason = self._sessions.why_ended(token) if session is None else None
             self._reply_error(job.routing_id, job.request_id, ErrorKind.TRANSACTION_EXPIRED,
@@ -1331,6 +1331,14 @@ class Broker:
             result[S.MESSAGES_REJECTED] = self._gate.rejected
             result[S.CLIENTS_DENIED] = self._gate.denied
         return result
+
+
+def _ends_own(job: Job, session: Session) -> bool:
+    """A COMMIT or ROLLBACK from another socket of the process that opened
+    the transaction (over ipc, whose pid the kernel vouches for): a
+    connection or a named cursor closed by another of its threads, whose
+    socket is not the owner's."""
+    return job.op in ENDING_OPS and job.client_pid != 0 and job.client_pid == session.owner_pid
 
 
 def _too_late(job: Job, now: float) -> bool:

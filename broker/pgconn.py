@@ -444,7 +444,17 @@ class PgConn:
                 # the empty result that ends a chunked read needs none.
                 tx = self._transformer
                 tx.set_pgresult(result, set_loaders=not into.count)
-                packed = protocol.pack_rows(tx.load_rows(0, rows, tuple))
+                try:
+                    loaded = tx.load_rows(0, rows, tuple)
+                except (psycopg.Error, ValueError, OverflowError) as exc:
+                    # A value Python cannot hold ('infinity'::date, '24:00'::time):
+                    # the statement's error, as psycopg raises it at fetch; the
+                    # server is fine, so is the connection and the rest of its
+                    # pipeline.  Later chunks of the result are read, not loaded.
+                    run.error = exc if isinstance(exc, psycopg.Error) else \
+                        psycopg.DataError(f"cannot load a value of the result: {exc}")
+                    return
+                packed = protocol.pack_rows(loaded)
                 into.packed.append(packed)
                 into.count += rows
                 run.size += len(packed)

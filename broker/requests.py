@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import psycopg
+
 from client import protocol
 from client.protocol import (
     HEADER_FIELDS, OP_BATCH, OP_BEGIN, OP_COMMIT, OP_COPY_FROM, OP_COPY_TO, OP_EXECUTE,
@@ -355,8 +357,8 @@ class Decoder:
                 convert_placeholders(query, sql, params)  # linear, whatever the text
             else:
                 query.convert(sql, params)
-        except (TypeError, OverflowError) as exc:
-            raise Refusal(ErrorKind.DATA, str(exc)) from None
+        except (TypeError, OverflowError, psycopg.DataError) as exc:  # a value (NUL in text)
+            raise Refusal(ErrorKind.DATA, str(exc).strip()) from None
         except Exception as exc:  # psycopg.ProgrammingError: placeholders vs params
             raise Refusal(ErrorKind.PROGRAMMING, str(exc).strip()) from None
         return Query(query.query, query.params, tuple(query.types), query.formats)

@@ -32,7 +32,8 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ._client import (
@@ -129,13 +130,13 @@ Timestamp = _dt.datetime
 
 
 def DateFromTicks(ticks: float) -> _dt.date:  # noqa: N802 - PEP 249 name
-    """The local date at ``ticks`` seconds since the epoch."""
-    return _dt.datetime.fromtimestamp(ticks).date()
+    """The date (UTC, as psycopg's) at ``ticks`` seconds since the epoch."""
+    return TimestampFromTicks(ticks).date()
 
 
 def TimeFromTicks(ticks: float) -> _dt.time:  # noqa: N802 - PEP 249 name
-    """The local time of day at ``ticks`` seconds since the epoch."""
-    return _dt.datetime.fromtimestamp(ticks).time()
+    """The time of day (UTC, as psycopg's) at ``ticks`` seconds since the epoch."""
+    return TimestampFromTicks(ticks).time()
 
 
 def TimestampFromTicks(ticks: float) -> _dt.datetime:  # noqa: N802 - PEP 249 name
@@ -228,6 +229,7 @@ class Connection:
         # so: its first statement failed (the broker has rolled it back), or
         # a statement's outcome is unknown.
         self._failed = False
+        self._named: weakref.WeakSet[ServerCursor] = weakref.WeakSet()  # closed with it
 
     # Settings
 
@@ -291,7 +293,9 @@ class Connection:
         """A cursor; with ``name``, a server-side cursor that streams its rows."""
         self._check()
         if name is not None:
-            return ServerCursor(self, name)
+            cursor = ServerCursor(self, name)
+            self._named.add(cursor)
+            return cursor
         return Cursor(self)
 
     def commit(self) -> None:
@@ -333,13 +337,17 @@ class Connection:
     def close(self) -> None:
         """Roll back what is open and forget the connection; idempotent.
 
+        From any thread, as psycopg's: the broker takes the ROLLBACK from
+        another thread's socket of the same process (told by the kernel).
         In a forked child it only forgets: the transaction is the parent's."""
         if self._closed:
             return
         self._closed = True
+        for cursor in list(self._named):
+            cursor.close()
         session, self._session = self._session, None
-        if session is None or os.getpid() != self._pid or threading.get_ident() != self._thread:
-            return  # another thread's or process's session: its lease ends it
+        if session is None or os.getpid() != self._pid:
+            return
         try:
             self._client._request(OP_ROLLBACK, session, [], self._timeout)
         except Error as exc:  # the broker rolls back what it cannot reach us about
@@ -461,6 +469,21 @@ def _params(params: Any) -> Params:
     return list(params)
 
 
+Query = Any
+"""A query as psycopg takes one: str, bytes (UTF-8) or a ``psycopg.sql`` composable."""
+
+
+def _query_text(operation: Query) -> str:
+    if isinstance(operation, str):
+        return operation
+    if isinstance(operation, (bytes, bytearray, memoryview)):
+        return bytes(operation).decode()
+    as_string = getattr(operation, "as_string", None)
+    if as_string is not None:  # psycopg.sql: rendered with psycopg's default adapters
+        return as_string(None)
+    return operation  # the broker says what it takes
+
+
 class Cursor:
     """A client-side cursor: each ``execute`` brings its whole result in one
     round trip (use ``connection.cursor(name=...)`` to stream big ones)."""
@@ -498,20 +521,21 @@ class Cursor:
         """The index of the next row in the current result set, None without one."""
         return self._pos if self.description is not None else None
 
-    def execute(self, operation: str, parameters: Params = None) -> Cursor:
+    def execute(self, operation: Query, parameters: Params = None) -> Cursor:
         self._check()
         self._reset()
-        result = self.connection._execute(operation, parameters)
+        result = self.connection._execute(_query_text(operation), parameters)
         self._show(result)
         self._sets = list(result.more_results)
         return self
 
-    def executemany(self, operation: str, seq_of_parameters: Iterable[Params]) -> None:
+    def executemany(self, operation: Query, seq_of_parameters: Iterable[Params]) -> None:
         """Run ``operation`` once per parameter set in one round trip; atomic
         (outside a transaction too: it runs as one)."""
         self._check()
         self._reset()
-        result = self.connection._executemany(operation, [_params(p) for p in seq_of_parameters])
+        result = self.connection._executemany(_query_text(operation),
+                                              [_params(p) for p in seq_of_parameters])
         self.rowcount = result.rowcount
         self._has_result = True
 
@@ -555,15 +579,20 @@ class Cursor:
     def scroll(self, value: int, mode: str = "relative") -> None:
         rows = self._rows_left()
         if mode not in ("relative", "absolute"):
-            raise ProgrammingError(f"bad mode {mode!r}: expected 'relative' or 'absolute'")
+            raise ValueError(f"bad mode {mode!r}: expected 'relative' or 'absolute'")
         target = self._pos + value if mode == "relative" else value
-        if not 0 <= target <= len(rows):
+        if not 0 <= target < len(rows):  # as psycopg: onto a row, never past the last
             raise IndexError(f"position {target} out of the result's {len(rows)} rows")
         self._pos = target
 
-    def __iter__(self) -> Iterator[tuple]:
-        while (row := self.fetchone()) is not None:
-            yield row
+    def __iter__(self) -> Cursor:
+        return self
+
+    def __next__(self) -> tuple:
+        row = self.fetchone()
+        if row is None:
+            raise StopIteration
+        return row
 
     def setinputsizes(self, sizes: Any) -> None:
         """Does nothing: the server learns the types from the values."""
@@ -608,7 +637,7 @@ class ServerCursor(Cursor):
         super()._reset()
         self._done = False
 
-    def execute(self, operation: str, parameters: Params = None) -> ServerCursor:
+    def execute(self, operation: Query, parameters: Params = None) -> ServerCursor:
         """Declare the cursor and fetch its first rows (so that ``description``
         is known): two round trips, the first carrying the BEGIN if needed."""
         self._check()
@@ -616,7 +645,7 @@ class ServerCursor(Cursor):
         self._reset()
         conn = self.connection
         conn._check()
-        stream = RowStream(conn._client, operation, _params(parameters), self.itersize,
+        stream = RowStream(conn._client, _query_text(operation), _params(parameters), self.itersize,
                            conn._timeout, name=self.name,
                            within=None if conn.autocommit else conn._execute)
         stream._open()
@@ -694,3 +723,13 @@ class ServerCursor(Cursor):
                 self._close_stream()
             finally:
                 super().close()
+
+    def __del__(self) -> None:
+        # In autocommit its rows come from a transaction of its own, which
+        # would hold a server connection until idle_transaction_timeout.
+        if getattr(self, "_stream", None) is not None and self._declared_in is None \
+                and os.getpid() == self.connection._pid and not sys.is_finalizing():
+            try:
+                self._close_stream()
+            except Error as exc:
+                logger.debug("closing a dropped named cursor failed: %s", exc)

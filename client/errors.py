@@ -17,15 +17,15 @@ from .protocol import ErrorKind
 class Diagnostic:
     """The error fields PostgreSQL reported, named as in ``psycopg.errors.Diagnostic``."""
 
-    __slots__ = _DIAG_FIELDS
+    __slots__ = ("sqlstate", *_DIAG_FIELDS)
 
     def __init__(self, fields: dict[str, Any]) -> None:
-        for name in _DIAG_FIELDS:
+        for name in self.__slots__:
             setattr(self, name, fields.get(name))
 
     def __repr__(self) -> str:
         shown = ", ".join(
-            f"{n}={getattr(self, n)!r}" for n in _DIAG_FIELDS if getattr(self, n)
+            f"{n}={getattr(self, n)!r}" for n in self.__slots__ if getattr(self, n)
         )
         return f"Diagnostic({shown})"
 
@@ -41,7 +41,7 @@ class Error(Exception):
                  diag: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
-        self.diag = Diagnostic(diag or {})
+        self.diag = Diagnostic({**(diag or {}), "sqlstate": sqlstate})
 
     @property
     def detail(self) -> str | None:
@@ -150,6 +150,11 @@ def from_payload(payload: Any) -> Error:
     kind = payload.get("kind", "")
     cls = _BY_NAME.get(kind, DatabaseError) if isinstance(kind, str) else DatabaseError
     message = payload.get("message") or "unknown error"
+    # As psycopg's text of a server error: its DETAIL and HINT lines follow.
+    if detail := payload.get("message_detail"):
+        message += f"\nDETAIL:  {detail}"
+    if hint := payload.get("message_hint"):
+        message += f"\nHINT:  {hint}"
     if cls is BrokerUnavailable:
         return BrokerUnavailable(message, outcome_unknown=bool(payload.get("outcome_unknown")))
     return cls(message, sqlstate=payload.get("sqlstate"), diag=payload)

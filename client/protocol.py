@@ -152,10 +152,12 @@ EXT_JSON = 7  # msgpack of the document: a parameter to bind as jsonb
 
 # psycopg's Diagnostic fields carried in error payloads, by their psycopg names.
 DIAG_FIELDS = (
-    "severity", "message_primary", "message_detail", "message_hint",
-    "statement_position", "context", "schema_name", "table_name",
-    "column_name", "datatype_name", "constraint_name",
+    "severity", "severity_nonlocalized", "message_primary", "message_detail",
+    "message_hint", "statement_position", "internal_position", "internal_query",
+    "context", "schema_name", "table_name", "column_name", "datatype_name",
+    "constraint_name", "source_file", "source_line", "source_function",
 )
+"""psycopg's Diagnostic fields an error reply carries (its sqlstate travels beside them)."""
 
 # The most a single message may unpack to; the broker also sets MAXMSGSIZE.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -199,6 +201,8 @@ def _encode_ext(obj: Any) -> msgpack.ExtType:
         return msgpack.ExtType(EXT_JSON, _pack(obj.obj))
     if isinstance(obj, (tuple, set, frozenset)):
         return list(obj)
+    if isinstance(obj, int):  # beyond msgpack's 64 bits: numeric, as psycopg binds it
+        return msgpack.ExtType(EXT_DECIMAL, str(obj).encode())
     raise TypeError(f"cannot send a value of type {type(obj).__name__}: {obj!r}")
 
 

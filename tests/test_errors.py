@@ -43,7 +43,8 @@ def test_diagnostics_reach_the_client(broker, items):
     with pytest.raises(client.IntegrityError) as excinfo:
         broker.client.execute("INSERT INTO items VALUES (1, 5)")
     error = excinfo.value
-    assert str(error) == 'duplicate key value violates unique constraint "items_pkey"'
+    assert str(error) == ('duplicate key value violates unique constraint "items_pkey"\n'
+                          "DETAIL:  Key (id)=(1) already exists.")  # as psycopg's
     assert error.detail == "Key (id)=(1) already exists."
     assert error.constraint_name == "items_pkey"
     assert error.diag.table_name == "items"
