@@ -1126,8 +1126,11 @@ class Broker:
         probe_peers = now >= self._next_peer_probe
         if probe_peers:
             self._next_peer_probe = now + PEER_PROBE_INTERVAL
+        exited = _Exited()
+        if check_owners:
+            self._forget_exited_clients(exited, now)
         for session in list(self._sessions.by_conn.values()):
-            if check_owners and session.owner_pid and not pid_alive(session.owner_pid):
+            if check_owners and exited(session.owner_pid):
                 self._expire(session, f"its owner process {session.owner_pid} exited", now)
                 self._forget_client(session.routing_id, now)
             elif probe_peers and not self._peer_connected(session.routing_id):
@@ -1213,6 +1216,22 @@ class Broker:
                 f"the request's deadline passed after {now - job.queued_at:.3f} s while it "
                 "waited behind another client's statement on the server connection; "
                 "the statement was not run")
+
+    def _forget_exited_clients(self, exited: _Exited, now: float) -> None:
+        """Nobody waits for what a client process that exited asked for
+        outside a transaction: what it queued is dropped, and its statement
+        a server connection is running is cancelled (a batch, atomic, rolls
+        back whole).  Its transactions are the sessions' check's."""
+        for pool in self._pools.all:
+            for routing_id in {job.routing_id for job in pool.waiting if exited(job.client_pid)}:
+                self._forget_client(routing_id, now)
+        for conn in self._pools.conns():
+            job = conn.head
+            if job is not None and job.session is None and not job.cancel_sent \
+                    and exited(job.client_pid):
+                job.cancel_reason = f"its client process {job.client_pid} exited"
+                self.stats[S.REQUESTS_CANCELLED] += 1
+                conn.cancel(job)
 
     def _forget_client(self, routing_id: bytes, now: float) -> None:
         """Drop what a dead client queued (a BEGIN among it would pin a
@@ -1331,6 +1350,22 @@ class Broker:
             result[S.MESSAGES_REJECTED] = self._gate.rejected
             result[S.CLIENTS_DENIED] = self._gate.denied
         return result
+
+
+class _Exited:
+    """Whether a client's process has exited (False when its pid is not
+    known: over tcp), each pid asked of the kernel once per check."""
+
+    def __init__(self) -> None:
+        self._alive: dict[int, bool] = {}
+
+    def __call__(self, pid: int) -> bool:
+        if not pid:
+            return False
+        alive = self._alive.get(pid)
+        if alive is None:
+            alive = self._alive[pid] = pid_alive(pid)
+        return not alive
 
 
 def _ends_own(job: Job, session: Session) -> bool:

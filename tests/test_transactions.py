@@ -142,6 +142,59 @@ def test_writes_queued_by_a_killed_worker_are_dropped_not_run(start_broker, admi
     assert stats["sessions_active"] == 0 and stats["requests_waiting"] == 0
 
 
+@pytest.mark.parametrize("op", ["execute", "batch"])
+def test_a_write_queued_by_a_killed_worker_outside_a_transaction_is_dropped(
+        start_broker, admin, accounts, op):
+    # A gunicorn worker killed while its autocommit write waits for the
+    # connection another client holds: nobody waits for the write any more.
+    broker = start_broker(max_connections=1, pool_timeout=60)
+    holder = client.Client(broker.endpoint, timeout=60)
+    with holder.transaction() as tx:
+        tx.execute("SELECT 1")  # the only connection, pinned
+        pid = os.fork()
+        if pid == 0:
+            try:
+                worker = client.Client(broker.endpoint, timeout=60)
+                sql = "UPDATE accounts SET balance = balance + 1000 WHERE id = 2"
+                worker.execute(sql) if op == "execute" else worker.batch([sql])
+            finally:
+                os._exit(0)
+        assert wait_until(lambda: broker.stats()["requests_waiting"] == 1, 5)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert wait_until(lambda: broker.stats()["requests_dropped"] == 1, 2)
+    time.sleep(0.3)
+    assert _balances(admin) == {1: 100, 2: 100}  # it used to run once the connection was free
+
+
+def test_a_killed_workers_running_batch_is_cancelled_and_frees_its_lock(start_broker, admin,
+                                                                         accounts):
+    # As a killed worker's transaction (above): its batch, running outside
+    # any transaction of its own, would otherwise run to its end or its
+    # client's deadline, holding its row lock and a server connection.
+    broker = start_broker(max_connections=2)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            worker = client.Client(broker.endpoint, timeout=60)
+            worker.ping()
+            os.write(ready_w, b"x")
+            worker.batch(["UPDATE accounts SET balance = -1 WHERE id = 1", "SELECT pg_sleep(30)"])
+        finally:
+            os._exit(0)
+    assert os.read(ready_r, 1) == b"x"
+    assert wait_until(lambda: broker.stats()["pool_active"] == 1, 5)
+    time.sleep(0.3)  # the batch holds the row lock, sleeping
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    result = broker.client.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1",
+                                   timeout=3.0)
+    assert result.rowcount == 1
+    assert _balances(admin)[1] == 101  # the batch was rolled back whole
+    assert broker.stats()["requests_cancelled"] == 1
+
+
 def test_idle_transaction_is_rolled_back(start_broker, admin, accounts):
     broker = start_broker(max_connections=2, idle_transaction_timeout=0.3)
     with pytest.raises(client.TransactionExpired) as excinfo:
