@@ -1059,6 +1059,9 @@ class Broker:
             why = (f"too little time was left {waited} ({(job.deadline - now) * 1000:.1f} ms) "
                    f"for the statement, which lately took {job.expected * 1000:.1f} ms on the "
                    "server")
+        elif job.deadline <= job.queued_at:
+            why = ("the request's deadline had passed when the broker read it (it spent its "
+                   "time on its way: a busy or stalled broker)")
         else:
             why = f"the request's deadline passed {waited}"
         self._fail_waiting(job, ErrorKind.POOL_TIMEOUT, f"{why}; the statement was not run")

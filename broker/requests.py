@@ -43,6 +43,11 @@ _PLAIN, _SESSION, _COPY, _TRANSACTION = Kind.PLAIN, Kind.SESSION, Kind.COPY, Kin
 
 NO_DEADLINE = 24 * 3600.0
 MAX_HEADER_BYTES = 4096
+MAX_TRANSIT = 3600.0
+"""Seconds a request may have spent between its client and the loop, by the
+client's clock (a header's sent_at) and the broker's: outside 0 to this,
+the two clocks are not the same one (a client in another time namespace),
+and its timeout counts from when the broker read it."""
 QUERY_BYTES = 256
 """What one decoded statement costs in memory, besides its text and parameters."""
 PARAMETER_BYTES = 64
@@ -178,11 +183,13 @@ def decode_header(message: bytes | memoryview, now: float) -> tuple[
         header, end = protocol.unpack_first(message, MAX_HEADER_BYTES)
     except Exception as exc:  # msgpack raises many types on garbage
         raise _malformed(None, f"undecodable header: {exc}") from None
-    if not isinstance(header, list) or not HEADER_FIELDS <= len(header) <= HEADER_FIELDS + 1:
-        raise _malformed(None, "header must be [request_id, op, timeout_ms, session] or "
-                               "[request_id, op, timeout_ms, session, pool]")
+    if not isinstance(header, list) or not HEADER_FIELDS <= len(header) <= HEADER_FIELDS + 2:
+        raise _malformed(None, "header must be [request_id, op, timeout_ms, session], "
+                               "[request_id, op, timeout_ms, session, pool] or "
+                               "[request_id, op, timeout_ms, session, pool, sent_at]")
     request_id, op, timeout_ms, session = header[:HEADER_FIELDS]
     pool = header[HEADER_FIELDS] if len(header) > HEADER_FIELDS else None
+    sent_at = header[HEADER_FIELDS + 1] if len(header) > HEADER_FIELDS + 1 else None
     if not isinstance(request_id, int) or not isinstance(op, int) or isinstance(op, bool):
         raise _malformed(request_id if isinstance(request_id, int) else None,
                          "request_id and op must be integers")
@@ -192,6 +199,11 @@ def decode_header(message: bytes | memoryview, now: float) -> tuple[
         deadline = now + NO_DEADLINE
     elif isinstance(timeout_ms, int) and not isinstance(timeout_ms, bool) and timeout_ms > 0:
         deadline = now + timeout_ms / 1000.0
+        if sent_at is not None:
+            if not isinstance(sent_at, float):
+                raise _malformed(request_id, "sent_at must be a float or absent")
+            if 0.0 < now - sent_at < MAX_TRANSIT:  # counted as the client counts it
+                deadline -= now - sent_at
     else:
         raise _malformed(request_id, "timeout_ms must be a positive integer or nil")
     if session is not None and not isinstance(session, bytes):

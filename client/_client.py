@@ -251,6 +251,9 @@ class Client:
             raise errors.InterfaceError(f"the pool must be a name (a string), got {pool!r}")
         self.pool = pool
         self.endpoint = endpoint or default_endpoint()
+        # Over ipc the broker reads the same monotonic clock: a request's
+        # timeout then counts from its sending, not from its reading.
+        self._same_clock = self.endpoint.startswith("ipc://")
         self.timeout = DEFAULT_TIMEOUT if timeout is None else _seconds("timeout", timeout)
         if connect_timeout is None:
             connect_timeout = _seconds(
@@ -286,16 +289,17 @@ class Client:
             owned = getattr(self._local, "owned", None)
             if owned is None or owned.pid != os.getpid():  # a new thread, or forked
                 owned = self._new_socket()
+            now = time.monotonic()
+            deadline = now + timeout
             try:
                 # At least 1 ms: the wire counts whole milliseconds, 0 is no timeout.
                 message = pack_request(owned.packer, request_id, op, int(timeout * 1000) or 1,
-                                       session, body, self.pool)
+                                       session, body, self.pool,
+                                       now if self._same_clock else None)
             except _UNSENDABLE as exc:
                 raise _cannot_send(exc) from exc
             if len(message) > LARGE_MESSAGE:
                 owned.packer = request_packer()  # its buffer grew as large: let it go
-            now = time.monotonic()
-            deadline = now + timeout
             if now >= owned.drain_at:
                 owned.forget_disconnections(now)
             try:

@@ -139,7 +139,10 @@ then to each client holding a transaction, to learn (ROUTER_MANDATORY)
 whether its connection is still up.  Clients ignore it."""
 
 HEADER_FIELDS = 4
-"""Fields of a header without a pool name; with one, a fifth."""
+"""Fields of a header without a pool name; with one, a fifth (nil when only
+the sixth is sent); over ipc, a sixth: the client's ``time.monotonic()`` as
+it sent the request, so that its timeout counts the time the request spent
+in the transport (host-wide, that clock is the broker's too)."""
 
 # Ext type codes.
 EXT_DECIMAL = 1  # str(Decimal), NaN and signs included
@@ -445,10 +448,15 @@ def request_packer() -> msgpack.Packer:
 
 
 def pack_request(packer: msgpack.Packer, request_id: int, op: int, timeout_ms: int | None,
-                 session: bytes | None, body: Any, pool: str | None = None) -> bytes:
+                 session: bytes | None, body: Any, pool: str | None = None,
+                 sent_at: float | None = None) -> bytes:
     """A request's one frame: its header, then its body."""
-    header = [request_id, op, timeout_ms, session] if pool is None \
-        else [request_id, op, timeout_ms, session, pool]
+    if sent_at is not None:
+        header = [request_id, op, timeout_ms, session, pool, sent_at]
+    elif pool is not None:
+        header = [request_id, op, timeout_ms, session, pool]
+    else:
+        header = [request_id, op, timeout_ms, session]
     return packer.pack(header) + packer.pack(body)
 
 

@@ -4,6 +4,7 @@ statement; and a burst of slow statements uses the whole cap at once."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any, Callable
@@ -12,7 +13,8 @@ import psycopg
 import pytest
 
 import client
-from conftest import OF_APPLICATION, ConnectionSampler, thread_client, wait_until
+from client import protocol
+from conftest import OF_APPLICATION, ConnectionSampler, raw_socket, thread_client, wait_until
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -244,6 +246,42 @@ def test_a_timeout_under_a_millisecond_is_a_timeout_not_a_malformed_request(brok
     with pytest.raises(client.Error) as caught:
         broker.client.execute("SELECT pg_sleep(0.1)", timeout=0.0004)
     assert not isinstance(caught.value, client.MessageError), caught.value
+
+
+def test_a_request_whose_deadline_passed_while_the_broker_was_stopped_never_runs(
+        start_broker, admin, side_effects):
+    # Over ipc the client sends its clock with the request: time spent in the
+    # transport counts, so a stalled broker does not run what nobody awaits.
+    broker = start_broker(max_connections=2)
+    c = client.Client(broker.endpoint, timeout=1)
+    c.ping()
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(client.BrokerUnavailable):
+            c.execute("INSERT INTO deadline_side VALUES (1)")
+        time.sleep(1.0)  # the client gave up a second ago
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+    _wait_for(lambda: broker.stats()["requests_abandoned"] == 1)
+    assert admin.execute("SELECT count(*) FROM deadline_side").fetchone() == (0,)  # it used to run
+    assert c.execute("SELECT 1").rows == [(1,)]
+
+
+@pytest.mark.parametrize("sent_ago, runs", [
+    (10.0, False),  # 10 s on its way, with a 5 s timeout: too late
+    (-100.0, True),  # "sent" in the future: another clock (a time namespace), not counted
+    (2 * 3600.0, True),  # past MAX_TRANSIT: another clock too
+])
+def test_a_requests_time_on_its_way_counts_against_its_timeout(broker, sent_ago, runs):
+    with raw_socket(broker.endpoint) as raw:
+        raw.send(protocol.pack([7, protocol.OP_EXECUTE, 5000, None, None,
+                                time.monotonic() - sent_ago]) + protocol.pack(["SELECT 1", None]))
+        assert raw.poll(5000)
+        reply = protocol.unpack(raw.recv())
+    if runs:
+        assert reply[1] == protocol.STATUS_OK
+    else:
+        assert reply[2]["kind"] == "PoolTimeout" and "when the broker read it" in reply[2]["message"]
 
 
 def test_a_statement_that_would_end_after_its_deadline_is_refused_unrun(start_broker, admin):

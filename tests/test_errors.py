@@ -163,6 +163,8 @@ MALFORMED = [
     ([_header(op=99), protocol.pack([])], "unknown operation"),
     ([_header(timeout_ms=-5), protocol.pack([])], "timeout_ms"),
     ([_header(session="text"), protocol.pack([])], "session must be bytes"),
+    ([protocol.pack([7, protocol.OP_EXECUTE, 5000, None, None, "now"]), b""], "sent_at"),
+    ([protocol.pack([7, protocol.OP_EXECUTE, 5000, None, None, 1.0, 0]), b""], "header must be"),
     ([_header(), b"\xc1"], ""),
     ([_header(), protocol.pack(["SELECT 1"])], "takes 2 arguments"),
     ([_header(), protocol.pack([42, None])], "sql must be a string"),

@@ -242,7 +242,10 @@ def test_pool_timeouts_count_in_the_waits(start_broker):
     release.set()
     holder.join(30)
     assert isinstance(outcomes["deadline"], client.PoolTimeout)
-    assert "deadline passed" in str(outcomes["deadline"])
+    # Refused at its deadline, or on the tick just before it (less left
+    # than the answer's margin): which one depends on the tick's phase.
+    assert "deadline passed" in str(outcomes["deadline"]) \
+        or "too little time was left" in str(outcomes["deadline"])
     assert isinstance(outcomes["pool_timeout"], client.PoolTimeout)
     assert "pool_timeout=3" in str(outcomes["pool_timeout"])
 
