@@ -74,11 +74,19 @@ def prepare_ipc_directory(endpoint: str) -> None:
 class Claim:
     """This process's hold on a filesystem ipc endpoint, until ``release()``."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, path: str) -> None:
         self._fd = fd
+        self._path = path
 
     def release(self) -> None:
+        """After the socket is closed: its file goes (while the lock is held,
+        no other broker can have bound that path), so that the next broker
+        does not take a clean stop for a crash."""
         if self._fd >= 0:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
             os.close(self._fd)  # the lock file stays: removing it would race a newcomer
             self._fd = -1
 
@@ -102,7 +110,7 @@ def claim(endpoint: str) -> Claim | None:
     except BaseException:
         os.close(fd)
         raise
-    return Claim(fd)
+    return Claim(fd, path)
 
 
 def _remove_stale_socket(endpoint: str, path: str) -> None:

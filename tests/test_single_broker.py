@@ -66,6 +66,16 @@ def test_stale_socket_of_a_killed_broker_is_replaced(start_broker):
     assert "replacing" in broker.log() and "a broker that is gone" in broker.log()
 
 
+def test_a_clean_stop_removes_its_socket_file(start_broker):
+    broker = start_broker(max_connections=2)
+    path = broker.endpoint[len("ipc://"):]
+    assert broker.stop() == 0
+    assert not os.path.exists(path)  # the next broker must not take it for a crash
+    broker.start()
+    assert broker.client.execute("SELECT 1").rows == [(1,)]
+    assert "a broker that is gone" not in broker.log()
+
+
 def _running(admin: psycopg.Connection, application_name: str, sql: str) -> int:
     return admin.execute(
         f"SELECT count(*) FROM pg_stat_activity WHERE {OF_APPLICATION} AND query = %s "
