@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import psycopg
-from psycopg import adapt, pq
+from psycopg import adapt, postgres, pq
 
 from client import protocol
 from client.protocol import (
@@ -71,6 +71,12 @@ REPORTED_PARAMETERS = (
 )
 """The settings PostgreSQL reports to the client when they change (GUC_REPORT):
 the part of session state no parser can miss, even when a function sets it."""
+LOADER_SETTINGS = (b"TimeZone", b"DateStyle", b"IntervalStyle")
+"""Reported settings psycopg's loaders read when they are made."""
+_LOADED_BY_SETTINGS = frozenset(
+    oid for name in ("date", "time", "timetz", "timestamp", "timestamptz", "interval")
+    for oid in (postgres.types.get(name).oid, postgres.types.get(name).array_oid))
+"""Column types whose loaders depend on LOADER_SETTINGS (their arrays too)."""
 
 _STALE_PREPARED = frozenset(("26000", "0A000"))  # gone; result type changed
 _ROWS = frozenset((pq.ExecStatus.TUPLES_OK, pq.ExecStatus.TUPLES_CHUNK,
@@ -87,6 +93,14 @@ _TUPLES_OK, _COMMAND_OK = pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK
 _FATAL_ERROR, _EMPTY_QUERY = pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.EMPTY_QUERY
 _NO_ROWS: list[bytes] = []
 _NO_RESULTS: list = []
+
+
+def _load_error(exc: Exception) -> psycopg.Error:
+    if isinstance(exc, psycopg.Error):
+        return exc
+    if isinstance(exc, NotImplementedError):
+        return psycopg.NotSupportedError(f"cannot load a value of the result: {exc}")
+    return psycopg.DataError(f"cannot load a value of the result: {exc}")
 
 
 @dataclass(slots=True)
@@ -207,6 +221,7 @@ class PgConn:
         self._pgconn.nonblocking = 1
         self._pgconn.enter_pipeline_mode()
         self._transformer = adapt.Transformer(conn)
+        self._loader_settings = self._settings_for_loaders()
         self._baseline = self.reported_parameters()
         self.clock_offset = clock_offset
         self.head_since = now
@@ -264,6 +279,21 @@ class PgConn:
 
     def reported_parameters(self) -> tuple:
         return tuple(map(self._pgconn.parameter_status, REPORTED_PARAMETERS))
+
+    def _settings_for_loaders(self) -> tuple:
+        return tuple(map(self._pgconn.parameter_status, LOADER_SETTINGS))
+
+    def _transformer_for(self, types: list[int]) -> adapt.Transformer:
+        """The transformer to load a result of ``types`` with: psycopg's
+        loaders of dates and times read the session's TimeZone, DateStyle or
+        IntervalStyle when they are made, and the transformer keeps them, so
+        it is made again once one of those changed (a client's SET LOCAL)."""
+        if not _LOADED_BY_SETTINGS.isdisjoint(types):
+            settings = self._settings_for_loaders()
+            if settings != self._loader_settings:
+                self._transformer = adapt.Transformer(self._conn)
+                self._loader_settings = settings
+        return self._transformer
 
     def session_changed(self) -> bool:
         """A reported setting differs from what the connection started with."""
@@ -442,17 +472,21 @@ class PgConn:
             if rows and run.error is None:
                 # Loaders are chosen once per statement, by its first rows;
                 # the empty result that ends a chunked read needs none.
-                tx = self._transformer
-                tx.set_pgresult(result, set_loaders=not into.count)
+                if into.count:
+                    tx = self._transformer  # the loaders of the statement's first rows
+                    tx.set_pgresult(result, set_loaders=False)
+                else:
+                    tx = self._transformer_for(into.types)
+                    tx.set_pgresult(result, set_loaders=True)
                 try:
                     loaded = tx.load_rows(0, rows, tuple)
-                except (psycopg.Error, ValueError, OverflowError) as exc:
-                    # A value Python cannot hold ('infinity'::date, '24:00'::time):
+                except Exception as exc:  # noqa: BLE001 - whatever psycopg's loaders raise
+                    # A value Python cannot hold ('infinity'::date, '24:00'::time)
+                    # or a style psycopg cannot parse (IntervalStyle sql_standard):
                     # the statement's error, as psycopg raises it at fetch; the
                     # server is fine, so is the connection and the rest of its
                     # pipeline.  Later chunks of the result are read, not loaded.
-                    run.error = exc if isinstance(exc, psycopg.Error) else \
-                        psycopg.DataError(f"cannot load a value of the result: {exc}")
+                    run.error = _load_error(exc)
                     return
                 packed = protocol.pack_rows(loaded)
                 into.packed.append(packed)

@@ -65,8 +65,11 @@ SWEEP_CONNECT_TIMEOUT = 2
 that is down or unreachable must not hold the broker's start (libpq's minimum)."""
 FOREIGN_RECHECK_INTERVAL = 1.0
 """Seconds between looks at a dead predecessor's connections still counted."""
-UNREACHABLE_SQLSTATE = "08006"
-"""connection_failure: what clients are told when nothing better is known."""
+UNREACHABLE_SQLSTATE = "08001"
+"""sqlclient_unable_to_establish_sqlconnection: what clients are told when
+the server gave no reason.  Not 08006 (connection_failure), which the broker
+keeps for a connection lost with a statement in flight: that one may have
+run, this one never did."""
 LIFETIME_JITTER = 0.1
 """A connection's lifetime is max_lifetime less up to this fraction, at random:
 connections opened together (min_connections at start) leave one by one, and

@@ -395,8 +395,11 @@ class Decoder:
         job.queries = job.queries + queries if job.op == OP_BEGIN else queries
         if execute:
             job.size += _held(queries[0])
-        if worst.statements > 1 and len(queries) == 1 and queries[0].params is None:
-            job.simple = queries[0].sql  # several statements: the simple query protocol
+        if worst.statements > 1 and len(queries) == 1 and not queries[0].params:
+            # Several statements and no parameter (None, or an empty list or
+            # dict as SQLAlchemy's text() sends): the simple query protocol,
+            # as psycopg takes it then.
+            job.simple = queries[0].sql
         job.resets = worst.kind >= _SESSION
         job.changes_schema = changes_schema
         job.drops_plans = drops_plans

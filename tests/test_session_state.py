@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 import client
@@ -57,3 +59,18 @@ def test_session_state_set_in_a_transaction_is_reset(start_broker, admin):
     locks = admin.execute(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242").fetchone()
     assert locks == (0,)
+
+
+def test_a_set_local_timezone_neither_sticks_to_the_connection_nor_is_ignored(start_broker):
+    """psycopg loads timestamptz in the session's TimeZone of the moment; the
+    broker's loaders, made once per server connection, used to keep the zone
+    of the first timestamptz they read: one client's SET LOCAL then chose
+    every later client's zone, or was ignored inside its own transaction."""
+    broker = start_broker(max_connections=1)
+    c = broker.client
+    stamp = "SELECT '2020-01-01 00:00+00'::timestamptz"
+    assert c.execute(stamp).rows[0][0].utcoffset() == dt.timedelta(0)
+    with c.transaction() as tx:
+        tx.execute("SET LOCAL timezone = 'Asia/Tokyo'")
+        assert tx.execute(stamp).rows[0][0].utcoffset() == dt.timedelta(hours=9)
+    assert c.execute(stamp).rows[0][0].utcoffset() == dt.timedelta(0)

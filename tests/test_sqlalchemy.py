@@ -355,3 +355,10 @@ def test_an_orm_get_update_commit_takes_three_round_trips(broker, engine, schema
     assert broker.stats()["requests_num"] - before - 1 == 3  # less the stats request itself
     with orm.Session(engine) as session:
         assert session.get(Author, 1).name == "bob"
+
+
+def test_a_multi_statement_text_runs_as_in_psycopg(engine):
+    """SQLAlchemy sends {} for a text() without binds (a migration's SQL
+    script): psycopg then takes the simple protocol, and so does the broker."""
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT 1; SELECT 2")).all() == [(1,)]

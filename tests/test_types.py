@@ -117,3 +117,28 @@ def test_unsendable_parameter_is_a_clear_error(broker):
     with pytest.raises(client.InterfaceError, match="cannot send"):
         broker.client.execute("SELECT %s", [object()])
     assert broker.client.execute("SELECT 1").rows == [(1,)]
+
+
+def test_a_value_python_cannot_hold_is_a_data_error_and_costs_no_connection(start_broker):
+    """psycopg: DataError at fetch ('timestamp too large (after year 10K)'), the
+    connection and its transaction go on.  The broker used to close the server
+    connection (08006) and fail every job pipelined on it."""
+    broker = start_broker(max_connections=1)
+    c = broker.client
+    (pid,) = c.execute("SELECT pg_backend_pid()").rows[0]
+    for sql in ("SELECT 'infinity'::timestamptz", "SELECT 'infinity'::date",
+                "SELECT '24:00:00'::time", "SELECT '0099-01-01 BC'::date"):
+        with pytest.raises(client.DataError):
+            c.execute(sql)
+    assert c.execute("SELECT pg_backend_pid()").rows[0] == (pid,)
+    with c.transaction() as tx:
+        tx.execute("SELECT 1")
+        with pytest.raises(client.DataError):
+            tx.execute("SELECT 'infinity'::timestamptz")
+        assert tx.execute("SELECT 2").rows == [(2,)]  # the server's transaction goes on
+    with c.transaction() as tx:  # a style psycopg cannot parse: it used to stop the broker
+        tx.execute("SET LOCAL IntervalStyle = 'sql_standard'")
+        with pytest.raises(client.NotSupportedError):
+            tx.execute("SELECT '1 day 02:00'::interval")
+        assert tx.execute("SELECT '1 day 02:00'::interval::text").rows == [("1 2:00:00",)]
+    assert c.execute("SELECT '1 day'::interval").rows == [(dt.timedelta(days=1),)]
