@@ -683,7 +683,7 @@ class Transaction:
         if self._failed:  # what the server would answer in an aborted transaction
             raise errors.InternalError(
                 "current transaction is aborted, commands ignored until end of "
-                "transaction block", sqlstate="25P02")
+                "transaction block", sqlstate=errors.IN_FAILED_TRANSACTION)
 
     def _live_session(self) -> bytes:
         """The broker's token, after a BEGIN of its own if no statement ran yet."""

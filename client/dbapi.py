@@ -41,8 +41,9 @@ from ._client import (
     quote_identifier,
 )
 from .errors import (
-    DatabaseError, DataError, Error, IntegrityError, InterfaceError, InternalError,
-    NotSupportedError, OperationalError, ProgrammingError, TransactionExpired, Warning,
+    IN_FAILED_TRANSACTION, DatabaseError, DataError, Error, IntegrityError, InterfaceError,
+    InternalError, NotSupportedError, OperationalError, ProgrammingError, TransactionExpired,
+    Warning,
 )
 from .protocol import (
     ISOLATION_LEVELS, OP_COMMIT, OP_EXECUTE, OP_EXECUTEMANY, OP_ROLLBACK,
@@ -406,7 +407,8 @@ class Connection:
             return Result._from_wire(client._request(op, None, args, self._timeout))
         if self._failed:  # what the server would answer, without asking it
             raise InternalError("current transaction is aborted, commands ignored until end "
-                                "of transaction block (roll back first)", sqlstate="25P02")
+                                "of transaction block (roll back first)",
+                                sqlstate=IN_FAILED_TRANSACTION)
         session = self._session
         if session is not None:
             self._check_thread()
@@ -715,7 +717,13 @@ class ServerCursor(Cursor):
                 and not conn.closed:
             # Still in the transaction that declared it: free it there, so that
             # its name can be declared again (the transaction's end drops it too).
-            conn._execute(f"CLOSE {quote_identifier(self.name)}", None)
+            try:
+                conn._execute(f"CLOSE {quote_identifier(self.name)}", None)
+            except InternalError as exc:
+                if exc.sqlstate != IN_FAILED_TRANSACTION:
+                    raise
+                # The transaction failed (a statement after the DECLARE): its
+                # end drops the cursor; psycopg skips the CLOSE then too.
 
     def close(self) -> None:
         if not self._closed:

@@ -14,6 +14,11 @@ from .protocol import ErrorKind
 
 
 
+IN_FAILED_TRANSACTION = "25P02"
+"""What a statement gets in an aborted transaction, from the server or
+from the client when only the client knows (see ``_aborts_transaction``)."""
+
+
 class Diagnostic:
     """The error fields PostgreSQL reported, named as in ``psycopg.errors.Diagnostic``."""
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime as _dt
 import decimal
 import enum
+import ipaddress
 import threading
 import uuid
 from typing import Any
@@ -182,7 +183,11 @@ class Json:
         return f"Json({self.obj!r})"
 
 
-def _encode_ext(obj: Any) -> msgpack.ExtType:
+_IP_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Interface,
+             ipaddress.IPv6Interface, ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _encode_ext(obj: Any) -> msgpack.ExtType | list | str:
     # datetime is a subclass of date: test it first.
     if isinstance(obj, _dt.datetime):
         tz = obj.tzinfo
@@ -206,6 +211,10 @@ def _encode_ext(obj: Any) -> msgpack.ExtType:
         return list(obj)
     if isinstance(obj, int):  # beyond msgpack's 64 bits: numeric, as psycopg binds it
         return msgpack.ExtType(EXT_DECIMAL, str(obj).encode())
+    if isinstance(obj, enum.Enum):  # its name, as psycopg dumps one
+        return obj.name
+    if isinstance(obj, _IP_TYPES):  # inet and cidr's text: the server casts it to the column's
+        return str(obj)
     raise TypeError(f"cannot send a value of type {type(obj).__name__}: {obj!r}")
 
 

@@ -382,6 +382,19 @@ def test_named_cursor_streams_inside_the_connections_transaction(broker, conn, a
     assert broker.stats()["sessions_active"] == 0
 
 
+def test_closing_a_named_cursor_in_a_failed_transaction_is_quiet(conn, items):
+    # As psycopg's: the transaction's end drops it.  The CLOSE used to fail
+    # with 25P02, and SQLAlchemy logged an error closing a yield_per cursor.
+    named = conn.cursor("streaming")
+    named.itersize = 10
+    named.execute("SELECT id FROM items ORDER BY id")
+    assert named.fetchone() == (1,)
+    with pytest.raises(dbapi.DataError):
+        conn.cursor().execute("SELECT 1 / 0")
+    named.close()
+    conn.rollback()
+
+
 def test_named_cursor_in_autocommit_pins_a_transaction_only_while_it_streams(broker, items):
     conn = dbapi.connect(broker.endpoint, autocommit=True)
     named = conn.cursor('odd "name"')

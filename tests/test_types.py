@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
+import ipaddress
 import uuid
 from decimal import Decimal
 
@@ -117,6 +119,18 @@ def test_unsendable_parameter_is_a_clear_error(broker):
     with pytest.raises(client.InterfaceError, match="cannot send"):
         broker.client.execute("SELECT %s", [object()])
     assert broker.client.execute("SELECT 1").rows == [(1,)]
+
+
+def test_python_enums_and_ip_addresses_bind_as_in_psycopg(broker, admin):
+    class Color(enum.Enum):
+        RED = "r"
+
+    admin.execute("DROP TABLE IF EXISTS hosts")
+    admin.execute("CREATE TABLE hosts (addr inet, net cidr, color text)")
+    broker.client.execute("INSERT INTO hosts VALUES (%s, %s, %s)", [
+        ipaddress.ip_interface("10.0.0.1/8"), ipaddress.ip_network("10.0.0.0/8"), Color.RED])
+    assert admin.execute("SELECT addr::text, net::text, color FROM hosts").fetchall() == [
+        ("10.0.0.1/8", "10.0.0.0/8", "RED")]  # the enum's name, as psycopg dumps it
 
 
 def test_a_value_python_cannot_hold_is_a_data_error_and_costs_no_connection(start_broker):
