@@ -110,6 +110,10 @@ class ClientGate:
         self._uids = frozenset((os.getuid(), *allowed_uids))
         self._warned: set[tuple[str, int | None]] = set()  # (what, uid) already logged
         self._peer_of: dict[str | None, tuple] = {}  # Peer-Address -> (uid, pid)
+        # Pids of clients whose monotonic clock is the broker's (same time
+        # namespace, told by the kernel): their requests' sent_at counts.
+        self.same_clock: set[int] = set()
+        self._time_namespace = _time_namespace("self")
         self._shut: set[int] = set()  # descriptors refused, until libzmq closes them
         self._refused_log_at = 0.0
         self._keys_refused = 0  # CURVE keys refused since the last line about them
@@ -281,7 +285,10 @@ class ClientGate:
             peer = parse_peer_address(address) or (None, 0)
             if len(self._peer_of) >= ADDRESSES_KEPT:
                 self._peer_of.clear()
+                self.same_clock.clear()
             self._peer_of[address] = peer
+            if peer[1] and _time_namespace(str(peer[1])) == self._time_namespace:
+                self.same_clock.add(peer[1])
         uid, pid = peer
         if uid in self._uids:
             return pid
@@ -294,6 +301,15 @@ class ClientGate:
             self._warned.add((what, uid))
             logger.warning("%s from uid %s: not the broker's own uid nor in allowed_uids",
                            what, uid)
+
+
+def _time_namespace(pid: str) -> str | None:
+    """The time namespace of a process ("self": this one); None when the
+    kernel has none or does not say (another user's process)."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/time")
+    except OSError:
+        return None
 
 
 def _peer_uid(fd: int, endpoint: str) -> int | None:

@@ -460,7 +460,8 @@ class Broker:
             self.stats[S.REQUESTS_DROPPED] += 1
             return
         try:
-            request_id, op, deadline, token, pool_name, body = decode_request(frames, now)
+            request_id, op, deadline, token, pool_name, body = decode_request(
+                frames, now, client_pid in self._gate.same_clock)
         except Refusal as exc:
             self._malformed(routing_id, exc.request_id, str(exc))
             return
@@ -626,6 +627,10 @@ class Broker:
         if session.busy:
             self._reply_error(job.routing_id, job.request_id, ErrorKind.INTERFACE,
                               "the transaction is already running a statement")
+            return
+        if job.deadline <= now and job.op not in ENDING_OPS:  # its client has given up
+            self._reply_error(job.routing_id, job.request_id, ErrorKind.POOL_TIMEOUT,
+                              f"{_READ_TOO_LATE}; the statement was not run")
             return
         job.in_session = True
         job.session = token
@@ -1060,8 +1065,7 @@ class Broker:
                    f"for the statement, which lately took {job.expected * 1000:.1f} ms on the "
                    "server")
         elif job.deadline <= job.queued_at:
-            why = ("the request's deadline had passed when the broker read it (it spent its "
-                   "time on its way: a busy or stalled broker)")
+            why = _READ_TOO_LATE
         else:
             why = f"the request's deadline passed {waited}"
         self._fail_waiting(job, ErrorKind.POOL_TIMEOUT, f"{why}; the statement was not run")
@@ -1369,6 +1373,10 @@ class _Exited:
         if alive is None:
             alive = self._alive[pid] = pid_alive(pid)
         return not alive
+
+
+_READ_TOO_LATE = ("the request's deadline had passed when the broker read it (it spent its "
+                  "time on its way: a busy or stalled broker)")
 
 
 def _ends_own(job: Job, session: Session) -> bool:

@@ -71,6 +71,8 @@ REPORTED_PARAMETERS = (
 )
 """The settings PostgreSQL reports to the client when they change (GUC_REPORT):
 the part of session state no parser can miss, even when a function sets it."""
+DATA_EXCEPTION = "22000"
+FEATURE_NOT_SUPPORTED = "0A000"
 LOADER_SETTINGS = (b"TimeZone", b"DateStyle", b"IntervalStyle")
 """Reported settings psycopg's loaders read when they are made."""
 _LOADED_BY_SETTINGS = frozenset(
@@ -95,12 +97,16 @@ _NO_ROWS: list[bytes] = []
 _NO_RESULTS: list = []
 
 
-def _load_error(exc: Exception) -> psycopg.Error:
-    if isinstance(exc, psycopg.Error):
-        return exc
+def _load_error(exc: Exception) -> Refusal:
+    """The statement's error for a value psycopg could not load.  With a
+    SQLSTATE (psycopg's own has none): a transaction's first statement
+    failing so must leave the transaction aborted, not taken for unrun
+    (the broker rolls back a failed first statement)."""
+    message = str(exc).strip() or type(exc).__name__
     if isinstance(exc, NotImplementedError):
-        return psycopg.NotSupportedError(f"cannot load a value of the result: {exc}")
-    return psycopg.DataError(f"cannot load a value of the result: {exc}")
+        return Refusal(ErrorKind.NOT_SUPPORTED, f"cannot load a value of the result: {message}",
+                       FEATURE_NOT_SUPPORTED)
+    return Refusal(ErrorKind.DATA, message, DATA_EXCEPTION)
 
 
 @dataclass(slots=True)

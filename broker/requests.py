@@ -151,22 +151,23 @@ class Job:
     pool: Any = None  # the pool.Pool it runs on
 
 
-def decode_request(frames: list[Any], now: float) -> tuple[
+def decode_request(frames: list[Any], now: float, same_clock: bool = False) -> tuple[
         int, int, float, bytes | None, str | None, bytes]:
     """(request_id, op, deadline, session, pool name, body) of a request's
     frames (those after its routing id), or raise a Refusal (of kind MESSAGE,
     with the request id when it was readable).  One frame holds the header
     and the body back to back; two, as clients before protocol 2 send them,
-    one each."""
+    one each.  ``same_clock``: the sender reads the broker's monotonic clock
+    (its sent_at counts)."""
     if len(frames) == 1:
         message = frames[0].buffer  # a view: the body is copied once, below
-        request_id, op, deadline, session, pool, end = decode_header(message, now)
+        request_id, op, deadline, session, pool, end = decode_header(message, now, same_clock)
         return request_id, op, deadline, session, pool, bytes(message[end:])
     if len(frames) == 2:
         header = frames[0].buffer
         if len(header) > MAX_HEADER_BYTES:
             raise _malformed(None, "header frame too large")
-        request_id, op, deadline, session, pool, end = decode_header(header, now)
+        request_id, op, deadline, session, pool, end = decode_header(header, now, same_clock)
         if end != len(header):
             raise _malformed(request_id, "undecodable header: extra data after it")
         return request_id, op, deadline, session, pool, frames[1].bytes
@@ -174,7 +175,7 @@ def decode_request(frames: list[Any], now: float) -> tuple[
                            f"got {len(frames)}")
 
 
-def decode_header(message: bytes | memoryview, now: float) -> tuple[
+def decode_header(message: bytes | memoryview, now: float, same_clock: bool = False) -> tuple[
         int, int, float, bytes | None, str | None, int]:
     """(request_id, op, deadline, session, pool name, end) of the header that
     starts ``message`` (``end``: the offset where it ends), or raise a
@@ -195,15 +196,14 @@ def decode_header(message: bytes | memoryview, now: float) -> tuple[
                          "request_id and op must be integers")
     if op not in OP_NAMES:
         raise _malformed(request_id, f"unknown operation {op}")
+    if sent_at is not None and (not isinstance(sent_at, (int, float)) or isinstance(sent_at, bool)):
+        raise _malformed(request_id, "sent_at must be a number or absent")
     if timeout_ms is None:
         deadline = now + NO_DEADLINE
     elif isinstance(timeout_ms, int) and not isinstance(timeout_ms, bool) and timeout_ms > 0:
         deadline = now + timeout_ms / 1000.0
-        if sent_at is not None:
-            if not isinstance(sent_at, float):
-                raise _malformed(request_id, "sent_at must be a float or absent")
-            if 0.0 < now - sent_at < MAX_TRANSIT:  # counted as the client counts it
-                deadline -= now - sent_at
+        if same_clock and sent_at is not None and 0.0 < now - sent_at < MAX_TRANSIT:
+            deadline -= now - sent_at
     else:
         raise _malformed(request_id, "timeout_ms must be a positive integer or nil")
     if session is not None and not isinstance(session, bytes):

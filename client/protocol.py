@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime as _dt
 import decimal
 import enum
-import ipaddress
 import threading
 import uuid
 from typing import Any
@@ -183,10 +182,6 @@ class Json:
         return f"Json({self.obj!r})"
 
 
-_IP_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Interface,
-             ipaddress.IPv6Interface, ipaddress.IPv4Network, ipaddress.IPv6Network)
-
-
 def _encode_ext(obj: Any) -> msgpack.ExtType | list | str:
     # datetime is a subclass of date: test it first.
     if isinstance(obj, _dt.datetime):
@@ -211,10 +206,8 @@ def _encode_ext(obj: Any) -> msgpack.ExtType | list | str:
         return list(obj)
     if isinstance(obj, int):  # beyond msgpack's 64 bits: numeric, as psycopg binds it
         return msgpack.ExtType(EXT_DECIMAL, str(obj).encode())
-    if isinstance(obj, enum.Enum):  # its name, as psycopg dumps one
+    if isinstance(obj, enum.Enum) and obj.name is not None:  # as psycopg dumps one
         return obj.name
-    if isinstance(obj, _IP_TYPES):  # inet and cidr's text: the server casts it to the column's
-        return str(obj)
     raise TypeError(f"cannot send a value of type {type(obj).__name__}: {obj!r}")
 
 

@@ -542,6 +542,22 @@ def test_a_value_psycopg_cannot_load_leaves_the_transaction_usable(conn, dsn, it
     conn.rollback()
 
 
+def test_a_first_statement_whose_value_cannot_load_leaves_the_transaction_aborted(
+        conn, admin, items):
+    """The broker rolls back a transaction whose first statement failed; the
+    error must say so (a SQLSTATE), or the statements after it would run in
+    a new transaction and commit without the first (they used to)."""
+    cur = conn.cursor()
+    with pytest.raises(dbapi.DataError) as failed:
+        cur.execute("UPDATE items SET qty = 0 WHERE id = 1 RETURNING 'infinity'::date")
+    assert failed.value.sqlstate == "22000"
+    with pytest.raises(dbapi.InternalError) as aborted:
+        cur.execute("UPDATE items SET qty = 0 WHERE id = 2")
+    assert aborted.value.sqlstate == "25P02"
+    conn.commit()  # rolls back, as after any failed first statement
+    assert admin.execute("SELECT count(*) FROM items WHERE qty = 0").fetchone() == (0,)
+
+
 def test_a_value_psycopg_cannot_load_does_not_cost_a_server_connection(start_broker):
     """One server connection: the same backend answers before and after
     (had it been dropped, every statement pipelined on it would fail too)."""

@@ -4,7 +4,10 @@ statement; and a burst of slow statements uses the whole cap at once."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -14,7 +17,9 @@ import pytest
 
 import client
 from client import protocol
-from conftest import OF_APPLICATION, ConnectionSampler, raw_socket, thread_client, wait_until
+from conftest import (
+    OF_APPLICATION, REPO, ConnectionSampler, raw_socket, thread_client, wait_until,
+)
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -282,6 +287,42 @@ def test_a_requests_time_on_its_way_counts_against_its_timeout(broker, sent_ago,
         assert reply[1] == protocol.STATUS_OK
     else:
         assert reply[2]["kind"] == "PoolTimeout" and "when the broker read it" in reply[2]["message"]
+
+
+def _can_unshare_time() -> bool:
+    try:
+        return subprocess.run(["unshare", "--time", "--fork", "--monotonic", "-600", "true"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare_time(), reason="needs unshare --time (root, Linux 5.6+)")
+def test_a_client_whose_clock_is_another_time_namespaces_is_served(broker):
+    # Ten minutes behind (a restored container): its sent_at is not taken
+    # for ten minutes in transit, because the kernel says its clock differs.
+    code = ("import client; c = client.Client(%r, timeout=5); "
+            "print(c.execute('SELECT 1').rows)" % broker.endpoint)
+    proc = subprocess.run(["unshare", "--time", "--fork", "--monotonic", "-600",
+                           sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.strip() == "[(1,)]", proc.stderr[-500:]
+
+
+def test_a_statement_in_a_transaction_read_after_its_deadline_is_not_run(broker, side_effects):
+    with raw_socket(broker.endpoint) as raw:
+        def ask(header: list, body: list) -> list:
+            raw.send(protocol.pack(header) + protocol.pack(body))
+            assert raw.poll(5000)
+            return protocol.unpack(raw.recv())
+
+        token = ask([1, protocol.OP_BEGIN, 5000, None], [])[2]
+        late = ask([2, protocol.OP_EXECUTE, 5000, token, None, time.monotonic() - 10],
+                   ["INSERT INTO deadline_side VALUES (1)", None])
+        assert ask([3, protocol.OP_EXECUTE, 5000, token, None, time.monotonic()],
+                   ["SELECT count(*) FROM deadline_side", None])[2][1] == [[0]]
+        ask([4, protocol.OP_COMMIT, 5000, token], [])
+    assert late[2]["kind"] == "PoolTimeout" and "when the broker read it" in late[2]["message"]
 
 
 def test_a_statement_that_would_end_after_its_deadline_is_refused_unrun(start_broker, admin):

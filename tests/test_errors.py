@@ -164,6 +164,7 @@ MALFORMED = [
     ([_header(timeout_ms=-5), protocol.pack([])], "timeout_ms"),
     ([_header(session="text"), protocol.pack([])], "session must be bytes"),
     ([protocol.pack([7, protocol.OP_EXECUTE, 5000, None, None, "now"]), b""], "sent_at"),
+    ([protocol.pack([7, protocol.OP_EXECUTE, None, None, None, True]), b""], "sent_at"),
     ([protocol.pack([7, protocol.OP_EXECUTE, 5000, None, None, 1.0, 0]), b""], "header must be"),
     ([_header(), b"\xc1"], ""),
     ([_header(), protocol.pack(["SELECT 1"])], "takes 2 arguments"),
