@@ -129,7 +129,8 @@ class _ThreadSocket:
     (measured: 4 to 8 us each).
     """
 
-    __slots__ = ("drain_at", "monitor", "packer", "pid", "poller", "recv", "send", "socket")
+    __slots__ = ("busy", "deferred", "drain_at", "monitor", "packer", "pid", "poller", "recv",
+                 "send", "socket")
 
     def __init__(self, pid: int, socket: zmq.Socket, monitor: zmq.Socket) -> None:
         self.pid = pid
@@ -139,6 +140,8 @@ class _ThreadSocket:
         self.packer = request_packer()
         self.monitor = monitor
         self.drain_at = 0.0
+        self.busy = False  # a request of this socket awaits its reply
+        self.deferred: list[Callable[[], None]] = []  # see Client._after_request
         self.poller = zmq.Poller()
         self.poller.register(socket, zmq.POLLIN)
         self.poller.register(monitor, zmq.POLLIN)
@@ -308,10 +311,31 @@ class Client:
                 self._send_when_connected(owned, message, deadline, timeout)
         except zmq.ZMQError as exc:
             raise self._transport_failed(exc, outcome_unknown=False) from exc
+        owned.busy = True
         try:
             return self._wait_reply(owned, request_id, deadline + REPLY_GRACE, timeout)
         except zmq.ZMQError as exc:
             raise self._transport_failed(exc, outcome_unknown=True) from exc
+        finally:
+            owned.busy = False
+            if owned.deferred:
+                self._run_deferred(owned)
+
+    def _after_request(self, work: Callable[[], None]) -> None:
+        """Run ``work`` (a finalizer's request: a dropped connection's
+        rollback) now, or once this thread's request in flight has its reply:
+        a garbage collection can run finalizers in the middle of a request,
+        and a request sent then would read the other's reply as its own."""
+        owned = getattr(self._local, "owned", None)
+        if owned is not None and owned.busy:
+            owned.deferred.append(work)
+        else:
+            _quietly(work)
+
+    def _run_deferred(self, owned: _ThreadSocket) -> None:
+        work, owned.deferred = owned.deferred, []
+        for each in work:
+            _quietly(each)
 
     def _transport_failed(self, exc: zmq.ZMQError, *,
                           outcome_unknown: bool) -> errors.BrokerUnavailable:
@@ -918,6 +942,15 @@ class RowStream:
             self._close(type(exc), exc, exc.__traceback__)
             raise
         self._close()
+
+
+def _quietly(work: Callable[[], None]) -> None:
+    """A finalizer's request: nobody to tell if it fails, and the broker
+    ends what it cannot reach its client about."""
+    try:
+        work()
+    except errors.Error as exc:
+        logger.debug("a finalizer's request failed: %s", exc)
 
 
 def quote_identifier(name: str) -> str:

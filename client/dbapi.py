@@ -371,11 +371,11 @@ class Connection:
 
     def __del__(self) -> None:
         # A connection dropped with its transaction open would hold a server
-        # connection until idle_transaction_timeout: give it back now, from
-        # the thread and process that own it (anywhere else it is not ours).
+        # connection until idle_transaction_timeout: give it back now (or
+        # once this thread's request in flight is answered).
         if not getattr(self, "_closed", True) and self._session is not None \
                 and not sys.is_finalizing():
-            self.close()
+            self._client._after_request(self.close)
 
     # Running statements
 
@@ -737,7 +737,4 @@ class ServerCursor(Cursor):
         # would hold a server connection until idle_transaction_timeout.
         if getattr(self, "_stream", None) is not None and self._declared_in is None \
                 and os.getpid() == self.connection._pid and not sys.is_finalizing():
-            try:
-                self._close_stream()
-            except Error as exc:
-                logger.debug("closing a dropped named cursor failed: %s", exc)
+            self.connection._client._after_request(self._close_stream)

@@ -22,6 +22,7 @@ import zmq
 
 import client
 from client import dbapi, protocol
+from conftest import wait_until
 
 
 @pytest.fixture
@@ -692,3 +693,35 @@ def test_date_and_time_from_ticks_agree_with_timestamp_from_ticks(monkeypatch):
         monkeypatch.delenv("TZ")
         time.tzset()
     assert isinstance(stamp, dt.datetime)
+
+
+def test_a_connection_collected_during_a_request_does_not_swallow_its_reply(broker):
+    """A dropped connection in a reference cycle is finalized at whatever
+    allocation runs the garbage collector: in the middle of another
+    request's wait, its ROLLBACK would read that request's reply as stale
+    and the request fail at its timeout.  It waits for the reply now."""
+    outer = dbapi.connect(broker.endpoint, timeout=3, autocommit=True)
+    cur = outer.cursor()
+    cur.execute("SELECT 1")
+    dropped = dbapi.connect(broker.endpoint, timeout=3)
+    dropped.cursor().execute("SELECT 1")  # a transaction, on this thread's socket
+    dropped.cycle = dropped
+    del dropped
+    owned = outer._client._local.owned
+    poll, fired = owned.poller.poll, []
+
+    def poll_then_collect(*args, **kwargs):
+        if not fired:  # once the reply is in: the worst moment
+            fired.append(True)
+            time.sleep(0.3)
+            gc.collect()
+        return poll(*args, **kwargs)
+
+    owned.poller.poll = poll_then_collect
+    try:
+        cur.execute("SELECT pg_sleep(0.1), 42")
+        assert cur.fetchall() == [("", 42)]
+    finally:
+        owned.poller.poll = poll
+        outer.close()
+    assert wait_until(lambda: broker.stats()["sessions_active"] == 0, 2)  # rolled back after
