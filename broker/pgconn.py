@@ -227,7 +227,7 @@ class PgConn:
         self._pgconn.nonblocking = 1
         self._pgconn.enter_pipeline_mode()
         self._transformer = adapt.Transformer(conn)
-        self._loader_settings = self._settings_for_loaders()
+        self._loader_settings = self.reported_parameters(LOADER_SETTINGS)
         self._baseline = self.reported_parameters()
         self.clock_offset = clock_offset
         self.head_since = now
@@ -283,11 +283,8 @@ class PgConn:
     def transaction_status(self) -> pq.TransactionStatus:
         return self._pgconn.transaction_status
 
-    def reported_parameters(self) -> tuple:
-        return tuple(map(self._pgconn.parameter_status, REPORTED_PARAMETERS))
-
-    def _settings_for_loaders(self) -> tuple:
-        return tuple(map(self._pgconn.parameter_status, LOADER_SETTINGS))
+    def reported_parameters(self, names: tuple[bytes, ...] = REPORTED_PARAMETERS) -> tuple:
+        return tuple(map(self._pgconn.parameter_status, names))
 
     def _transformer_for(self, types: list[int]) -> adapt.Transformer:
         """The transformer to load a result of ``types`` with: psycopg's
@@ -295,7 +292,7 @@ class PgConn:
         IntervalStyle when they are made, and the transformer keeps them, so
         it is made again once one of those changed (a client's SET LOCAL)."""
         if not _LOADED_BY_SETTINGS.isdisjoint(types):
-            settings = self._settings_for_loaders()
+            settings = self.reported_parameters(LOADER_SETTINGS)
             if settings != self._loader_settings:
                 self._transformer = adapt.Transformer(self._conn)
                 self._loader_settings = settings

@@ -620,6 +620,14 @@ def _aborts_transaction(exc: errors.Error, first: bool) -> bool:
     return first and exc.sqlstate is not None
 
 
+def _aborted() -> errors.InternalError:
+    """What the server would answer in an aborted transaction, for a
+    transaction the client holds aborted (see _aborts_transaction)."""
+    return errors.InternalError(
+        "current transaction is aborted, commands ignored until end of transaction block "
+        "(roll back first)", sqlstate=errors.IN_FAILED_TRANSACTION)
+
+
 def _cannot_send(exc: Exception) -> errors.InterfaceError:
     return errors.InterfaceError(f"cannot send parameters: {exc}")
 
@@ -704,10 +712,8 @@ class Transaction:
             # takes for another client: as it answers once the BEGIN ran.
             raise errors.TransactionExpired(
                 "the transaction belongs to the thread (and process) that entered it")
-        if self._failed:  # what the server would answer in an aborted transaction
-            raise errors.InternalError(
-                "current transaction is aborted, commands ignored until end of "
-                "transaction block", sqlstate=errors.IN_FAILED_TRANSACTION)
+        if self._failed:
+            raise _aborted()
 
     def _live_session(self) -> bytes:
         """The broker's token, after a BEGIN of its own if no statement ran yet."""

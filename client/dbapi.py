@@ -37,8 +37,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ._client import (
-    PARTS_SAVEPOINT, Client, Params, Result, RowStream, _aborts_transaction, in_parts,
-    quote_identifier,
+    PARTS_SAVEPOINT, Client, Params, Result, RowStream, _aborted, _aborts_transaction,
+    in_parts, quote_identifier,
 )
 from .errors import (
     IN_FAILED_TRANSACTION, DatabaseError, DataError, Error, IntegrityError, InterfaceError,
@@ -406,9 +406,7 @@ class Connection:
         if self._autocommit:
             return Result._from_wire(client._request(op, None, args, self._timeout))
         if self._failed:  # what the server would answer, without asking it
-            raise InternalError("current transaction is aborted, commands ignored until end "
-                                "of transaction block (roll back first)",
-                                sqlstate=IN_FAILED_TRANSACTION)
+            raise _aborted()
         session = self._session
         if session is not None:
             self._check_thread()
@@ -647,8 +645,8 @@ class ServerCursor(Cursor):
         self._reset()
         conn = self.connection
         conn._check()
-        stream = RowStream(conn._client, _query_text(operation), _params(parameters), self.itersize,
-                           conn._timeout, name=self.name,
+        stream = RowStream(conn._client, _query_text(operation), _params(parameters),
+                           self.itersize, conn._timeout, name=self.name,
                            within=None if conn.autocommit else conn._execute)
         stream._open()
         self._stream, self._declared_in = stream, conn._session
