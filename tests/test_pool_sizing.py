@@ -31,7 +31,8 @@ def test_min_connections_open_at_start_and_come_back_after_terminate(start_broke
     assert wait_until(lambda: (pids := backend_pids(admin, app)) and len(pids) == 3
                       and pids.isdisjoint(before), 10), (before, backend_pids(admin, app))
     # The server lists a backend before the broker has taken it over.
-    assert wait_until(lambda: broker.stats()["connections_num"] == 6, 5)
+    assert wait_until(lambda: broker.stats()["connections_num"] == 6, 5), {
+        k: v for k, v in broker.stats().items() if k.startswith(("connections", "pool_"))}
     stats = broker.stats()
     assert stats["pool_min"] == 3
     assert stats["connections_lost"] == 3
