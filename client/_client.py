@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import errors
+from . import _zmtp, errors
 from .protocol import (
     MAX_PARAMETERS, MAX_STATEMENTS, OP_BATCH, OP_BEGIN, OP_COMMIT, OP_CONTROL, OP_COPY_FROM,
     OP_COPY_TO, OP_EXECUTE, OP_EXECUTEMANY, OP_PING, OP_ROLLBACK, OP_STATS, PROBE_REQUEST_ID,
@@ -117,10 +117,39 @@ class Result:
                 f"rowcount={self.rowcount}, rows={self.rows!r})")
 
 
-class _ThreadSocket:
-    """A DEALER socket owned by one thread of one process, and what its
-    requests reuse: a Packer, the socket's send and recv bound once (send
-    past pyzmq's Python wrapper, which only adds draft-socket options).
+class _Owned:
+    """A thread's way to the broker in one process, and what its requests
+    reuse: a Packer.  ``send(message, deadline, give_up_at)`` raises
+    _zmtp.Unsent if no broker took the message; ``recv(deadline)`` returns
+    the next reply frame, None at the deadline, or raises _zmtp.Closed if the
+    connection was lost with the request in flight.  The thread holds
+    ``lock`` from its send to its reply."""
+
+    __slots__ = ("busy", "deferred", "lock", "packer", "pid")
+
+    def __init__(self, pid: int, lock: threading.Lock) -> None:
+        self.pid = pid
+        self.lock = lock
+        self.packer = request_packer()
+        self.busy = False  # a request of this thread awaits its reply
+        self.deferred: list[Callable[[], None]] = []  # see Client._after_request
+
+
+class _DirectSocket(_Owned):
+    """Over ipc: ZMTP spoken from this thread (see _zmtp), no libzmq."""
+
+    __slots__ = ("close", "recv", "send")
+
+    def __init__(self, pid: int, address: str) -> None:
+        dealer = _zmtp.Dealer(address, FAST_REPLY_WAIT)
+        super().__init__(pid, dealer.lock)
+        self.send, self.recv, self.close = dealer.send, dealer.recv, dealer.close
+
+
+class _ThreadSocket(_Owned):
+    """Over tcp (and CURVE): a libzmq DEALER socket owned by one thread of
+    one process, its send and recv bound once (send past pyzmq's Python
+    wrapper, which only adds draft-socket options).
 
     ``monitor`` reports the socket's connections and disconnections, so that
     a request in flight when the broker dies fails at once instead of at its
@@ -129,19 +158,15 @@ class _ThreadSocket:
     (measured: 4 to 8 us each).
     """
 
-    __slots__ = ("busy", "deferred", "drain_at", "monitor", "packer", "pid", "poller", "recv",
-                 "send", "socket")
+    __slots__ = ("_recv", "_send", "drain_at", "monitor", "poller", "socket")
 
     def __init__(self, pid: int, socket: zmq.Socket, monitor: zmq.Socket) -> None:
-        self.pid = pid
+        super().__init__(pid, threading.Lock())
         self.socket = socket
-        self.send = zmq.backend.Socket.send.__get__(socket)
-        self.recv = socket.recv
-        self.packer = request_packer()
+        self._send = zmq.backend.Socket.send.__get__(socket)
+        self._recv = socket.recv
         self.monitor = monitor
         self.drain_at = 0.0
-        self.busy = False  # a request of this socket awaits its reply
-        self.deferred: list[Callable[[], None]] = []  # see Client._after_request
         self.poller = zmq.Poller()
         self.poller.register(socket, zmq.POLLIN)
         self.poller.register(monitor, zmq.POLLIN)
@@ -183,10 +208,49 @@ class _ThreadSocket:
             socket.connect(endpoint)
         except zmq.ZMQError as exc:
             owned.close()
-            raise errors.InterfaceError(
-                f"invalid broker endpoint {endpoint!r}: {zmq.strerror(exc.errno)} (expected "
-                "ipc:///path/to/socket, ipc://@name or tcp://host:port)") from None
+            raise _invalid_endpoint(endpoint, zmq.strerror(exc.errno)) from None
         return owned
+
+    def send(self, message: bytes, deadline: float, give_up_at: float) -> None:
+        now = time.monotonic()
+        if now >= self.drain_at:
+            self.forget_disconnections(now)
+        try:
+            self._send(message, _NOBLOCK)
+        except zmq.Again:
+            self._send_when_connected(message, give_up_at)
+
+    def _send_when_connected(self, message: bytes, give_up_at: float) -> None:
+        """The first try found no broker connected (IMMEDIATE), so nothing
+        was queued: wait for one until ``give_up_at`` (connect_timeout: with
+        no broker at the endpoint a worker must fail now, not at the end of
+        its whole budget)."""
+        while True:
+            now = time.monotonic()
+            if now >= give_up_at:
+                raise _zmtp.Unsent("no broker connected")
+            self.socket.poll(max(1, int((give_up_at - now) * 1000)), zmq.POLLOUT)
+            try:
+                self._send(message, _NOBLOCK)
+                return
+            except zmq.Again:
+                continue
+
+    def recv(self, deadline: float) -> bytes | None:
+        socket = self.socket
+        while True:
+            try:
+                return self._recv()
+            except zmq.Again:  # no reply within FAST_REPLY_WAIT
+                remaining = deadline - time.monotonic()
+                ready = dict(self.poller.poll(max(1, int(remaining * 1000)))) if remaining > 0 else {}
+                if socket in ready:
+                    continue
+                if self.monitor in ready:
+                    if not self.connection_lost():
+                        continue  # a reconnection before the request was sent
+                    raise _zmtp.Closed("disconnected") from None
+                return None
 
     def forget_disconnections(self, now: float) -> None:
         """Drop what the monitor reported so far (before this request was
@@ -266,6 +330,8 @@ class Client:
         self._curve = _load_curve_keys(
             curve_server_key or os.environ.get("POOLBROKER_CURVE_SERVER_KEY"),
             curve_client_cert or os.environ.get("POOLBROKER_CURVE_CLIENT_CERT"))
+        # Over ipc without CURVE, the client speaks ZMTP itself (see _zmtp).
+        self._direct = self.endpoint.startswith("ipc://") and self._curve is None
         self._ids = itertools.count(1)
         self._stale_replies = 0  # the soak test checks none arrive unasked
         self._reset()
@@ -276,47 +342,60 @@ class Client:
         # them would touch the parent's context from the child.
         self._local = threading.local()
 
-    def _new_socket(self) -> _ThreadSocket:
-        """This thread's socket, made now (its first request in this process)."""
-        owned = self._local.owned = _ThreadSocket.connect(os.getpid(), self.endpoint,
-                                                          self._curve)
+    def _new_socket(self) -> _Owned:
+        """This thread's way to the broker, made now (its first request in this process)."""
+        if self._direct:
+            try:
+                address = _zmtp.address(self.endpoint)
+            except ValueError as exc:
+                raise _invalid_endpoint(self.endpoint, str(exc)) from None
+            owned: _Owned = _DirectSocket(os.getpid(), address)
+        else:
+            owned = _ThreadSocket.connect(os.getpid(), self.endpoint, self._curve)
+        self._local.owned = owned
         return owned
 
     def _request(self, op: int, session: bytes | None, body: list, timeout: float | None) -> Any:
         # Every request's path: each call and lookup here costs far more
-        # among 32 busy processes (caches cold) than timeit shows, so the
-        # usual case runs inline, a broker not connected yet in _send_when_connected.
+        # among 32 busy processes (caches cold) than timeit shows.
         timeout = self.timeout if timeout is None else _seconds("timeout", timeout)
         request_id = next(self._ids)
         try:
             owned = getattr(self._local, "owned", None)
             if owned is None or owned.pid != os.getpid():  # a new thread, or forked
                 owned = self._new_socket()
-            now = time.monotonic()
-            deadline = now + timeout
-            try:
-                # At least 1 ms: the wire counts whole milliseconds, 0 is no timeout.
-                message = pack_request(owned.packer, request_id, op, int(timeout * 1000) or 1,
-                                       session, body, self.pool,
-                                       now if self._same_clock else None)
-            except _UNSENDABLE as exc:
-                raise _cannot_send(exc) from exc
-            if len(message) > LARGE_MESSAGE:
-                owned.packer = request_packer()  # its buffer grew as large: let it go
-            if now >= owned.drain_at:
-                owned.forget_disconnections(now)
-            try:
-                owned.send(message, _NOBLOCK)
-            except zmq.Again:
-                self._send_when_connected(owned, message, deadline, timeout)
         except zmq.ZMQError as exc:
             raise self._transport_failed(exc, outcome_unknown=False) from exc
-        owned.busy = True
+        now = time.monotonic()
+        deadline = now + timeout
         try:
-            return self._wait_reply(owned, request_id, deadline + REPLY_GRACE, timeout)
-        except zmq.ZMQError as exc:
-            raise self._transport_failed(exc, outcome_unknown=True) from exc
+            # At least 1 ms: the wire counts whole milliseconds, 0 is no timeout.
+            message = pack_request(owned.packer, request_id, op, int(timeout * 1000) or 1,
+                                   session, body, self.pool, now if self._same_clock else None)
+        except _UNSENDABLE as exc:
+            raise _cannot_send(exc) from exc
+        if len(message) > LARGE_MESSAGE:
+            owned.packer = request_packer()  # its buffer grew as large: let it go
+        # Busy before the lock: a finalizer run by a garbage collection from
+        # here on waits for this request (see _after_request).
+        owned.busy = True
+        owned.lock.acquire()
+        try:
+            try:
+                owned.send(message, deadline, min(deadline, now + self.connect_timeout))
+            except zmq.ZMQError as exc:
+                raise self._transport_failed(exc, outcome_unknown=False) from exc
+            except _zmtp.Unsent:
+                # A libzmq socket refused at the handshake (an allow-list)
+                # never reconnects by itself: the next request starts afresh.
+                self.close()
+                raise self._never_sent(timeout) from None
+            try:
+                return self._wait_reply(owned, request_id, deadline + REPLY_GRACE, timeout)
+            except zmq.ZMQError as exc:
+                raise self._transport_failed(exc, outcome_unknown=True) from exc
         finally:
+            owned.lock.release()
             owned.busy = False
             if owned.deferred:
                 self._run_deferred(owned)
@@ -332,7 +411,7 @@ class Client:
         else:
             _quietly(work)
 
-    def _run_deferred(self, owned: _ThreadSocket) -> None:
+    def _run_deferred(self, owned: _Owned) -> None:
         work, owned.deferred = owned.deferred, []
         for each in work:
             _quietly(each)
@@ -349,27 +428,6 @@ class Client:
             f"ZeroMQ failed talking to the broker at {self.endpoint}: {exc}; {outcome}",
             outcome_unknown=outcome_unknown)
 
-    def _send_when_connected(self, owned: _ThreadSocket, message: bytes, deadline: float,
-                             timeout: float) -> None:
-        """Send ``message`` once a broker is connected: the first try found
-        none (IMMEDIATE), so nothing was queued.  Wait for one only
-        connect_timeout: with no broker at the endpoint a worker must fail
-        now, not at the end of its whole budget."""
-        give_up_at = min(deadline, time.monotonic() + self.connect_timeout)
-        while True:
-            now = time.monotonic()
-            if now >= give_up_at:
-                # A socket refused at the handshake (an allow-list) never
-                # reconnects by itself: the next request starts afresh.
-                self.close()
-                raise self._never_sent(timeout)
-            owned.socket.poll(max(1, int((give_up_at - now) * 1000)), zmq.POLLOUT)
-            try:
-                owned.send(message, _NOBLOCK)
-                return
-            except zmq.Again:
-                continue
-
     def _never_sent(self, timeout: float) -> errors.BrokerUnavailable:
         within = (f"connect_timeout ({self.connect_timeout:g} s)"
                   if self.connect_timeout < timeout else f"the request's timeout ({timeout:g} s)")
@@ -378,30 +436,24 @@ class Client:
             "there, or it does not accept this client; the request was never sent",
             outcome_unknown=False)
 
-    def _wait_reply(self, owned: _ThreadSocket, request_id: int, deadline: float,
+    def _wait_reply(self, owned: _Owned, request_id: int, deadline: float,
                     timeout: float) -> Any:
-        socket, recv = owned.socket, owned.recv
+        recv = owned.recv
         while True:
             try:
-                # Whatever its size: the broker bounds results (max_result_bytes).
-                reply_id, status, payload = unpack(recv(), _ANY_SIZE)
-            except zmq.Again:  # no reply within FAST_REPLY_WAIT
-                remaining = deadline - time.monotonic()
-                ready = dict(owned.poller.poll(max(1, int(remaining * 1000)))) if remaining > 0 else {}
-                if socket in ready:
-                    continue
-                if owned.monitor in ready:
-                    if not owned.connection_lost():
-                        continue  # a reconnection before the request was sent
+                reply = recv(deadline)
+                if reply is None:
                     raise errors.BrokerUnavailable(
-                        f"the connection to the broker at {self.endpoint} was lost while "
-                        "the request was in flight; the statement may have run "
-                        "(outcome unknown)",
-                        outcome_unknown=True,
-                    ) from None
+                        f"no reply from the broker at {self.endpoint} within {timeout:g} s; "
+                        "the statement may have run (outcome unknown)",
+                        outcome_unknown=True)
+                # Whatever its size: the broker bounds results (max_result_bytes).
+                reply_id, status, payload = unpack(reply, _ANY_SIZE)
+            except _zmtp.Closed:
                 raise errors.BrokerUnavailable(
-                    f"no reply from the broker at {self.endpoint} within {timeout:g} s; "
-                    "the statement may have run (outcome unknown)",
+                    f"the connection to the broker at {self.endpoint} was lost while "
+                    "the request was in flight; the statement may have run "
+                    "(outcome unknown)",
                     outcome_unknown=True,
                 ) from None
             except (ValueError, TypeError) as exc:
@@ -618,6 +670,11 @@ def _aborts_transaction(exc: errors.Error, first: bool) -> bool:
     if isinstance(exc, errors.BrokerUnavailable) and exc.outcome_unknown:
         return True
     return first and exc.sqlstate is not None
+
+
+def _invalid_endpoint(endpoint: str, why: str) -> errors.InterfaceError:
+    return errors.InterfaceError(f"invalid broker endpoint {endpoint!r}: {why} (expected "
+                                 "ipc:///path/to/socket, ipc://@name or tcp://host:port)")
 
 
 def _aborted() -> errors.InternalError:

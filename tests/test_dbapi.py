@@ -708,20 +708,20 @@ def test_a_connection_collected_during_a_request_does_not_swallow_its_reply(brok
     dropped.cycle = dropped
     del dropped
     owned = outer._client._local.owned
-    poll, fired = owned.poller.poll, []
+    recv, fired = owned.recv, []
 
-    def poll_then_collect(*args, **kwargs):
+    def collect_then_recv(*args, **kwargs):
         if not fired:  # once the reply is in: the worst moment
             fired.append(True)
             time.sleep(0.3)
             gc.collect()
-        return poll(*args, **kwargs)
+        return recv(*args, **kwargs)
 
-    owned.poller.poll = poll_then_collect
+    owned.recv = collect_then_recv
     try:
         cur.execute("SELECT pg_sleep(0.1), 42")
         assert cur.fetchall() == [("", 42)]
     finally:
-        owned.poller.poll = poll
+        owned.recv = recv
         outer.close()
     assert wait_until(lambda: broker.stats()["sessions_active"] == 0, 2)  # rolled back after

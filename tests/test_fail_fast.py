@@ -141,7 +141,8 @@ def _rows_or_error(c: client.Client) -> Any:
 # Client side: everything it raises is a client.Error
 
 
-@pytest.mark.parametrize("endpoint", ["foo://x", "ipc://", "garbage", "tcp://", "tcp://host:port",
+@pytest.mark.parametrize("endpoint", ["foo://x", "ipc://", "ipc://@", "ipc:///tmp/" + "x" * 120,
+                                      "garbage", "tcp://", "tcp://host:port",
                                       "inproc://poolbroker"])
 def test_invalid_endpoint_raises_interface_error_naming_it(endpoint):
     c = client.Client(endpoint, timeout=1)

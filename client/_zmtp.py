@@ -1,0 +1,313 @@
+"""ZeroMQ's wire protocol (ZMTP 3.1, NULL security), spoken as a DEALER
+from the calling thread over a unix socket: the client's ipc transport.
+
+libzmq hands each message to its I/O thread and each reply back, two
+thread wake-ups per request in every worker process.  Measured (32
+processes of ``SELECT 1``, cap 4, rounds alternated on one broker): libzmq
+70-119 us of client CPU a request, this 33-45, and 15-45% more requests a
+second.  The broker's ROUTER is libzmq's either way; tcp (and CURVE) keep
+libzmq on the client too.
+
+The broker drops a peer that sends nothing for 3 s after one of its
+heartbeat PINGs.  A worker's thread answers PINGs while it waits for a
+reply; between requests one keep-alive thread per process sends each idle
+connection a PONG every KEEPALIVE_INTERVAL (and drops what it read).  A
+frozen process (SIGSTOP) sends nothing, so the broker still ends its
+transaction; so would a process that holds the GIL for 3 s on end.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+import time
+import weakref
+
+KEEPALIVE_INTERVAL = 1.0
+"""Seconds between PONGs on an idle connection (the broker PINGs every
+second and waits 3 s for anything back)."""
+
+_MORE, _LONG, _COMMAND = 1, 2, 4
+_GREETING_BYTES = 64
+_GREETING = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\0")
+             + b"\x00" + bytes(31))
+_RECV_BYTES = 64 * 1024  # below malloc's mmap threshold: a recv() of more costs a mmap
+_RECV_MAX = 16 * 1024 * 1024  # one recv() of a large frame at most
+_NOSIGNAL = socket.MSG_NOSIGNAL
+_DONTWAIT = socket.MSG_DONTWAIT
+
+
+def _command(body: bytes) -> bytes:
+    return bytes((_COMMAND, len(body))) + body
+
+
+_READY = _command(b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER")
+_PONG = _command(b"\x04PONG")
+
+
+class Closed(Exception):
+    """The connection was lost with a request in flight."""
+
+
+class Unsent(Exception):
+    """No broker took the request within the time given: it never ran."""
+
+
+_PATH_MAX = 107  # sun_path's 108 bytes, less the terminating NUL
+
+
+def address(endpoint: str) -> str:
+    """The unix socket address of an ``ipc://`` endpoint (``@name``: the
+    abstract namespace); ValueError if it cannot be one."""
+    path = endpoint[len("ipc://"):]
+    if path in ("", "@") or "\0" in path:
+        raise ValueError("no socket path")
+    if len(os.fsencode(path)) > _PATH_MAX:
+        raise ValueError(f"a unix socket path has at most {_PATH_MAX} bytes")
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+class Dealer:
+    """A thread's connection to the broker, made on its first request and
+    again whenever it is found gone.  The owner holds ``lock`` from sending
+    a request to the end of its reply; the keep-alive thread takes it only
+    when free."""
+
+    __slots__ = ("__weakref__", "_address", "_buffer", "_fast_wait", "_poll", "_recv", "_sock",
+                 "lock")
+
+    def __init__(self, address: str, fast_wait: float) -> None:
+        self._address = address
+        self._fast_wait = struct.pack("ll", 0, int(fast_wait * 1e6))  # under a second
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+        self.lock = threading.Lock()
+        _keep_alive(self)
+
+    def send(self, frame: bytes, deadline: float, give_up_at: float) -> None:
+        """Send one message frame, connecting first if need be (until
+        ``give_up_at``); Unsent if no broker took it whole by then, or by
+        ``deadline`` once it was being sent."""
+        size = len(frame)
+        data = (bytes((0, size)) if size < 256 else b"\x02" + size.to_bytes(8, "big")) + frame
+        while True:
+            if self._sock is None:
+                self._connect(give_up_at)
+            try:
+                sent = self._sock.send(data, _NOSIGNAL)
+            except BlockingIOError:  # SO_SNDTIMEO, nothing sent: the broker is not reading
+                sent = 0
+            except OSError:  # EPIPE, ECONNRESET: the broker closed it (restarted, dropped us)
+                self.close()
+                continue
+            if sent == len(data):
+                return
+            break
+        rest = memoryview(data)[sent:]
+        try:
+            while rest:
+                try:
+                    rest = rest[self._sock.send(rest, _NOSIGNAL):]
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise Unsent("the broker did not read the request in time") from None
+        except BaseException as exc:
+            # A frame cut short (or an interrupt): the stream cannot go on,
+            # and the broker drops the part it read with the connection.
+            self.close()
+            if isinstance(exc, OSError):
+                raise Unsent(f"the connection was lost while the request was sent ({exc})") \
+                    from None
+            raise
+
+    def _connect(self, give_up_at: float) -> None:
+        pause = 0.01
+        while True:
+            remaining = give_up_at - time.monotonic()
+            if remaining <= 0:
+                raise Unsent("no broker accepted the connection")
+            try:
+                self._handshake(remaining)
+                return
+            except (OSError, Closed):
+                # Not there yet, restarting, or refused (max_clients, another user's)
+                time.sleep(max(0.0, min(pause, give_up_at - time.monotonic())))
+                pause = min(pause * 2, 0.1)
+
+    def _handshake(self, timeout: float) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self._address)
+            sock.sendall(_GREETING + _READY)
+            greeting = b""
+            while len(greeting) < _GREETING_BYTES:
+                chunk = sock.recv(_GREETING_BYTES - len(greeting))
+                if not chunk:
+                    raise Closed("the broker closed the connection during the handshake")
+                greeting += chunk
+            if greeting[0] != 0xFF or not greeting[9] & 1 or greeting[10] < 3 \
+                    or greeting[12:32].rstrip(b"\0") != b"NULL":
+                raise Closed("the peer does not speak ZMTP 3 without security")
+            # Blocking, with kernel timeouts: a reply is one recv() away, and
+            # a broker that stops reading cannot hold a send past its deadline.
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._fast_wait)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._fast_wait)
+            self._sock, self._recv = sock, sock.recv
+            self._buffer = bytearray()
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
+            deadline = time.monotonic() + timeout
+            while True:  # the broker's READY (its socket type) ends the handshake
+                frame, command = self._next(deadline)
+                if frame is None:
+                    raise Closed("no handshake from the broker")
+                if command and frame[:6] == b"\x05READY":
+                    return
+        except BaseException:
+            self._sock = None
+            sock.close()
+            raise
+
+    def recv(self, deadline: float) -> bytes | bytearray | None:
+        """The next message frame, answering the broker's PINGs meanwhile;
+        None at ``deadline``, Closed if the connection is lost."""
+        if self._sock is None:
+            raise Closed("the connection is closed")
+        while True:
+            frame, command = self._next(deadline)
+            if not command:
+                return frame
+            if frame[:5] == b"\x04PING":
+                self._pong()
+
+    def _next(self, deadline: float) -> tuple[bytes | bytearray | None, bool]:
+        """(the next frame, whether it is a command); (None, False) at the deadline."""
+        buffer = self._buffer
+        while True:
+            have = len(buffer)
+            bounds = _bounds(buffer, 0)
+            if bounds is not None and bounds[1] <= have:
+                start, end = bounds
+                frame = buffer[start:end]
+                flags = buffer[0]
+                del buffer[:end]
+                return frame, bool(flags & _COMMAND)
+            want = _RECV_BYTES if bounds is None else min(max(bounds[1] - have, _RECV_BYTES),
+                                                          _RECV_MAX)
+            try:
+                chunk = self._recv(want)
+            except BlockingIOError:  # nothing within fast_wait
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None, False
+                self._poll.poll(max(1, int(remaining * 1000)))
+                continue
+            except OSError as exc:  # ECONNRESET
+                self.close()
+                raise Closed(str(exc)) from None
+            if not chunk:
+                self.close()
+                raise Closed("the broker closed the connection")
+            if not have:
+                bounds = _bounds(chunk, 0)
+                if bounds is not None and bounds[1] == len(chunk):
+                    return chunk[bounds[0]:], bool(chunk[0] & _COMMAND)  # the usual: one frame
+            buffer += chunk
+
+    def _pong(self) -> None:
+        try:
+            self._sock.send(_PONG, _NOSIGNAL | _DONTWAIT)
+        except OSError:
+            pass  # a full or closed socket: the next read finds out
+
+    def keep_alive(self) -> None:
+        """Between requests (the lock held): read what came, drop its
+        PINGs (anything else is a reply given up on: left for the owner,
+        who counts it), and answer."""
+        buffer = self._buffer
+        try:
+            while True:
+                chunk = self._sock.recv(_RECV_BYTES, _DONTWAIT)
+                if not chunk:
+                    self.close()  # gone: the next request connects again
+                    return
+                buffer += chunk
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.close()
+            return
+        kept, at = bytearray(), 0
+        while (bounds := _bounds(buffer, at)) is not None and bounds[1] <= len(buffer):
+            if not buffer[at] & _COMMAND:
+                kept += buffer[at:bounds[1]]
+            at = bounds[1]
+        self._buffer = kept + buffer[at:]
+        self._pong()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __del__(self) -> None:  # a thread that ended without Client.close()
+        self.close()
+
+
+def _bounds(data: bytes | bytearray, at: int) -> tuple[int, int] | None:
+    """(start, end) of the body of the frame at ``at``, if its header is there."""
+    have = len(data) - at
+    if have < 2:
+        return None
+    if data[at] & _LONG:
+        if have < 9:
+            return None
+        return at + 9, at + 9 + int.from_bytes(data[at + 1:at + 9], "big")
+    return at + 2, at + 2 + data[at + 1]
+
+
+# One keep-alive thread per process, started with its first connection.
+_dealers: weakref.WeakSet[Dealer] = weakref.WeakSet()
+_dealers_lock = threading.Lock()
+_keeper_pid = 0
+
+
+def _keep_alive(dealer: Dealer) -> None:
+    global _keeper_pid
+    with _dealers_lock:
+        _dealers.add(dealer)
+        if _keeper_pid != os.getpid():
+            _keeper_pid = os.getpid()
+            threading.Thread(target=_keeper, name="poolbroker-keepalive", daemon=True).start()
+
+
+def _keeper() -> None:
+    while True:
+        time.sleep(KEEPALIVE_INTERVAL)
+        with _dealers_lock:
+            dealers = list(_dealers)
+        for dealer in dealers:
+            if dealer.lock.acquire(blocking=False):
+                try:
+                    if dealer._sock is not None:
+                        dealer.keep_alive()
+                finally:
+                    dealer.lock.release()
+
+
+def _after_fork_in_child() -> None:
+    """The parent's connections are its own: the child closes its copies
+    (the parent's stay open) and starts its keep-alive with its first."""
+    global _dealers, _dealers_lock, _keeper_pid
+    inherited = list(_dealers)
+    _dealers, _dealers_lock, _keeper_pid = weakref.WeakSet(), threading.Lock(), 0
+    for dealer in inherited:
+        dealer.close()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
