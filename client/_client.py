@@ -47,9 +47,9 @@ REPLY_GRACE = 1.0
 wait this much longer for that answer before declaring it unavailable."""
 
 FAST_REPLY_WAIT = 0.05
-"""Seconds a reply is awaited with a plain blocking recv before polling the
-socket together with its disconnect monitor (so a request in flight when
-the broker dies fails at most this late)."""
+"""Seconds a reply is awaited with a plain blocking recv before polling for
+it (over tcp, the libzmq socket together with its disconnect monitor, so a
+request in flight when the broker dies fails at most this late)."""
 
 LARGE_MESSAGE = 64 * 1024
 """A request larger than this leaves its Packer behind, with its buffer."""
