@@ -125,14 +125,13 @@ class _Owned:
     connection was lost with the request in flight.  The thread holds
     ``lock`` from its send to its reply."""
 
-    __slots__ = ("busy", "deferred", "lock", "packer", "pid")
+    __slots__ = ("busy", "lock", "packer", "pid")
 
     def __init__(self, pid: int, lock: threading.Lock) -> None:
         self.pid = pid
         self.lock = lock
         self.packer = request_packer()
-        self.busy = False  # a request of this thread awaits its reply
-        self.deferred: list[Callable[[], None]] = []  # see Client._after_request
+        self.busy = False  # a request of this thread is under way
 
 
 class _DirectSocket(_Owned):
@@ -342,18 +341,15 @@ class Client:
         # them would touch the parent's context from the child.
         self._local = threading.local()
 
-    def _new_socket(self) -> _Owned:
-        """This thread's way to the broker, made now (its first request in this process)."""
+    def _connection(self) -> _Owned:
+        """A new way to the broker for this thread of this process."""
         if self._direct:
             try:
                 address = _zmtp.address(self.endpoint)
             except ValueError as exc:
                 raise _invalid_endpoint(self.endpoint, str(exc)) from None
-            owned: _Owned = _DirectSocket(os.getpid(), address)
-        else:
-            owned = _ThreadSocket.connect(os.getpid(), self.endpoint, self._curve)
-        self._local.owned = owned
-        return owned
+            return _DirectSocket(os.getpid(), address)
+        return _ThreadSocket.connect(os.getpid(), self.endpoint, self._curve)
 
     def _request(self, op: int, session: bytes | None, body: list, timeout: float | None) -> Any:
         # Every request's path: each call and lookup here costs far more
@@ -363,7 +359,16 @@ class Client:
         try:
             owned = getattr(self._local, "owned", None)
             if owned is None or owned.pid != os.getpid():  # a new thread, or forked
-                owned = self._new_socket()
+                owned = self._local.owned = self._connection()
+                nested = False
+            else:
+                # A request made while this thread's is under way (by a signal
+                # handler, or a finalizer run by a garbage collection) takes a
+                # connection of its own: on this one it would wait for the
+                # other, or read the other's reply as its own.
+                nested = owned.busy
+                if nested:
+                    owned = self._connection()
         except zmq.ZMQError as exc:
             raise self._transport_failed(exc, outcome_unknown=False) from exc
         now = time.monotonic()
@@ -376,45 +381,32 @@ class Client:
             raise _cannot_send(exc) from exc
         if len(message) > LARGE_MESSAGE:
             owned.packer = request_packer()  # its buffer grew as large: let it go
-        # Busy before the lock: a finalizer run by a garbage collection from
-        # here on waits for this request (see _after_request).
-        owned.busy = True
-        owned.lock.acquire()
+        owned.busy = True  # before the lock: a nested request from here on goes apart
         try:
-            try:
-                owned.send(message, deadline, min(deadline, now + self.connect_timeout))
-            except zmq.ZMQError as exc:
-                raise self._transport_failed(exc, outcome_unknown=False) from exc
-            except _zmtp.Unsent:
-                # A libzmq socket refused at the handshake (an allow-list)
-                # never reconnects by itself: the next request starts afresh.
-                self.close()
-                raise self._never_sent(timeout) from None
-            try:
-                return self._wait_reply(owned, request_id, deadline + REPLY_GRACE, timeout)
-            except zmq.ZMQError as exc:
-                raise self._transport_failed(exc, outcome_unknown=True) from exc
+            with owned.lock:  # the keep-alive thread's (see _zmtp)
+                try:
+                    owned.send(message, deadline, min(deadline, now + self.connect_timeout))
+                except zmq.ZMQError as exc:
+                    raise self._transport_failed(exc, outcome_unknown=False) from exc
+                except _zmtp.Unsent as exc:
+                    # A libzmq socket refused at the handshake (an allow-list)
+                    # never reconnects by itself: the next request starts afresh.
+                    self._drop(owned)
+                    raise self._never_sent(timeout, exc) from None
+                try:
+                    return self._wait_reply(owned, request_id, deadline + REPLY_GRACE, timeout)
+                except zmq.ZMQError as exc:
+                    raise self._transport_failed(exc, outcome_unknown=True) from exc
         finally:
-            owned.lock.release()
             owned.busy = False
-            if owned.deferred:
-                self._run_deferred(owned)
+            if nested:
+                owned.close()
 
-    def _after_request(self, work: Callable[[], None]) -> None:
-        """Run ``work`` (a finalizer's request: a dropped connection's
-        rollback) now, or once this thread's request in flight has its reply:
-        a garbage collection can run finalizers in the middle of a request,
-        and a request sent then would read the other's reply as its own."""
-        owned = getattr(self._local, "owned", None)
-        if owned is not None and owned.busy:
-            owned.deferred.append(work)
-        else:
-            _quietly(work)
-
-    def _run_deferred(self, owned: _Owned) -> None:
-        work, owned.deferred = owned.deferred, []
-        for each in work:
-            _quietly(each)
+    def _drop(self, owned: _Owned) -> None:
+        """Close ``owned``: the next request of its thread makes another."""
+        owned.close()
+        if getattr(self._local, "owned", None) is owned:
+            self._local.owned = None
 
     def _transport_failed(self, exc: zmq.ZMQError, *,
                           outcome_unknown: bool) -> errors.BrokerUnavailable:
@@ -428,7 +420,12 @@ class Client:
             f"ZeroMQ failed talking to the broker at {self.endpoint}: {exc}; {outcome}",
             outcome_unknown=outcome_unknown)
 
-    def _never_sent(self, timeout: float) -> errors.BrokerUnavailable:
+    def _never_sent(self, timeout: float, unsent: _zmtp.Unsent) -> errors.BrokerUnavailable:
+        if unsent.connected:
+            return errors.BrokerUnavailable(
+                f"the broker at {self.endpoint} did not read the request within "
+                f"{timeout:g} s (stopped, or the connection was lost: {unsent}); it was "
+                "never run", outcome_unknown=False)
         within = (f"connect_timeout ({self.connect_timeout:g} s)"
                   if self.connect_timeout < timeout else f"the request's timeout ({timeout:g} s)")
         return errors.BrokerUnavailable(
@@ -458,7 +455,8 @@ class Client:
                 ) from None
             except (ValueError, TypeError) as exc:
                 # Not poolbroker's wire format: whoever listens there is not a
-                # broker of this version.
+                # broker of this version (and what follows cannot be trusted).
+                self._drop(owned)
                 raise errors.InterfaceError(
                     f"undecodable reply from {self.endpoint} ({exc}): is a poolbroker of "
                     "this version listening there? The statement may have run "

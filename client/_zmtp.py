@@ -18,6 +18,7 @@ transaction; so would a process that holds the GIL for 3 s on end.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -25,6 +26,8 @@ import struct
 import threading
 import time
 import weakref
+
+logger = logging.getLogger("poolbroker.client")
 
 KEEPALIVE_INTERVAL = 1.0
 """Seconds between PONGs on an idle connection (the broker PINGs every
@@ -46,6 +49,7 @@ def _command(body: bytes) -> bytes:
 
 _READY = _command(b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER")
 _PONG = _command(b"\x04PONG")
+_ROUTER = b"\x0bSocket-Type" + struct.pack(">I", 6) + b"ROUTER"  # in the broker's READY
 
 
 class Closed(Exception):
@@ -53,7 +57,12 @@ class Closed(Exception):
 
 
 class Unsent(Exception):
-    """No broker took the request within the time given: it never ran."""
+    """No broker took the request within the time given: it never ran.
+    ``connected``: a broker was connected, but did not read it whole."""
+
+    def __init__(self, why: str, *, connected: bool = False) -> None:
+        super().__init__(why)
+        self.connected = connected
 
 
 _PATH_MAX = 107  # sun_path's 108 bytes, less the terminating NUL
@@ -90,38 +99,37 @@ class Dealer:
     def send(self, frame: bytes, deadline: float, give_up_at: float) -> None:
         """Send one message frame, connecting first if need be (until
         ``give_up_at``); Unsent if no broker took it whole by then, or by
-        ``deadline`` once it was being sent."""
+        ``deadline`` once it was being sent.  Anything else raised meanwhile
+        (an interrupt) closes the connection: a frame cut short cannot be
+        followed by another, and the broker drops it with the connection."""
         size = len(frame)
         data = (bytes((0, size)) if size < 256 else b"\x02" + size.to_bytes(8, "big")) + frame
         while True:
             if self._sock is None:
                 self._connect(give_up_at)
             try:
-                sent = self._sock.send(data, _NOSIGNAL)
-            except BlockingIOError:  # SO_SNDTIMEO, nothing sent: the broker is not reading
-                sent = 0
-            except OSError:  # EPIPE, ECONNRESET: the broker closed it (restarted, dropped us)
-                self.close()
-                continue
-            if sent == len(data):
-                return
-            break
-        rest = memoryview(data)[sent:]
-        try:
-            while rest:
                 try:
-                    rest = rest[self._sock.send(rest, _NOSIGNAL):]
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise Unsent("the broker did not read the request in time") from None
-        except BaseException as exc:
-            # A frame cut short (or an interrupt): the stream cannot go on,
-            # and the broker drops the part it read with the connection.
-            self.close()
-            if isinstance(exc, OSError):
-                raise Unsent(f"the connection was lost while the request was sent ({exc})") \
-                    from None
-            raise
+                    sent = self._sock.send(data, _NOSIGNAL)
+                except BlockingIOError:  # SO_SNDTIMEO, nothing sent: the broker is not reading
+                    sent = 0
+                except OSError:  # EPIPE, ECONNRESET: the broker closed it (restarted, dropped us)
+                    self.close()
+                    continue
+                rest = memoryview(data)[sent:]
+                while rest:
+                    try:
+                        rest = rest[self._sock.send(rest, _NOSIGNAL):]
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise Unsent("the broker did not read the request in time",
+                                         connected=True) from None
+                    except OSError as exc:
+                        raise Unsent(f"the connection was lost while the request was sent "
+                                     f"({exc})", connected=True) from None
+                return
+            except BaseException:
+                self.close()
+                raise
 
     def _connect(self, give_up_at: float) -> None:
         pause = 0.01
@@ -167,6 +175,8 @@ class Dealer:
                 if frame is None:
                     raise Closed("no handshake from the broker")
                 if command and frame[:6] == b"\x05READY":
+                    if _ROUTER not in frame:
+                        raise Closed("the peer is not a ZeroMQ ROUTER")
                     return
         except BaseException:
             self._sock = None
@@ -205,34 +215,44 @@ class Dealer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None, False
-                self._poll.poll(max(1, int(remaining * 1000)))
+                self._poll.poll(max(1, int(remaining * 1000)))  # interrupted here: nothing read
                 continue
             except OSError as exc:  # ECONNRESET
                 self.close()
                 raise Closed(str(exc)) from None
-            if not chunk:
+            except BaseException:  # an interrupt as recv() returned: what it read is lost
                 self.close()
-                raise Closed("the broker closed the connection")
-            if not have:
-                bounds = _bounds(chunk, 0)
-                if bounds is not None and bounds[1] == len(chunk):
-                    return chunk[bounds[0]:], bool(chunk[0] & _COMMAND)  # the usual: one frame
-            buffer += chunk
+                raise
+            try:
+                if not chunk:
+                    raise Closed("the broker closed the connection")
+                if not have:
+                    bounds = _bounds(chunk, 0)
+                    if bounds is not None and bounds[1] == len(chunk):
+                        return chunk[bounds[0]:], bool(chunk[0] & _COMMAND)  # the usual: one frame
+                buffer += chunk
+            except BaseException:  # Closed, or an interrupt before the bytes were kept
+                self.close()
+                raise
 
     def _pong(self) -> None:
         try:
             self._sock.send(_PONG, _NOSIGNAL | _DONTWAIT)
-        except OSError:
-            pass  # a full or closed socket: the next read finds out
+        except (OSError, AttributeError):
+            pass  # a full or closed socket (None: closed): the next request finds out
 
     def keep_alive(self) -> None:
         """Between requests (the lock held): read what came, drop its
         PINGs (anything else is a reply given up on: left for the owner,
-        who counts it), and answer."""
+        who counts it), and answer.  Client.close() may close the socket
+        meanwhile, from the owner's thread, without the lock."""
+        sock = self._sock
+        if sock is None:
+            return
         buffer = self._buffer
         try:
             while True:
-                chunk = self._sock.recv(_RECV_BYTES, _DONTWAIT)
+                chunk = sock.recv(_RECV_BYTES, _DONTWAIT)
                 if not chunk:
                     self.close()  # gone: the next request connects again
                     return
@@ -248,12 +268,15 @@ class Dealer:
                 kept += buffer[at:bounds[1]]
             at = bounds[1]
         self._buffer = kept + buffer[at:]
-        self._pong()
+        try:
+            sock.send(_PONG, _NOSIGNAL | _DONTWAIT)
+        except OSError:
+            pass  # full or closed: the next request finds out
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
     def __del__(self) -> None:  # a thread that ended without Client.close()
         self.close()
@@ -289,15 +312,22 @@ def _keep_alive(dealer: Dealer) -> None:
 def _keeper() -> None:
     while True:
         time.sleep(KEEPALIVE_INTERVAL)
-        with _dealers_lock:
-            dealers = list(_dealers)
-        for dealer in dealers:
-            if dealer.lock.acquire(blocking=False):
-                try:
-                    if dealer._sock is not None:
-                        dealer.keep_alive()
-                finally:
-                    dealer.lock.release()
+        _keep_alive_all()
+
+
+def _keep_alive_all() -> None:
+    # A function of its own: its list of the dealers is dropped when it
+    # returns, not kept through the sleep (each would then outlive its thread).
+    with _dealers_lock:
+        dealers = list(_dealers)
+    for dealer in dealers:
+        if dealer.lock.acquire(blocking=False):
+            try:
+                dealer.keep_alive()
+            except Exception:  # never the end of the keep-alive of every other
+                logger.exception("poolbroker: keeping a connection to the broker alive failed")
+            finally:
+                dealer.lock.release()
 
 
 def _after_fork_in_child() -> None:

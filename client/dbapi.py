@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 from ._client import (
     PARTS_SAVEPOINT, Client, Params, Result, RowStream, _aborted, _aborts_transaction,
-    in_parts, quote_identifier,
+    _quietly, in_parts, quote_identifier,
 )
 from .errors import (
     IN_FAILED_TRANSACTION, DatabaseError, DataError, Error, IntegrityError, InterfaceError,
@@ -371,11 +371,11 @@ class Connection:
 
     def __del__(self) -> None:
         # A connection dropped with its transaction open would hold a server
-        # connection until idle_transaction_timeout: give it back now (or
-        # once this thread's request in flight is answered).
+        # connection until idle_transaction_timeout: give it back now (from
+        # inside another request, on a connection of its own: see _request).
         if not getattr(self, "_closed", True) and self._session is not None \
                 and not sys.is_finalizing():
-            self._client._after_request(self.close)
+            _quietly(self.close)
 
     # Running statements
 
@@ -735,4 +735,4 @@ class ServerCursor(Cursor):
         # would hold a server connection until idle_transaction_timeout.
         if getattr(self, "_stream", None) is not None and self._declared_in is None \
                 and os.getpid() == self.connection._pid and not sys.is_finalizing():
-            self.connection._client._after_request(self._close_stream)
+            _quietly(self._close_stream)

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import random
+import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -127,3 +131,97 @@ def test_a_peer_that_is_not_a_broker_is_never_sent_the_request(tmp_path):
 def test_the_endpoint_names_its_unix_socket():
     assert _zmtp.address("ipc:///run/pb/b.sock") == "/run/pb/b.sock"
     assert _zmtp.address("ipc://@poolbroker") == "\0poolbroker"
+
+
+def test_threads_that_end_without_closing_leave_no_connection_behind(broker):
+    c = client.Client(broker.endpoint, timeout=5)
+    c.execute("SELECT 1")
+    baseline = broker.stats()["clients_connected"]
+
+    def one() -> None:
+        c.execute("SELECT 1")
+        time.sleep(_zmtp.KEEPALIVE_INTERVAL + 0.3)  # seen by the keep-alive thread
+
+    for _ in range(2):
+        threads = [threading.Thread(target=one) for _ in range(40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    time.sleep(_zmtp.KEEPALIVE_INTERVAL + 0.3)  # one more tick of the keep-alive thread
+    gc.collect()
+    assert wait_until(lambda: broker.stats()["clients_connected"] == baseline, 3), \
+        broker.stats()["clients_connected"]
+
+
+def test_the_keep_alive_thread_outlives_a_failure(broker, caplog):
+    class Failing:
+        lock = threading.Lock()
+
+        def keep_alive(self) -> None:
+            raise RuntimeError("a connection that cannot be kept alive")
+
+    failing = Failing()
+    c = client.Client(broker.endpoint, timeout=5)
+    c.execute("SELECT 1")  # the keep-alive thread runs
+    with _zmtp._dealers_lock:
+        _zmtp._dealers.add(failing)
+    try:
+        with c.transaction() as tx:
+            tx.execute("SELECT 1")
+            time.sleep(HEARTBEAT_TIMEOUT + 1.5)  # the others' keep-alive goes on
+            assert tx.execute("SELECT 2").rows == [(2,)]
+    finally:
+        with _zmtp._dealers_lock:
+            _zmtp._dealers.discard(failing)
+    assert "keeping a connection to the broker alive failed" in caplog.text
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt(*_: object) -> None:
+    raise _Interrupt
+
+
+@pytest.mark.parametrize("request_bytes,reply_bytes", [(10, 300_000), (2_000_000, 10)])
+def test_an_interrupted_request_leaves_the_next_ones_right(broker, request_bytes, reply_bytes):
+    """An interrupt (a signal handler's exception) may land in the middle
+    of a frame being sent or read: the connection is then closed, never
+    left out of step with the next request's reply."""
+    c = client.Client(broker.endpoint, timeout=10)
+    payload = "p" * request_bytes
+    previous = signal.signal(signal.SIGALRM, _interrupt)
+    rng = random.Random(7)
+    interrupted = 0
+    try:
+        for n in range(150):
+            try:
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-4, 3e-3))
+                c.execute("SELECT length(%s), repeat('q', %s)", [payload, reply_bytes])
+            except _Interrupt:
+                interrupted += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            assert c.execute("SELECT %s::int", [n]).rows == [(n,)]
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert interrupted > 10
+
+
+def test_a_request_made_during_another_on_the_same_thread_goes_apart(broker):
+    """A signal handler's request (or a finalizer's, run by a garbage
+    collection) while the thread's own awaits its reply: both answered."""
+    c = client.Client(broker.endpoint, timeout=10)
+    c.execute("SELECT 1")
+    nested = []
+    previous = signal.signal(signal.SIGALRM,
+                             lambda *_: nested.append(c.execute("SELECT 2").rows))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        assert c.execute("SELECT 1 FROM pg_sleep(0.6)").rows == [(1,)]
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert nested == [[(2,)]]
+    assert c._stale_replies == 0
