@@ -370,7 +370,7 @@ class Client:
                 if nested:
                     owned = self._connection()
         except zmq.ZMQError as exc:
-            raise self._transport_failed(exc, outcome_unknown=False) from exc
+            raise self._transport_failed(exc, None, outcome_unknown=False) from exc
         now = time.monotonic()
         deadline = now + timeout
         try:
@@ -387,7 +387,7 @@ class Client:
                 try:
                     owned.send(message, deadline, min(deadline, now + self.connect_timeout))
                 except zmq.ZMQError as exc:
-                    raise self._transport_failed(exc, outcome_unknown=False) from exc
+                    raise self._transport_failed(exc, owned, outcome_unknown=False) from exc
                 except _zmtp.Unsent as exc:
                     # A libzmq socket refused at the handshake (an allow-list)
                     # never reconnects by itself: the next request starts afresh.
@@ -396,7 +396,7 @@ class Client:
                 try:
                     return self._wait_reply(owned, request_id, deadline + REPLY_GRACE, timeout)
                 except zmq.ZMQError as exc:
-                    raise self._transport_failed(exc, outcome_unknown=True) from exc
+                    raise self._transport_failed(exc, owned, outcome_unknown=True) from exc
         finally:
             owned.busy = False
             if nested:
@@ -408,12 +408,13 @@ class Client:
         if getattr(self._local, "owned", None) is owned:
             self._local.owned = None
 
-    def _transport_failed(self, exc: zmq.ZMQError, *,
+    def _transport_failed(self, exc: zmq.ZMQError, owned: _Owned | None, *,
                           outcome_unknown: bool) -> errors.BrokerUnavailable:
         """The transport itself failed (no descriptor left, a socket closed
-        under us): drop this thread's socket so that the next call starts
-        afresh."""
-        self.close()
+        under us): drop the socket used, if any, so that the next call
+        starts afresh."""
+        if owned is not None:
+            self._drop(owned)
         outcome = ("the statement may have run (outcome unknown)" if outcome_unknown
                    else "the request was never sent")
         return errors.BrokerUnavailable(

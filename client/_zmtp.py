@@ -34,6 +34,7 @@ KEEPALIVE_INTERVAL = 1.0
 second and waits 3 s for anything back)."""
 
 _MORE, _LONG, _COMMAND = 1, 2, 4
+_NOTHING_READ = 0xFF  # no frame's flags byte
 _GREETING_BYTES = 64
 _GREETING = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\0")
              + b"\x00" + bytes(31))
@@ -85,15 +86,17 @@ class Dealer:
     a request to the end of its reply; the keep-alive thread takes it only
     when free."""
 
-    __slots__ = ("__weakref__", "_address", "_buffer", "_fast_wait", "_poll", "_recv", "_sock",
-                 "lock")
+    __slots__ = ("__weakref__", "_address", "_buffer", "_fast_wait", "_poll", "_recv",
+                 "_recv_into", "_scratch", "_sock", "_writing", "lock")
 
     def __init__(self, address: str, fast_wait: float) -> None:
         self._address = address
         self._fast_wait = struct.pack("ll", 0, int(fast_wait * 1e6))  # under a second
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
+        self._scratch = bytearray(_RECV_BYTES)
         self.lock = threading.Lock()
+        self._writing = threading.Lock()  # a frame on its way: the keeper's PONG waits
         _keep_alive(self)
 
     def send(self, frame: bytes, deadline: float, give_up_at: float) -> None:
@@ -108,28 +111,37 @@ class Dealer:
             if self._sock is None:
                 self._connect(give_up_at)
             try:
-                try:
-                    sent = self._sock.send(data, _NOSIGNAL)
-                except BlockingIOError:  # SO_SNDTIMEO, nothing sent: the broker is not reading
-                    sent = 0
-                except OSError:  # EPIPE, ECONNRESET: the broker closed it (restarted, dropped us)
-                    self.close()
-                    continue
-                rest = memoryview(data)[sent:]
-                while rest:
-                    try:
-                        rest = rest[self._sock.send(rest, _NOSIGNAL):]
-                    except BlockingIOError:
-                        if time.monotonic() >= deadline:
-                            raise Unsent("the broker did not read the request in time",
-                                         connected=True) from None
-                    except OSError as exc:
-                        raise Unsent(f"the connection was lost while the request was sent "
-                                     f"({exc})", connected=True) from None
-                return
+                with self._writing:
+                    sent = self._send_all(data, deadline)
+                if sent:
+                    return
             except BaseException:
                 self.close()
                 raise
+
+    def _send_all(self, data: bytes, deadline: float) -> bool:
+        """Whether ``data`` went whole; False if the connection was found
+        gone (closed now) with none of it sent."""
+        sock = self._sock
+        try:
+            sent = sock.send(data, _NOSIGNAL)
+        except BlockingIOError:  # SO_SNDTIMEO, nothing sent: the broker is not reading
+            sent = 0
+        except OSError:  # EPIPE, ECONNRESET: the broker closed it (restarted, dropped us)
+            self.close()
+            return False
+        rest = memoryview(data)[sent:]
+        while rest:
+            try:
+                rest = rest[sock.send(rest, _NOSIGNAL):]
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise Unsent("the broker did not read the request in time",
+                                 connected=True) from None
+            except OSError as exc:
+                raise Unsent(f"the connection was lost while the request was sent ({exc})",
+                             connected=True) from None
+        return True
 
     def _connect(self, give_up_at: float) -> None:
         pause = 0.01
@@ -165,7 +177,7 @@ class Dealer:
             sock.settimeout(None)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._fast_wait)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._fast_wait)
-            self._sock, self._recv = sock, sock.recv
+            self._sock, self._recv, self._recv_into = sock, sock.recv, sock.recv_into
             self._buffer = bytearray()
             self._poll = select.poll()
             self._poll.register(sock.fileno(), select.POLLIN)
@@ -207,45 +219,100 @@ class Dealer:
                 flags = buffer[0]
                 del buffer[:end]
                 return frame, bool(flags & _COMMAND)
+            if not have:  # a frame's start: into the scratch buffer, see below
+                chunk = self._read_start(deadline)
+                if chunk is None:
+                    return None, False
+                try:
+                    bounds = _bounds(chunk, 0)
+                    if bounds is not None and bounds[1] == len(chunk):
+                        return bytes(chunk[bounds[0]:]), bool(chunk[0] & _COMMAND)  # the usual
+                    buffer += chunk
+                except BaseException:  # an interrupt before the bytes were kept
+                    self.close()
+                    raise
+                continue
             want = _RECV_BYTES if bounds is None else min(max(bounds[1] - have, _RECV_BYTES),
                                                           _RECV_MAX)
             try:
                 chunk = self._recv(want)
+                if not chunk:
+                    raise Closed("the broker closed the connection")
+                buffer += chunk
             except BlockingIOError:  # nothing within fast_wait
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if not self._wait(deadline):
                     return None, False
-                self._poll.poll(max(1, int(remaining * 1000)))  # interrupted here: nothing read
-                continue
             except OSError as exc:  # ECONNRESET
                 self.close()
                 raise Closed(str(exc)) from None
-            except BaseException:  # an interrupt as recv() returned: what it read is lost
+            except BaseException:  # Closed, or an interrupt: what recv() read may be lost
                 self.close()
                 raise
+
+    def _read_start(self, deadline: float) -> memoryview | None:
+        """What came, read into the scratch buffer with nothing before it;
+        None at the deadline.  An interrupt while waiting leaves the
+        connection as it is: the scratch's first byte, which no frame starts
+        with, tells that nothing was read (a bytes object returned by recv()
+        would be lost with it, and the stream out of step)."""
+        scratch = self._scratch
+        while True:
+            scratch[0] = _NOTHING_READ
             try:
-                if not chunk:
+                size = self._recv_into(scratch)
+                if not size:
+                    self.close()
                     raise Closed("the broker closed the connection")
-                if not have:
-                    bounds = _bounds(chunk, 0)
-                    if bounds is not None and bounds[1] == len(chunk):
-                        return chunk[bounds[0]:], bool(chunk[0] & _COMMAND)  # the usual: one frame
-                buffer += chunk
-            except BaseException:  # Closed, or an interrupt before the bytes were kept
+                return memoryview(scratch)[:size]
+            except BlockingIOError:  # nothing within fast_wait
+                if not self._wait(deadline):
+                    return None
+            except OSError as exc:  # ECONNRESET
                 self.close()
+                raise Closed(str(exc)) from None
+            except BaseException:
+                if scratch[0] != _NOTHING_READ:
+                    self.close()  # Closed, or an interrupt with the bytes read
                 raise
+
+    def _wait(self, deadline: float) -> bool:
+        """Wait for something to read until ``deadline`` (False: it passed)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self._poll.poll(max(1, int(remaining * 1000)))  # interrupted here: nothing read
+        return True
 
     def _pong(self) -> None:
-        try:
-            self._sock.send(_PONG, _NOSIGNAL | _DONTWAIT)
-        except (OSError, AttributeError):
-            pass  # a full or closed socket (None: closed): the next request finds out
+        with self._writing:
+            try:
+                self._sock.send(_PONG, _NOSIGNAL | _DONTWAIT)
+            except OSError:
+                pass  # a full socket: the next PING is answered
 
     def keep_alive(self) -> None:
-        """Between requests (the lock held): read what came, drop its
-        PINGs (anything else is a reply given up on: left for the owner,
-        who counts it), and answer.  Client.close() may close the socket
-        meanwhile, from the owner's thread, without the lock."""
+        """From the keep-alive thread.  Between requests: read what came,
+        drop its PINGs (anything else is a reply given up on: left for the
+        owner, who counts it), and answer.  During one whose owner is not
+        reading (it runs a nested request, see Client._request) nor writing:
+        answer only.  Client.close() may close the socket meanwhile, from the
+        owner's thread, without either lock."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self.lock.release()
+        if self._writing.acquire(blocking=False):
+            try:
+                sock = self._sock
+                if sock is not None:
+                    sock.send(_PONG, _NOSIGNAL | _DONTWAIT)
+            except OSError:
+                pass  # full or closed: the next request finds out
+            finally:
+                self._writing.release()
+
+    def _drain(self) -> None:
         sock = self._sock
         if sock is None:
             return
@@ -268,10 +335,6 @@ class Dealer:
                 kept += buffer[at:bounds[1]]
             at = bounds[1]
         self._buffer = kept + buffer[at:]
-        try:
-            sock.send(_PONG, _NOSIGNAL | _DONTWAIT)
-        except OSError:
-            pass  # full or closed: the next request finds out
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
@@ -295,18 +358,19 @@ def _bounds(data: bytes | bytearray, at: int) -> tuple[int, int] | None:
 
 
 # One keep-alive thread per process, started with its first connection.
+# No lock: a signal handler or a finalizer may make a connection while
+# another is being registered or the keeper walks them (each step below is
+# one C-level operation on a set).
 _dealers: weakref.WeakSet[Dealer] = weakref.WeakSet()
-_dealers_lock = threading.Lock()
 _keeper_pid = 0
 
 
 def _keep_alive(dealer: Dealer) -> None:
     global _keeper_pid
-    with _dealers_lock:
-        _dealers.add(dealer)
-        if _keeper_pid != os.getpid():
-            _keeper_pid = os.getpid()
-            threading.Thread(target=_keeper, name="poolbroker-keepalive", daemon=True).start()
+    _dealers.add(dealer)
+    if _keeper_pid != os.getpid():
+        _keeper_pid = os.getpid()
+        threading.Thread(target=_keeper, name="poolbroker-keepalive", daemon=True).start()
 
 
 def _keeper() -> None:
@@ -316,28 +380,27 @@ def _keeper() -> None:
 
 
 def _keep_alive_all() -> None:
-    # A function of its own: its list of the dealers is dropped when it
-    # returns, not kept through the sleep (each would then outlive its thread).
-    with _dealers_lock:
-        dealers = list(_dealers)
-    for dealer in dealers:
-        if dealer.lock.acquire(blocking=False):
-            try:
-                dealer.keep_alive()
-            except Exception:  # never the end of the keep-alive of every other
-                logger.exception("poolbroker: keeping a connection to the broker alive failed")
-            finally:
-                dealer.lock.release()
+    # A function of its own: its references to the dealers are dropped when
+    # it returns, not kept through the sleep (each would outlive its thread).
+    for ref in _dealers.data.copy():
+        dealer = ref()
+        if dealer is None:
+            continue
+        try:
+            dealer.keep_alive()
+        except Exception:  # never the end of the keep-alive of every other
+            logger.exception("poolbroker: keeping a connection to the broker alive failed")
 
 
 def _after_fork_in_child() -> None:
     """The parent's connections are its own: the child closes its copies
     (the parent's stay open) and starts its keep-alive with its first."""
-    global _dealers, _dealers_lock, _keeper_pid
-    inherited = list(_dealers)
-    _dealers, _dealers_lock, _keeper_pid = weakref.WeakSet(), threading.Lock(), 0
+    global _dealers, _keeper_pid
+    inherited = [ref() for ref in _dealers.data.copy()]
+    _dealers, _keeper_pid = weakref.WeakSet(), 0
     for dealer in inherited:
-        dealer.close()
+        if dealer is not None:
+            dealer.close()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

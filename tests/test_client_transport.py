@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
 import random
@@ -156,24 +157,20 @@ def test_threads_that_end_without_closing_leave_no_connection_behind(broker):
 
 def test_the_keep_alive_thread_outlives_a_failure(broker, caplog):
     class Failing:
-        lock = threading.Lock()
-
         def keep_alive(self) -> None:
             raise RuntimeError("a connection that cannot be kept alive")
 
     failing = Failing()
     c = client.Client(broker.endpoint, timeout=5)
     c.execute("SELECT 1")  # the keep-alive thread runs
-    with _zmtp._dealers_lock:
-        _zmtp._dealers.add(failing)
+    _zmtp._dealers.add(failing)
     try:
         with c.transaction() as tx:
             tx.execute("SELECT 1")
             time.sleep(HEARTBEAT_TIMEOUT + 1.5)  # the others' keep-alive goes on
             assert tx.execute("SELECT 2").rows == [(2,)]
     finally:
-        with _zmtp._dealers_lock:
-            _zmtp._dealers.discard(failing)
+        _zmtp._dealers.discard(failing)
     assert "keeping a connection to the broker alive failed" in caplog.text
 
 
@@ -225,3 +222,58 @@ def test_a_request_made_during_another_on_the_same_thread_goes_apart(broker):
         signal.signal(signal.SIGALRM, previous)
     assert nested == [[(2,)]]
     assert c._stale_replies == 0
+
+
+def test_an_interrupt_while_waiting_for_a_reply_keeps_the_connection(broker):
+    """Nothing was read: the connection, and the transaction its thread
+    holds on it, stay (an interrupt inside a frame closes it, above)."""
+    c = client.Client(broker.endpoint, timeout=10)
+    previous = signal.signal(signal.SIGALRM, _interrupt)
+    try:
+        with c.transaction() as tx:
+            tx.execute("CREATE TEMP TABLE kept (v int)")
+            for delay in (0.01, 0.2):  # in the first blocking recv(), then in poll()
+                signal.setitimer(signal.ITIMER_REAL, delay)
+                with pytest.raises(_Interrupt):
+                    c.execute("SELECT pg_sleep(0.4)")
+            time.sleep(1.5)  # the broker would have seen a closed connection by now
+            tx.execute("INSERT INTO kept VALUES (1)")
+            assert tx.execute("SELECT v FROM kept").rows == [(1,)]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_long_nested_request_does_not_starve_the_outer_connection(broker):
+    """The outer request's connection is neither read nor written while a
+    signal handler's request runs: the keep-alive thread answers for it."""
+    c = client.Client(broker.endpoint, timeout=15)
+    previous = signal.signal(signal.SIGALRM,
+                             lambda *_: c.execute("SELECT pg_sleep(%s)", [HEARTBEAT_TIMEOUT + 1.5]))
+    try:
+        with c.transaction() as tx:
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            assert tx.execute("SELECT 7 FROM pg_sleep(0.3)").rows == [(7,)]
+            assert tx.execute("SELECT 8").rows == [(8,)]
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_requests_from_signal_handlers_while_connections_are_made_never_hang(broker):
+    faulthandler.dump_traceback_later(60, exit=True)  # a hang fails loudly
+    c = client.Client(broker.endpoint, timeout=5)
+    answers = []
+    previous = signal.signal(signal.SIGALRM,
+                             lambda *_: answers.append(c.execute("SELECT 2").rows))
+    rng = random.Random(3)
+    try:
+        for _ in range(100):
+            c.close()  # the next request makes (and registers) a connection
+            signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-5, 6e-4))
+            assert c.execute("SELECT 1").rows == [(1,)]
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        faulthandler.cancel_dump_traceback_later()
+    assert answers and all(rows == [(2,)] for rows in answers)
