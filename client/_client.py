@@ -358,17 +358,17 @@ class Client:
         request_id = next(self._ids)
         try:
             owned = getattr(self._local, "owned", None)
-            if owned is None or owned.pid != os.getpid():  # a new thread, or forked
+            # A request made while this thread's is under way (by a signal
+            # handler, or a finalizer run by a garbage collection), or on the
+            # keep-alive thread (which may hold any connection's lock), takes
+            # a connection of its own: on this one it would wait for the other,
+            # or read the other's reply as its own.
+            nested = (owned is not None and owned.busy
+                      or threading.get_ident() == _zmtp.keeper_ident)
+            if nested:
+                owned = self._connection()
+            elif owned is None or owned.pid != os.getpid():  # a new thread, or forked
                 owned = self._local.owned = self._connection()
-                nested = False
-            else:
-                # A request made while this thread's is under way (by a signal
-                # handler, or a finalizer run by a garbage collection) takes a
-                # connection of its own: on this one it would wait for the
-                # other, or read the other's reply as its own.
-                nested = owned.busy
-                if nested:
-                    owned = self._connection()
         except zmq.ZMQError as exc:
             raise self._transport_failed(exc, None, outcome_unknown=False) from exc
         now = time.monotonic()

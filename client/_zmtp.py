@@ -363,6 +363,10 @@ def _bounds(data: bytes | bytearray, at: int) -> tuple[int, int] | None:
 # one C-level operation on a set).
 _dealers: weakref.WeakSet[Dealer] = weakref.WeakSet()
 _keeper_pid = 0
+keeper_ident: int | None = None
+"""The keep-alive thread's: a request made there (by a finalizer that a
+garbage collection runs on it) must not use a connection of its own, whose
+lock it may hold (see Client._request)."""
 
 
 def _keep_alive(dealer: Dealer) -> None:
@@ -374,6 +378,8 @@ def _keep_alive(dealer: Dealer) -> None:
 
 
 def _keeper() -> None:
+    global keeper_ident
+    keeper_ident = threading.get_ident()
     while True:
         time.sleep(KEEPALIVE_INTERVAL)
         _keep_alive_all()
@@ -395,9 +401,9 @@ def _keep_alive_all() -> None:
 def _after_fork_in_child() -> None:
     """The parent's connections are its own: the child closes its copies
     (the parent's stay open) and starts its keep-alive with its first."""
-    global _dealers, _keeper_pid
+    global _dealers, _keeper_pid, keeper_ident
     inherited = [ref() for ref in _dealers.data.copy()]
-    _dealers, _keeper_pid = weakref.WeakSet(), 0
+    _dealers, _keeper_pid, keeper_ident = weakref.WeakSet(), 0, None
     for dealer in inherited:
         if dealer is not None:
             dealer.close()

@@ -277,3 +277,25 @@ def test_requests_from_signal_handlers_while_connections_are_made_never_hang(bro
         signal.signal(signal.SIGALRM, previous)
         faulthandler.cancel_dump_traceback_later()
     assert answers and all(rows == [(2,)] for rows in answers)
+
+
+def test_a_finalizers_request_on_the_keep_alive_thread_never_hangs_it(broker, monkeypatch):
+    """A garbage collection may run on the keep-alive thread, and its
+    finalizers' requests (a dropped connection's rollback) with it, while
+    that thread holds a connection's lock: they go on connections of their
+    own, and the keep-alive goes on."""
+    c = client.Client(broker.endpoint, timeout=5)
+    answers = []
+    drain = _zmtp.Dealer._drain
+
+    def drain_and_finalize(self: _zmtp.Dealer) -> None:
+        if len(answers) < 6:
+            answers.append(c.execute("SELECT 5").rows)
+        drain(self)
+
+    monkeypatch.setattr(_zmtp.Dealer, "_drain", drain_and_finalize)
+    with c.transaction() as tx:
+        tx.execute("SELECT 1")
+        time.sleep(HEARTBEAT_TIMEOUT + 1.5)
+        assert tx.execute("SELECT 2").rows == [(2,)]
+    assert len(answers) >= 3 and all(rows == [(5,)] for rows in answers)
