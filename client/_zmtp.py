@@ -3,10 +3,10 @@ from the calling thread over a unix socket: the client's ipc transport.
 
 libzmq hands each message to its I/O thread and each reply back, two
 thread wake-ups per request in every worker process.  Measured (32
-processes of ``SELECT 1``, cap 4, rounds alternated on one broker): libzmq
-70-119 us of client CPU a request, this 33-45, and 15-45% more requests a
-second.  The broker's ROUTER is libzmq's either way; tcp (and CURVE) keep
-libzmq on the client too.
+processes of ``SELECT 1``, cap 4, six rounds alternated on one broker,
+medians): libzmq 134 us of client CPU a request, this 84, and 35% more
+requests a second (README, Performance).  The broker's ROUTER is libzmq's
+either way; tcp (and CURVE) keep libzmq on the client too.
 
 The broker drops a peer that sends nothing for 3 s after one of its
 heartbeat PINGs.  A worker's thread answers PINGs while it waits for a
