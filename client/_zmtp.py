@@ -33,7 +33,7 @@ KEEPALIVE_INTERVAL = 1.0
 """Seconds between PONGs on an idle connection (the broker PINGs every
 second and waits 3 s for anything back)."""
 
-_MORE, _LONG, _COMMAND = 1, 2, 4
+_LONG, _COMMAND = 2, 4  # a frame's flags (a reply is never in parts: no MORE)
 _NOTHING_READ = 0xFF  # no frame's flags byte
 _GREETING_BYTES = 64
 _GREETING = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\0")
@@ -48,9 +48,14 @@ def _command(body: bytes) -> bytes:
     return bytes((_COMMAND, len(body))) + body
 
 
-_READY = _command(b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER")
+def _socket_type(name: bytes) -> bytes:
+    """A READY command's Socket-Type property."""
+    return b"\x0bSocket-Type" + struct.pack(">I", len(name)) + name
+
+
+_READY = _command(b"\x05READY" + _socket_type(b"DEALER"))
 _PONG = _command(b"\x04PONG")
-_ROUTER = b"\x0bSocket-Type" + struct.pack(">I", 6) + b"ROUTER"  # in the broker's READY
+_ROUTER = _socket_type(b"ROUTER")  # in the broker's READY
 
 
 class Closed(Exception):
@@ -283,12 +288,18 @@ class Dealer:
         self._poll.poll(max(1, int(remaining * 1000)))  # interrupted here: nothing read
         return True
 
-    def _pong(self) -> None:
-        with self._writing:
-            try:
-                self._sock.send(_PONG, _NOSIGNAL | _DONTWAIT)
-            except OSError:
-                pass  # a full socket: the next PING is answered
+    def _pong(self, wait: bool = True) -> None:
+        """Answer (``wait``: for a frame on its way to be sent whole first)."""
+        if not self._writing.acquire(blocking=wait):
+            return
+        try:
+            sock = self._sock
+            if sock is not None:
+                sock.send(_PONG, _NOSIGNAL | _DONTWAIT)
+        except OSError:
+            pass  # full or closed: the next PING, or the next request, finds out
+        finally:
+            self._writing.release()
 
     def keep_alive(self) -> None:
         """From the keep-alive thread.  Between requests: read what came,
@@ -302,15 +313,7 @@ class Dealer:
                 self._drain()
             finally:
                 self.lock.release()
-        if self._writing.acquire(blocking=False):
-            try:
-                sock = self._sock
-                if sock is not None:
-                    sock.send(_PONG, _NOSIGNAL | _DONTWAIT)
-            except OSError:
-                pass  # full or closed: the next request finds out
-            finally:
-                self._writing.release()
+        self._pong(wait=False)
 
     def _drain(self) -> None:
         sock = self._sock
