@@ -92,18 +92,19 @@ def parse_peer_address(address: str | None) -> tuple[int, int] | None:
 
 
 class ClientGate:
-    """Counts the client sockets of one ROUTER and admits them, and their users."""
+    """Counts the client connections and admits them, and their users: the
+    policy, whichever transport accepts them.  libzmq's ROUTER reports its
+    connections through ``serve_router``; the loop's own ipc listener
+    (``zmtp.Listener``) asks ``admit_peer`` at each accept."""
 
-    def __init__(self, context: zmq.Context, router: zmq.Socket, *, max_clients: int,
-                 ipc: bool, allowed_uids: tuple[int, ...]) -> None:
-        """Made before ``router`` binds: its handshakes go through the gate."""
+    def __init__(self, *, max_clients: int, ipc: bool, allowed_uids: tuple[int, ...]) -> None:
         self.max_clients = max_clients
         self.connected = 0
         self.refused = 0  # sockets shut down beyond max_clients
         self.rejected = 0  # messages dropped from a uid not allowed
         self.denied = 0  # connections refused at the handshake
         self.peak = 0  # most sockets admitted at once since start
-        self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.monitor: zmq.Socket | None = None  # libzmq's accepts and disconnects
         self._curve_keys: frozenset[bytes] | None = None  # z85 keys, with CURVE on
         self._curve_text: frozenset[str] = frozenset()  # the same, as User-Id reads them
         self._check_uids = ipc
@@ -118,6 +119,13 @@ class ClientGate:
         self._refused_log_at = 0.0
         self._keys_refused = 0  # CURVE keys refused since the last line about them
         self._keys_log_at = 0.0
+        self._closing = threading.Event()
+        self._handshakes: threading.Thread | None = None
+
+    def serve_router(self, context: zmq.Context, router: zmq.Socket) -> None:
+        """Vet ``router``'s connections: call before it binds, so that its
+        handshakes go through the gate."""
+        self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         # Bound here, used only by the thread from its start: a connection
         # that arrives before a handler exists must not get in unasked.
         zap = context.socket(zmq.REP)
@@ -125,7 +133,6 @@ class ClientGate:
         zap.bind(ZAP_ENDPOINT)
         router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
         router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no handler: refused, not let in
-        self._closing = threading.Event()
         self._handshakes = threading.Thread(target=self._serve_handshakes, args=(zap,),
                                             name="poolbroker-zap", daemon=True)
         self._handshakes.start()
@@ -138,8 +145,40 @@ class ClientGate:
     def close(self) -> None:
         """After the router is closed: until then, its handshakes need the thread."""
         self._closing.set()
-        self._handshakes.join()
-        self.monitor.close(linger=0)
+        if self._handshakes is not None:
+            self._handshakes.join()
+        if self.monitor is not None:
+            self.monitor.close(linger=0)
+
+    def admit_peer(self, uid: int) -> bool:
+        """Whether a connection just accepted from ``uid`` may stay (counted
+        if so): the loop's own listener asks, before the handshake."""
+        if uid not in self._uids:
+            self.denied += 1
+            self._warn(uid, "refusing connections")
+            return False
+        if self.connected >= self.max_clients:
+            self._refused()
+            return False
+        self.connected += 1
+        self.peak = max(self.peak, self.connected)
+        return True
+
+    def peer_left(self) -> None:
+        self.connected -= 1
+
+    def allows(self, uid: int) -> bool:
+        """Whether a message from ``uid``, admitted before, is still taken
+        (``allowed_uids`` may have changed since)."""
+        if uid in self._uids:
+            return True
+        self.rejected += 1
+        self._warn(uid, "dropping requests")
+        return False
+
+    def reads_our_clock(self, pid: int) -> bool:
+        """Whether process ``pid`` reads the broker's monotonic clock."""
+        return _time_namespace(str(pid)) == self._time_namespace
 
     def allow_keys(self, keys: frozenset[bytes]) -> None:
         """CURVE's allow-list (z85 public keys): checked at each new connection
@@ -287,14 +326,10 @@ class ClientGate:
                 self._peer_of.clear()
                 self.same_clock.clear()
             self._peer_of[address] = peer
-            if peer[1] and _time_namespace(str(peer[1])) == self._time_namespace:
+            if peer[1] and self.reads_our_clock(peer[1]):
                 self.same_clock.add(peer[1])
         uid, pid = peer
-        if uid in self._uids:
-            return pid
-        self.rejected += 1
-        self._warn(uid, "dropping requests")
-        return None
+        return pid if self.allows(uid) else None
 
     def _warn(self, uid: int | None, what: str) -> None:
         if (what, uid) not in self._warned:

@@ -136,10 +136,35 @@ def bind(router: zmq.Socket, endpoint: str) -> None:
     except zmq.ZMQError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise ConfigError(f"cannot bind {endpoint}: {exc}") from None
-        pid = None
-        if endpoint.startswith("ipc://@"):
-            pid = listener_pid("\0" + endpoint[len("ipc://@"):])
-        raise EndpointInUse(_in_use(endpoint, pid)) from None
+        raise _taken(endpoint) from None
+
+
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues for the loop's next accept: a fork of
+hundreds of workers connects at once."""
+
+
+def listen(endpoint: str, address: str) -> socket.socket:
+    """A non-blocking unix socket listening at ``address`` (of an ``ipc://``
+    endpoint, claimed before), with a clear error when it is taken."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise ConfigError(f"cannot bind {endpoint}: {exc}") from None
+        raise _taken(endpoint) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _taken(endpoint: str) -> EndpointInUse:
+    pid = None
+    if endpoint.startswith("ipc://@"):
+        pid = listener_pid("\0" + endpoint[len("ipc://@"):])
+    return EndpointInUse(_in_use(endpoint, pid))
 
 
 def listener_pid(address: str) -> int | None:

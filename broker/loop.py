@@ -2,7 +2,8 @@
 
 The request path, top to bottom::
 
-    ROUTER frames --requests.decode_request/Decoder--> Job (or a refusal)
+    a client's frames (router.RouterTransport, or zmtp.Listener over ipc)
+      --requests.decode_request/Decoder--> Job (or a refusal)
       --> a pinned session's connection, or the pool's FIFO queue
       --> _dispatch: an idle connection, or a shared pipeline (quick jobs)
       --> PgConn.send (libpq pipeline, one Sync per job)
@@ -32,10 +33,10 @@ import zmq
 import zmq.auth
 from psycopg import pq
 
-from client import protocol
+from client import _zmtp, protocol
 from client.protocol import (
     CONTROL_COMMANDS, OP_BEGIN, OP_COMMIT, OP_CONTROL, OP_COPY_FROM, OP_COPY_TO, OP_EXECUTEMANY,
-    OP_NAMES, OP_PING, OP_ROLLBACK, OP_STATS, STATUS_OK, EMPTY_RESULT, ErrorKind, error_payload,
+    OP_NAMES, OP_PING, OP_ROLLBACK, OP_STATS, EMPTY_RESULT, ErrorKind, error_payload,
 )
 
 from . import endpoint as endpoints
@@ -57,7 +58,9 @@ from .requests import (
     ENDING_OPS, NO_DEADLINE, OP_RESET, POOLED_OPS, SESSION_OPS, Decoder, Job, Query, Refusal,
     decode_request,
 )
+from .router import RouterTransport
 from .sessions import Session, Sessions, pid_alive
+from .zmtp import Listener
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer
@@ -87,10 +90,6 @@ each direction.  Replies past it (stale ones, probes) are dropped, counted
 as undeliverable: a client that never reads holds at most
 (max_client_requests + REPLY_QUEUE_SLACK) x max_result_bytes of the broker.
 Requests past it wait in the client: libzmq stops reading its socket."""
-ROUTER_BATCH = 256
-"""Requests read per turn before connections get their turn."""
-_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq converts an enum flag on every call
-_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 ESTIMATE_SPREAD = 0.01
 """A statement's time varies around its estimate: as much again, up to this
 many seconds, is counted on (short ones vary the most, relatively)."""
@@ -114,7 +113,6 @@ transit, so the server cannot have started it (its guard) in time."""
 GONE_CLIENTS_KEPT = 10_000
 """Client sockets remembered as gone, so that the backlog they left is dropped."""
 
-_PROBE = protocol.pack([protocol.PROBE_REQUEST_ID, STATUS_OK, None])
 _ENDINGS = {OP_COMMIT: Query(b"COMMIT", None, (), None),
             OP_ROLLBACK: Query(b"ROLLBACK", None, (), None)}
 _ROLLBACK = _ENDINGS[OP_ROLLBACK]
@@ -125,8 +123,6 @@ _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 # enum's member through EnumType's __getattr__ hook (see pool.IDLE).
 _NOT_IN_TRANSACTION = pq.TransactionStatus.IDLE
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # plain ints: Flag arithmetic is slow
-_EVENTS = int(zmq.EVENTS)
-_COPY_THRESHOLD = zmq.COPY_THRESHOLD  # bytes from which pyzmq sends without copying
 INSUFFICIENT_PRIVILEGE = "42501"
 """The SQLSTATE of a control command refused to its sender."""
 INVALID_CATALOG_NAME = "3D000"
@@ -148,11 +144,7 @@ class Broker:
                  reread: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
         self._reread = reread
-        self._context = zmq.Context()
-        self._router = self._context.socket(zmq.ROUTER)
-        # The backend's send, bound once: pyzmq's Socket.send adds Python code
-        # (draft-socket options) to every frame of every reply.
-        self._router_send = zmq.backend.Socket.send.__get__(self._router)
+        self._transport: RouterTransport | Listener | None = None
         self._poller = zmq.Poller()
         adapters = build_adapters()
         self._redact = Redactor(*settings.all_dsns)
@@ -204,21 +196,25 @@ class Broker:
                 "--insecure-tcp on a network you trust")
         endpoints.prepare_ipc_directory(endpoint)
         self._claim = endpoints.claim(endpoint)
-        router = self._router
         open_files = raise_open_files_limit()
         max_clients = s.max_clients or default_max_clients(open_files, s.max_connections)
-        self._gate = ClientGate(self._context, router, max_clients=max_clients,
-                                ipc=endpoint.startswith("ipc://"), allowed_uids=s.allowed_uids)
-        if s.curve_secret_key_file:
-            self._enable_curve()
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)
-        self._set_queue_limits()
-        router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        ipc = endpoint.startswith("ipc://")
+        self._gate = ClientGate(max_clients=max_clients, ipc=ipc, allowed_uids=s.allowed_uids)
+        curve = self._curve_keys() if s.curve_secret_key_file else None
+        queue_limit = s.max_client_requests + REPLY_QUEUE_SLACK
+        if ipc and curve is None and endpoint != "ipc://*":
+            try:
+                address = _zmtp.address(endpoint)
+            except ValueError as exc:
+                raise ConfigError(f"cannot bind {endpoint}: {exc}") from None
+            self._transport = Listener(
+                endpoints.listen(endpoint, address), self._gate,
+                max_message_bytes=s.max_message_bytes, queue_limit=queue_limit)
+        else:
+            self._transport = RouterTransport(
+                endpoint, self._gate, max_message_bytes=s.max_message_bytes,
+                queue_limit=queue_limit, curve=curve)
         return_large_buffers()
-        endpoints.bind(router, endpoint)
         logger.info("listening on %s, min_connections=%d, max_connections=%d, max_clients=%d "
                     "(open files: %d), pools: %s, server connections marked "
                     "application_name=%s", endpoint, s.min_connections, s.max_connections,
@@ -229,24 +225,14 @@ class Broker:
             from .metrics import MetricsServer
             self._metrics = MetricsServer(s.metrics_listen)  # ConfigError if it cannot listen
 
-    def _set_queue_limits(self) -> None:
-        """The ROUTER's queues from max_client_requests: at bind, and on a
-        reload (libzmq applies them to clients that connect from then on)."""
-        limit = self.settings.max_client_requests + REPLY_QUEUE_SLACK
-        # libzmq bounds a peer's queue in messages, not bytes: a client that
-        # reads its replies never has more than max_client_requests pending.
-        self._router.setsockopt(zmq.SNDHWM, limit)
-        # A client with more requests than that queued is refused them anyway:
-        # past it, libzmq stops reading its socket (the client's sends wait).
-        self._router.setsockopt(zmq.RCVHWM, limit)
-
     def _describe_query_timeout(self) -> None:
         self._query_timeout_reason = (
             f"the statement ran longer than query_timeout ({self.settings.query_timeout:g} s) "
             "and was cancelled on the server")
 
-    def _enable_curve(self) -> None:
-        """Encrypt the transport and admit only clients on the allow-list."""
+    def _curve_keys(self) -> tuple[bytes, bytes]:
+        """The server's CURVE keys (public, secret): the transport is encrypted,
+        and only clients on the allow-list are admitted."""
         s = self.settings
         try:
             public, secret = zmq.auth.load_certificate(s.curve_secret_key_file)
@@ -259,10 +245,8 @@ class Broker:
                               "is not a directory")
         self._curve = True
         self._load_allowed_clients()
-        self._router.curve_secretkey = secret
-        self._router.curve_publickey = public
-        self._router.curve_server = True
         logger.info("CURVE on: clients allowed from %s", s.curve_allowed_clients)
+        return public, secret
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe from a signal handler)."""
@@ -328,7 +312,7 @@ class Broker:
         self.settings = settings
         self._pools.apply(settings)
         self._describe_query_timeout()
-        self._set_queue_limits()
+        self._transport.set_queue_limit(settings.max_client_requests + REPLY_QUEUE_SLACK)
         logging.getLogger().setLevel(settings.log_level)
         if self._gate is not None:
             self._gate.allow_uids(settings.allowed_uids)
@@ -360,10 +344,10 @@ class Broker:
             self._metrics.close()  # scrapes waiting for the loop get poolbroker_up 0
         # Give the last replies (answers to drained statements) a moment to
         # leave; a client that stopped reading cannot hold the exit longer.
-        self._router.close(linger=REPLY_FLUSH_MS)
-        if self._gate is not None:
-            self._gate.close()  # after the router: no handshake goes unvetted
-        self._context.term()
+        if self._transport is not None:
+            self._transport.close(REPLY_FLUSH_MS)
+        elif self._gate is not None:
+            self._gate.close()
         if self._claim is not None:
             self._claim.release()  # last: the socket is closed, a successor may bind
 
@@ -377,17 +361,15 @@ class Broker:
         except BaseException:
             self._close_transport()
             raise
-        router, poller, by_fd = self._router, self._poller, self._by_fd
-        # The backend's methods, bound once: pyzmq's Socket and Frame classes
-        # route every attribute through a Python-level __getattr__ hook.
-        recv = zmq.backend.Socket.recv.__get__(router)
-        router_events = zmq.backend.Socket.get.__get__(router)
+        poller, by_fd, transport = self._poller, self._by_fd, self._transport
+        requests, transport_events = transport.requests, transport.events
         pools = self._pools.all
         by_wakeup = self._pools.by_wakeup
-        gate = self._gate
-        monitor = gate.monitor
-        poller.register(monitor, zmq.POLLIN)  # first: a socket beyond max_clients goes
-        poller.register(router, zmq.POLLIN)   # before its requests are read, if it can
+        if transport_events is not None:
+            # First: a socket beyond max_clients goes before its requests
+            # are read, if it can.
+            poller.register(transport_events, zmq.POLLIN)
+        poller.register(requests, zmq.POLLIN)
         for wakeup in by_wakeup:
             poller.register(wakeup, zmq.POLLIN)
         scrapes = -1  # no descriptor is -1: the branch below never matches
@@ -396,45 +378,31 @@ class Broker:
             poller.register(scrapes, zmq.POLLIN)
         timeout_ms = int(HOUSEKEEPING_INTERVAL * 1000)
         try:
-            # Requests queue in the socket meanwhile: none is served before it.
-            for pool in pools:
-                pool.open_first(lambda: self._stopping)
+            # Clients connect meanwhile, and their requests wait in their
+            # sockets: none is served before it.
+            with transport.accepting():
+                for pool in pools:
+                    pool.open_first(lambda: self._stopping)
             while True:
                 events = poller.poll(timeout_ms)
                 now = time.monotonic()
-                requests = False
+                ready = False
                 for what, _ in events:
-                    if what is router:
-                        requests = True
+                    if what == requests:
+                        ready = True
                     elif (pool := by_wakeup.get(what)) is not None:
                         self._on_opened(pool, now)
-                    elif what is monitor:
-                        gate.on_events()
                     elif (conn := by_fd.get(what)) is not None:
                         self._unflushed.add(conn)  # a rerun or a DEALLOCATE may follow
                         self._on_outcomes(conn, conn.read(now), now)
                     elif what == scrapes:
                         self._metrics.handoff.answer(self.snapshot)
+                    elif what is transport_events:
+                        transport.on_events()
                     else:  # a closed connection's socket: see _on_closing
                         self._on_closing(what, now)
-                if requests:
-                    # Asked, not tried: a zmq.Again ending each turn's reads
-                    # cost more than the rest of a request's reading.  Not
-                    # asked before the first read: the poll just said there is
-                    # one (and pyzmq's get() costs ~2 us: it makes an enum).
-                    for read in range(ROUTER_BATCH):
-                        if read and not router_events(_EVENTS) & _POLLIN:
-                            break
-                        try:
-                            routing_id = recv(_NOBLOCK)  # bytes: a Frame costs more
-                            frame = recv(_NOBLOCK, copy=False)  # its metadata: the sender
-                        except zmq.Again:
-                            break
-                        parts = [frame]
-                        while frame.more:
-                            frame = recv(_NOBLOCK, copy=False)
-                            parts.append(frame)
-                        self._on_request(routing_id, parts, now)
+                if ready:
+                    transport.receive(self._on_request, now)
                 if now >= self._next_housekeeping:
                     self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
                     if self._reload_requested:
@@ -449,9 +417,11 @@ class Broker:
 
     # Requests
 
-    def _on_request(self, routing_id: bytes, frames: list[zmq.Frame], now: float) -> None:
-        """``frames``: the request's own, after its routing id."""
-        client_pid = self._gate.sender(frames[-1])
+    def _on_request(self, routing_id: bytes, frames: list, client_pid: int | None,
+                    same_clock: bool, now: float) -> None:
+        """``frames``: the request's own, after its routing id; ``client_pid``
+        its sender's (0: unknown, over tcp; None: not allowed, dropped unread);
+        ``same_clock``: the sender reads the broker's monotonic clock."""
         if client_pid is None:
             return  # another user's process: not a word back
         self.stats[S.REQUESTS_NUM] += 1
@@ -461,7 +431,7 @@ class Broker:
             return
         try:
             request_id, op, deadline, token, pool_name, body = decode_request(
-                frames, now, client_pid in self._gate.same_clock)
+                frames, now, same_clock)
         except Refusal as exc:
             self._malformed(routing_id, exc.request_id, str(exc))
             return
@@ -534,11 +504,11 @@ class Broker:
         self._reply_error(job.routing_id, job.request_id, ErrorKind.OPERATIONAL, why,
                           sqlstate=INVALID_CATALOG_NAME)
 
-    def _on_control(self, routing_id: bytes, frames: list[zmq.Frame], request_id: Any,
+    def _on_control(self, routing_id: bytes, frames: list, request_id: Any,
                     body: bytes, now: float) -> None:
         """``poolbroker ctl``: from the broker's own uid over ipc or an operator's key (see
         ClientGate.may_control); anyone else is refused, and told so."""
-        if not self._gate.may_control(frames[-1], self._admin_keys):
+        if not self._transport.may_control(routing_id, frames, self._admin_keys):
             self._reply_error(routing_id, request_id, ErrorKind.PROGRAMMING,
                               "control commands are taken only from the broker's own user "
                               "over ipc, or a key of curve_admin_clients over tcp",
@@ -1072,30 +1042,10 @@ class Broker:
 
     # Replies
 
-    def _send_to(self, routing_id: bytes, message: bytes) -> None:
-        # Frame by frame: send_multipart costs a few microseconds more a reply.
-        # ROUTER_MANDATORY raises (EHOSTUNREACH, EAGAIN) on the first frame.
-        send = self._router_send
-        send(routing_id, _NOBLOCK_MORE)
-        # A large reply goes without a copy, as pyzmq's own send would send it.
-        send(message, _NOBLOCK, copy=len(message) < _COPY_THRESHOLD)
-
     def _reply(self, routing_id: bytes, reply: bytes) -> None:
-        try:
-            self._send_to(routing_id, reply)
-        except zmq.ZMQError:
-            # EHOSTUNREACH: the client is gone; EAGAIN: it stopped reading.
+        if not self._transport.send(routing_id, reply):
+            # The client is gone, or stopped reading.
             self.stats[S.REPLIES_UNDELIVERABLE] += 1
-
-    def _peer_connected(self, routing_id: bytes) -> bool:
-        """Whether the client's connection is up: a frozen or vanished peer
-        fails its heartbeats and its pipe is closed, so ROUTER_MANDATORY
-        refuses a message to it."""
-        try:
-            self._send_to(routing_id, _PROBE)
-        except zmq.ZMQError as exc:
-            return exc.errno != zmq.EHOSTUNREACH  # EAGAIN: up, just not reading
-        return True
 
     def _reply_error(self, routing_id: bytes, request_id: Any, kind: ErrorKind, message: str,
                      **extra: Any) -> None:
@@ -1116,6 +1066,7 @@ class Broker:
     # Timers
 
     def _housekeeping(self, now: float) -> None:
+        self._transport.tick(now)
         for pool in self._pools.all:
             if pool.waiting:
                 self._expire_waiting(pool, now)
@@ -1140,7 +1091,7 @@ class Broker:
             if check_owners and exited(session.owner_pid):
                 self._expire(session, f"its owner process {session.owner_pid} exited", now)
                 self._forget_client(session.routing_id, now)
-            elif probe_peers and not self._peer_connected(session.routing_id):
+            elif probe_peers and not self._transport.connected(session.routing_id):
                 self._expire(session, "its client's connection was lost (closed, or "
                                       "no answer to transport heartbeats)", now)
                 self._forget_client(session.routing_id, now)

@@ -160,19 +160,19 @@ def decode_request(frames: list[Any], now: float, same_clock: bool = False) -> t
     one each.  ``same_clock``: the sender reads the broker's monotonic clock
     (its sent_at counts)."""
     if len(frames) == 1:
-        message = frames[0].buffer  # a view: the body is copied once, below
+        message = memoryview(frames[0])  # the body is copied once, below
         request_id, op, deadline, session, pool, end = decode_header(message, now, same_clock)
         return request_id, op, deadline, session, pool, bytes(message[end:])
     if len(frames) == 2:
-        header = frames[0].buffer
+        header = memoryview(frames[0])
         if len(header) > MAX_HEADER_BYTES:
             raise _malformed(None, "header frame too large")
         request_id, op, deadline, session, pool, end = decode_header(header, now, same_clock)
         if end != len(header):
             raise _malformed(request_id, "undecodable header: extra data after it")
-        return request_id, op, deadline, session, pool, frames[1].bytes
-    raise _malformed(None, f"expected 1 frame (header and body) or 2 (header, body), "
-                           f"got {len(frames)}")
+        return request_id, op, deadline, session, pool, bytes(frames[1])
+    raise _malformed(None, "expected 1 frame (header and body) or 2 (header, body), "
+                           "got more")
 
 
 def decode_header(message: bytes | memoryview, now: float, same_clock: bool = False) -> tuple[

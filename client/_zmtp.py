@@ -33,10 +33,10 @@ KEEPALIVE_INTERVAL = 1.0
 """Seconds between PONGs on an idle connection (the broker PINGs every
 second and waits 3 s for anything back)."""
 
-_LONG, _COMMAND = 2, 4  # a frame's flags (a reply is never in parts: no MORE)
+MORE, LONG, COMMAND = 1, 2, 4  # a frame's flags (a reply is never in parts)
 _NOTHING_READ = 0xFF  # no frame's flags byte
-_GREETING_BYTES = 64
-_GREETING = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\0")
+GREETING_BYTES = 64
+GREETING = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\0")
              + b"\x00" + bytes(31))
 _RECV_BYTES = 64 * 1024  # below malloc's mmap threshold: a recv() of more costs a mmap
 _RECV_MAX = 16 * 1024 * 1024  # one recv() of a large frame at most
@@ -44,18 +44,24 @@ _NOSIGNAL = socket.MSG_NOSIGNAL
 _DONTWAIT = socket.MSG_DONTWAIT
 
 
-def _command(body: bytes) -> bytes:
-    return bytes((_COMMAND, len(body))) + body
+def command(body: bytes) -> bytes:
+    return bytes((COMMAND, len(body))) + body
 
 
-def _socket_type(name: bytes) -> bytes:
+def null_greeting(greeting: bytes | memoryview) -> bool:
+    """Whether a peer's greeting is ZMTP 3 with NULL security."""
+    return (greeting[0] == 0xFF and greeting[9] & 1 and greeting[10] >= 3
+            and bytes(greeting[12:32]).rstrip(b"\0") == b"NULL")
+
+
+def socket_type(name: bytes) -> bytes:
     """A READY command's Socket-Type property."""
     return b"\x0bSocket-Type" + struct.pack(">I", len(name)) + name
 
 
-_READY = _command(b"\x05READY" + _socket_type(b"DEALER"))
-_PONG = _command(b"\x04PONG")
-_ROUTER = _socket_type(b"ROUTER")  # in the broker's READY
+_READY = command(b"\x05READY" + socket_type(b"DEALER"))
+_PONG = command(b"\x04PONG")
+_ROUTER = socket_type(b"ROUTER")  # in the broker's READY
 
 
 class Closed(Exception):
@@ -167,15 +173,14 @@ class Dealer:
         try:
             sock.settimeout(timeout)
             sock.connect(self._address)
-            sock.sendall(_GREETING + _READY)
+            sock.sendall(GREETING + _READY)
             greeting = b""
-            while len(greeting) < _GREETING_BYTES:
-                chunk = sock.recv(_GREETING_BYTES - len(greeting))
+            while len(greeting) < GREETING_BYTES:
+                chunk = sock.recv(GREETING_BYTES - len(greeting))
                 if not chunk:
                     raise Closed("the broker closed the connection during the handshake")
                 greeting += chunk
-            if greeting[0] != 0xFF or not greeting[9] & 1 or greeting[10] < 3 \
-                    or greeting[12:32].rstrip(b"\0") != b"NULL":
+            if not null_greeting(greeting):
                 raise Closed("the peer does not speak ZMTP 3 without security")
             # Blocking, with kernel timeouts: a reply is one recv() away, and
             # a broker that stops reading cannot hold a send past its deadline.
@@ -217,21 +222,21 @@ class Dealer:
         buffer = self._buffer
         while True:
             have = len(buffer)
-            bounds = _bounds(buffer, 0)
+            bounds = frame_bounds(buffer, 0)
             if bounds is not None and bounds[1] <= have:
                 start, end = bounds
                 frame = buffer[start:end]
                 flags = buffer[0]
                 del buffer[:end]
-                return frame, bool(flags & _COMMAND)
+                return frame, bool(flags & COMMAND)
             if not have:  # a frame's start: into the scratch buffer, see below
                 chunk = self._read_start(deadline)
                 if chunk is None:
                     return None, False
                 try:
-                    bounds = _bounds(chunk, 0)
+                    bounds = frame_bounds(chunk, 0)
                     if bounds is not None and bounds[1] == len(chunk):
-                        return bytes(chunk[bounds[0]:]), bool(chunk[0] & _COMMAND)  # the usual
+                        return bytes(chunk[bounds[0]:]), bool(chunk[0] & COMMAND)  # the usual
                     buffer += chunk
                 except BaseException:  # an interrupt before the bytes were kept
                     self.close()
@@ -333,8 +338,8 @@ class Dealer:
             self.close()
             return
         kept, at = bytearray(), 0
-        while (bounds := _bounds(buffer, at)) is not None and bounds[1] <= len(buffer):
-            if not buffer[at] & _COMMAND:
+        while (bounds := frame_bounds(buffer, at)) is not None and bounds[1] <= len(buffer):
+            if not buffer[at] & COMMAND:
                 kept += buffer[at:bounds[1]]
             at = bounds[1]
         self._buffer = kept + buffer[at:]
@@ -348,12 +353,12 @@ class Dealer:
         self.close()
 
 
-def _bounds(data: bytes | bytearray, at: int) -> tuple[int, int] | None:
+def frame_bounds(data: bytes | bytearray, at: int) -> tuple[int, int] | None:
     """(start, end) of the body of the frame at ``at``, if its header is there."""
     have = len(data) - at
     if have < 2:
         return None
-    if data[at] & _LONG:
+    if data[at] & LONG:
         if have < 9:
             return None
         return at + 9, at + 9 + int.from_bytes(data[at + 1:at + 9], "big")

@@ -1,0 +1,447 @@
+"""The clients' transport over ipc without CURVE: ZeroMQ's wire protocol
+(ZMTP 3.1, NULL security) spoken by the loop itself on a unix socket.
+
+With libzmq's ROUTER, each request and each reply crossed the broker's
+I/O thread: two thread wake-ups, and the loop's zmq_poll asking each zmq
+socket for its events, per round trip.  A transaction's statements go one
+round trip at a time, so nothing amortized that (README, Performance).
+Here the loop reads a client's socket and writes its reply itself.
+
+What it keeps of the ROUTER it replaces, for either kind of client (the
+client's own ZMTP over ipc, or a libzmq DEALER):
+
+- the handshake: greeting, READY with Socket-Type ROUTER; PING answered;
+- one routing id per connection, never reused;
+- heartbeats: a PING to a client silent for HEARTBEAT_INTERVAL, and the
+  connection dropped once it has been silent HEARTBEAT_TIMEOUT;
+- a frame over ``max_message_bytes`` drops the connection (MAXMSGSIZE);
+- at most ``queue_limit`` replies queued for a client that does not read:
+  past it a reply is undeliverable (SNDHWM with ROUTER_MANDATORY);
+- the gate's ``max_clients`` and uid checks at accept, from the kernel's
+  credentials (which also name the client's pid), and the uid again on
+  every message (``allowed_uids`` may change by a reload).
+
+A transport gives the loop what ``router.RouterTransport`` gives.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from typing import Any, Iterator
+
+from client._zmtp import (
+    COMMAND, GREETING, GREETING_BYTES, LONG, MORE, command, null_greeting, socket_type,
+)
+
+from .clients import ClientGate
+from .logs import LogBudget
+from .router import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, Handler
+
+logger = logging.getLogger("poolbroker")
+
+HEARTBEAT_INTERVAL = HEARTBEAT_IVL_MS / 1000
+HEARTBEAT_TIMEOUT = HEARTBEAT_TIMEOUT_MS / 1000
+ACCEPT_BATCH = 64
+"""Connections accepted per turn before requests get theirs."""
+READ_BYTES = 64 * 1024  # below malloc's mmap threshold
+READS_PER_TURN = 16
+"""Reads of one connection per turn: a large request does not hold the others."""
+LARGE_READ_BYTES = 16 * 1024 * 1024
+"""One read of a large frame's rest at most."""
+FRAMES_KEPT = 3
+"""Frames of one message kept: a request has one or two, and decode_request
+refuses more (the rest of such a message is read and dropped)."""
+COPY_BYTES = 64 * 1024
+"""Replies below this size go with their frame header in one buffer."""
+ACCEPT_ERRORS_PER_SECOND = 1.0
+ACCEPT_WAIT_MS = 50
+"""Before the loop serves: how often the accepting thread looks whether it may stop."""
+
+_UCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
+_HELLO = GREETING + command(b"\x05READY" + socket_type(b"ROUTER"))
+_PING = command(b"\x04PING\x00\x00")  # TTL 0: the client sets no timeout of its own
+_CLIENT_TYPES = frozenset((b"DEALER", b"REQ", b"ROUTER"))  # what libzmq's ROUTER accepts
+_NOSIGNAL = socket.MSG_NOSIGNAL
+_EPOLLIN, _EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+_FLAGS = MORE | LONG | COMMAND
+
+
+class _Peer:
+    __slots__ = ("sock", "fd", "routing_id", "pid", "uid", "same_clock", "inbox", "frames",
+                 "outbox", "heard_at", "greeted", "ready")
+
+    def __init__(self, sock: socket.socket, routing_id: bytes, pid: int, uid: int,
+                 same_clock: bool, now: float) -> None:
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
+        self.routing_id = routing_id
+        self.pid = pid
+        self.uid = uid
+        self.same_clock = same_clock
+        self.inbox = bytearray()  # bytes read and not yet parsed: a frame's start
+        self.frames: list[bytes] = []  # the message being read, frame by frame
+        self.outbox: collections.deque = collections.deque()  # what the socket did not take
+        self.heard_at = now
+        self.greeted = False
+        self.ready = False
+
+
+class Listener:
+    def __init__(self, listener: socket.socket, gate: ClientGate, *, max_message_bytes: int,
+                 queue_limit: int) -> None:
+        """Serve clients accepted on ``listener`` (see endpoint.listen)."""
+        self._listener = listener
+        self._listen_fd = listener.fileno()
+        self._gate = gate
+        self._max_bytes = max_message_bytes
+        self._queue_limit = queue_limit
+        self._epoll = select.epoll()
+        self._epoll.register(self._listen_fd, _EPOLLIN)
+        self._accepting = True
+        self._peers: dict[bytes, _Peer] = {}  # by routing id
+        self._by_fd: dict[int, _Peer] = {}
+        self._ids = itertools.count(1)
+        self._scratch = bytearray(READ_BYTES)
+        self._next_beat = 0.0
+        self._accept_log = LogBudget(ACCEPT_ERRORS_PER_SECOND)
+        # One descriptor for the loop to poll however many clients there
+        # are: zmq_poll walks its whole list at every turn.
+        self.requests: Any = self._epoll.fileno()
+        self.events: Any = None
+
+    def set_queue_limit(self, limit: int) -> None:
+        self._queue_limit = limit
+
+    @contextlib.contextmanager
+    def accepting(self) -> Iterator[None]:
+        """Accept (and greet) connections on a thread of their own while the
+        loop cannot: before it serves, it may wait seconds for room (a dead
+        predecessor's connections) or for the database, and clients must not
+        take the broker for absent meanwhile.  Their requests wait unread."""
+        done = threading.Event()
+
+        def accept() -> None:
+            ready = select.poll()
+            ready.register(self._listen_fd, select.POLLIN)
+            while not done.is_set():
+                if ready.poll(ACCEPT_WAIT_MS):
+                    self._accept(time.monotonic())
+                    if not self._accepting:  # out of descriptors: a pause, as at a tick
+                        done.wait(HEARTBEAT_INTERVAL)
+                        self._resume_accepting()
+
+        thread = threading.Thread(target=accept, name="poolbroker-accept", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def receive(self, handler: Handler, now: float) -> None:
+        """Accept, read and write what is ready; hand each request to ``handler``."""
+        by_fd = self._by_fd
+        for fd, mask in self._epoll.poll(0):
+            if fd == self._listen_fd:
+                self._accept(now)
+                continue
+            peer = by_fd.get(fd)
+            if peer is None:
+                continue
+            if mask & _EPOLLOUT:
+                self._flush(peer)
+            if mask & ~_EPOLLOUT and peer.sock is not None:
+                self._read(peer, handler, now)
+
+    # Connections
+
+    def _accept(self, now: float) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: retried on the next tick
+                if (more := self._accept_log.allow()) is not None:
+                    logger.warning("cannot accept client connections: %s%s", exc, more)
+                self._epoll.unregister(self._listen_fd)
+                self._accepting = False
+                return
+            try:
+                pid, uid, _ = _UCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            except OSError:
+                sock.close()
+                continue
+            if not self._gate.admit_peer(uid):
+                sock.close()  # the client retries (max_clients) or gives up (its uid)
+                continue
+            sock.setblocking(False)
+            try:
+                # An empty socket's buffer takes it whole.  Sent before the
+                # client's greeting: libzmq's waits for ours to go on.
+                sock.send(_HELLO, _NOSIGNAL)
+            except OSError:
+                sock.close()
+                self._gate.peer_left()
+                continue
+            peer = _Peer(sock, next(self._ids).to_bytes(8, "big"), pid, uid,
+                         self._gate.reads_our_clock(pid), now)
+            self._peers[peer.routing_id] = peer
+            self._by_fd[peer.fd] = peer
+            self._epoll.register(peer.fd, _EPOLLIN)
+
+    def _resume_accepting(self) -> None:
+        if not self._accepting:
+            self._accepting = True
+            self._epoll.register(self._listen_fd, _EPOLLIN)
+
+    def _drop(self, peer: _Peer, why: str = "") -> None:
+        sock, peer.sock = peer.sock, None
+        if sock is None:
+            return
+        if why:
+            logger.debug("dropping client connection (pid %d): %s", peer.pid, why)
+        self._epoll.unregister(peer.fd)
+        sock.close()
+        del self._by_fd[peer.fd]
+        del self._peers[peer.routing_id]
+        peer.outbox.clear()
+        self._gate.peer_left()
+
+    def connected(self, routing_id: bytes) -> bool:
+        """Whether the client's connection is up (gone, or silent past the
+        heartbeat's timeout, it is dropped)."""
+        return routing_id in self._peers
+
+    def may_control(self, routing_id: bytes, frames: list, admin_keys: frozenset[str]) -> bool:
+        """A process of the broker's own uid (see ClientGate.may_control)."""
+        peer = self._peers.get(routing_id)
+        return peer is not None and peer.uid == os.getuid()
+
+    def tick(self, now: float) -> None:
+        """Heartbeats, each HEARTBEAT_INTERVAL; accepting again after a failure."""
+        if now < self._next_beat:
+            return
+        self._next_beat = now + HEARTBEAT_INTERVAL
+        self._resume_accepting()
+        for peer in list(self._peers.values()):
+            silent = now - peer.heard_at
+            if silent >= HEARTBEAT_TIMEOUT and not _unread(peer.sock):
+                self._drop(peer, f"nothing heard for {silent:.1f} s")
+            elif silent >= HEARTBEAT_INTERVAL and peer.ready:
+                self._write(peer, _PING)
+
+    # Reading
+
+    def _read(self, peer: _Peer, handler: Handler, now: float) -> None:
+        sock, scratch = peer.sock, self._scratch
+        for _ in range(READS_PER_TURN):
+            inbox = peer.inbox
+            want = self._rest_of_frame(inbox)
+            try:
+                if want > READ_BYTES:  # a large frame: its rest goes straight after its start
+                    chunk: bytes | memoryview = sock.recv(min(want, LARGE_READ_BYTES))
+                    size = len(chunk)
+                else:
+                    size = sock.recv_into(scratch)
+                    chunk = memoryview(scratch)[:size]
+            except BlockingIOError:
+                return
+            except OSError as exc:  # ECONNRESET
+                self._drop(peer, str(exc))
+                return
+            if not size:
+                self._drop(peer)
+                return
+            peer.heard_at = now
+            if inbox:
+                inbox += chunk
+            with memoryview(inbox if inbox else chunk) as data:
+                used = self._parse(peer, data, handler, now)
+                if used < 0:
+                    return  # dropped
+                if not inbox:  # the usual: whole frames, nothing kept
+                    peer.inbox = bytearray(data[used:])
+            if inbox and used:
+                del inbox[:used]
+            if size < READ_BYTES:
+                return  # the socket is empty, or nearly: the next poll says
+
+    def _rest_of_frame(self, inbox: bytearray) -> int:
+        """Bytes still to come of the frame whose start is in ``inbox``."""
+        if len(inbox) < 9 or not inbox[0] & LONG:
+            return 0
+        return 9 + int.from_bytes(inbox[1:9], "big") - len(inbox)
+
+    def _parse(self, peer: _Peer, data: memoryview, handler: Handler, now: float) -> int:
+        """Handle the whole frames at the start of ``data``: the bytes used,
+        or -1 when the connection was dropped."""
+        at, end = 0, len(data)
+        if not peer.greeted:
+            if end and data[0] != 0xFF:
+                self._drop(peer, "not ZMTP")
+                return -1
+            if end < GREETING_BYTES:
+                return 0
+            if not null_greeting(data):
+                self._drop(peer, "not ZMTP 3 with NULL security")
+                return -1
+            peer.greeted = True
+            at = GREETING_BYTES
+        while end - at >= 2:
+            flags = data[at]
+            if flags & LONG:
+                if end - at < 9:
+                    break
+                size = int.from_bytes(data[at + 1:at + 9], "big")
+                start = at + 9
+            else:
+                size = data[at + 1]
+                start = at + 2
+            if flags & ~_FLAGS or size > self._max_bytes:
+                self._drop(peer, f"a frame of {size} bytes (max_message_bytes="
+                                 f"{self._max_bytes})" if size > self._max_bytes
+                           else f"invalid frame flags {flags:#x}")
+                return -1
+            if end - start < size:
+                break
+            at = start + size
+            body = data[start:at]
+            if flags & COMMAND:
+                if not self._command(peer, body):
+                    return -1
+                continue
+            if not peer.ready:
+                self._drop(peer, "a message before the handshake")
+                return -1
+            frames = peer.frames
+            if len(frames) < FRAMES_KEPT:
+                frames.append(bytes(body))
+            if flags & MORE:
+                continue
+            peer.frames = []
+            if self._gate.allows(peer.uid):
+                handler(peer.routing_id, frames, peer.pid, peer.same_clock, now)
+                if peer.sock is None:
+                    return -1  # dropped by a failed reply
+        return at
+
+    def _command(self, peer: _Peer, body: memoryview) -> bool:
+        """Whether the connection stays."""
+        name = bytes(body[1:1 + body[0]]) if body else b""
+        if name == b"READY":
+            kind = _properties(body[1 + len(name):]).get(b"Socket-Type")
+            if peer.ready or kind not in _CLIENT_TYPES:
+                self._drop(peer, f"a READY from a {kind!r} socket")
+                return False
+            peer.ready = True
+        elif name == b"PING":  # TTL (2 bytes), then a context to echo
+            self._write(peer, command(b"\x04PONG" + bytes(body[7:7 + 16])))
+        elif name == b"ERROR":
+            self._drop(peer, "the client sent ERROR")
+            return False
+        return True  # PONG (the heartbeat is anything heard), or unknown
+
+    # Writing
+
+    def send(self, routing_id: bytes, message: bytes) -> bool:
+        """Queue ``message`` for the client; False when it cannot be: it is
+        gone, or has ``queue_limit`` replies queued already."""
+        peer = self._peers.get(routing_id)
+        if peer is None:
+            return False
+        size = len(message)
+        header = bytes((0, size)) if size < 256 else b"\x02" + size.to_bytes(8, "big")
+        if peer.outbox and len(peer.outbox) >= self._queue_limit:
+            return False
+        if size < COPY_BYTES:
+            self._write(peer, header + message)
+        else:
+            self._write(peer, header)
+            self._write(peer, message)
+        return True
+
+    def _write(self, peer: _Peer, data: bytes) -> None:
+        if peer.outbox:
+            peer.outbox.append(data)
+            return
+        if peer.sock is None:  # dropped by the write before
+            return
+        try:
+            sent = peer.sock.send(data, _NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:  # EPIPE, ECONNRESET: gone
+            self._drop(peer, str(exc))
+            return
+        if sent < len(data):
+            peer.outbox.append(memoryview(data)[sent:])
+            self._epoll.modify(peer.fd, _EPOLLIN | _EPOLLOUT)
+
+    def _flush(self, peer: _Peer) -> None:
+        outbox = peer.outbox
+        while outbox:
+            data = outbox[0]
+            try:
+                sent = peer.sock.send(data, _NOSIGNAL)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._drop(peer, str(exc))
+                return
+            if sent < len(data):
+                outbox[0] = memoryview(data)[sent:]
+                return
+            outbox.popleft()
+        self._epoll.modify(peer.fd, _EPOLLIN)
+
+    def close(self, linger_ms: int) -> None:
+        """Give queued replies ``linger_ms`` to leave, then close every connection."""
+        deadline = time.monotonic() + linger_ms / 1000
+        while any(peer.outbox for peer in self._peers.values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for fd, mask in self._epoll.poll(remaining):
+                peer = self._by_fd.get(fd)
+                if peer is not None and mask & _EPOLLOUT:
+                    self._flush(peer)
+        for peer in list(self._peers.values()):
+            self._drop(peer)
+        self._epoll.close()
+        self._listener.close()
+        self._gate.close()
+
+
+def _unread(sock: socket.socket) -> bool:
+    """Whether bytes wait in ``sock`` (a loop busy for seconds has not read them)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+    except OSError:
+        return False
+
+
+def _properties(data: memoryview) -> dict[bytes, bytes]:
+    """A READY command's metadata: name (1-byte length), value (4-byte length)."""
+    found, at = {}, 0
+    try:
+        while at < len(data):
+            name_end = at + 1 + data[at]
+            value_end = name_end + 4 + int.from_bytes(data[name_end:name_end + 4], "big")
+            found[bytes(data[at + 1:name_end])] = bytes(data[name_end + 4:value_end])
+            at = value_end
+    except IndexError:
+        pass
+    return found
