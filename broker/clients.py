@@ -5,18 +5,20 @@ one, and a process out of them cannot open a server connection (libzmq
 aborts on some paths).  So the open-files limit is raised to its hard
 limit at start, and beyond ``max_clients`` connected sockets each newly
 accepted one is shut down at once: its client sees the connection drop,
-retries with libzmq's reconnect backoff, and gets in once others leave.
+retries, and gets in once others leave.
 
-Over ipc, the kernel tells libzmq the peer's credentials.  A socket
-accepted from a uid other than the broker's own or ``allowed_uids`` is shut
-down at once, uncounted.  The gate is also the context's ZAP handler, on a
-thread of its own so that handshakes complete while the loop is busy or not
-serving yet: libzmq asks it about every new connection before it reads a
-frame, and such a uid (or, with CURVE, a key not on the allow-list) is
-refused there too, so it cannot make the broker hold an endless multipart
-message.  A message from a uid or key no longer allowed (after a reload) is
-dropped unread.  This holds for abstract endpoints (``ipc://@name``), which
-have no directory whose mode could protect them.
+Over ipc, the kernel tells the peer's credentials.  A socket accepted
+from a uid other than the broker's own or ``allowed_uids`` is shut down at
+once, uncounted, before a byte of it is read: by the loop's own listener
+(``zmtp.Listener``, ipc without CURVE) as it accepts; with libzmq's ROUTER
+(tcp, or CURVE), by the gate as the context's ZAP handler, on a thread of
+its own so that handshakes complete while the loop is busy or not serving
+yet (libzmq asks it about every new connection before it reads a frame,
+and such a uid, or with CURVE a key not on the allow-list, is refused
+there, so it cannot make the broker hold an endless multipart message).
+A message from a uid or key no longer allowed (after a reload) is dropped
+unread.  This holds for abstract endpoints (``ipc://@name``), which have
+no directory whose mode could protect them.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class ClientGate:
         self._curve_keys: frozenset[bytes] | None = None  # z85 keys, with CURVE on
         self._curve_text: frozenset[str] = frozenset()  # the same, as User-Id reads them
         self._check_uids = ipc
-        self._uids = frozenset((os.getuid(), *allowed_uids))
+        self.uids = frozenset((os.getuid(), *allowed_uids))
         self._warned: set[tuple[str, int | None]] = set()  # (what, uid) already logged
         self._peer_of: dict[str | None, tuple] = {}  # Peer-Address -> (uid, pid)
         # Pids of clients whose monotonic clock is the broker's (same time
@@ -153,7 +155,7 @@ class ClientGate:
     def admit_peer(self, uid: int) -> bool:
         """Whether a connection just accepted from ``uid`` may stay (counted
         if so): the loop's own listener asks, before the handshake."""
-        if uid not in self._uids:
+        if uid not in self.uids:
             self.denied += 1
             self._warn(uid, "refusing connections")
             return False
@@ -170,7 +172,7 @@ class ClientGate:
     def allows(self, uid: int) -> bool:
         """Whether a message from ``uid``, admitted before, is still taken
         (``allowed_uids`` may have changed since)."""
-        if uid in self._uids:
+        if uid in self.uids:
             return True
         self.rejected += 1
         self._warn(uid, "dropping requests")
@@ -215,7 +217,7 @@ class ClientGate:
         if self._check_uids:
             peer = parse_peer_address(address)
             uid = peer[0] if peer else None
-            if uid not in self._uids:
+            if uid not in self.uids:
                 self._warn(uid, "refusing connections")
                 return None
         if self._curve_keys is None:
@@ -250,7 +252,7 @@ class ClientGate:
                 continue
             self.connected += 1
             fd, endpoint = int(event["value"]), event["endpoint"].decode()
-            if self._check_uids and (uid := _peer_uid(fd, endpoint)) not in self._uids:
+            if self._check_uids and (uid := _peer_uid(fd, endpoint)) not in self.uids:
                 # Another user's: shut before it holds a place under max_clients.
                 if self._shut_down(fd, endpoint):
                     self.denied += 1
@@ -290,7 +292,7 @@ class ClientGate:
 
     def allow_uids(self, allowed_uids: tuple[int, ...]) -> None:
         """A reload's ``allowed_uids``: checked from the next message on."""
-        self._uids = frozenset((os.getuid(), *allowed_uids))
+        self.uids = frozenset((os.getuid(), *allowed_uids))
         self._warned.clear()  # a uid dropped again is worth a line again
 
     def may_control(self, frame: zmq.Frame, admin_keys: frozenset[str]) -> bool:

@@ -247,7 +247,7 @@ class Listener:
         sock, scratch = peer.sock, self._scratch
         for _ in range(READS_PER_TURN):
             inbox = peer.inbox
-            want = self._rest_of_frame(inbox)
+            want = self._rest_of_frame(inbox) if inbox else 0
             try:
                 if want > READ_BYTES:  # a large frame: its rest goes straight after its start
                     chunk: bytes | memoryview = sock.recv(min(want, LARGE_READ_BYTES))
@@ -270,7 +270,7 @@ class Listener:
                 used = self._parse(peer, data, handler, now)
                 if used < 0:
                     return  # dropped
-                if not inbox:  # the usual: whole frames, nothing kept
+                if not inbox and used < size:  # else the usual: whole frames, nothing kept
                     peer.inbox = bytearray(data[used:])
             if inbox and used:
                 del inbox[:used]
@@ -330,7 +330,7 @@ class Listener:
             if flags & MORE:
                 continue
             peer.frames = []
-            if self._gate.allows(peer.uid):
+            if peer.uid in self._gate.uids or self._gate.allows(peer.uid):
                 handler(peer.routing_id, frames, peer.pid, peer.same_clock, now)
                 if peer.sock is None:
                     return -1  # dropped by a failed reply
