@@ -5,8 +5,9 @@ libzmq hands each message to its I/O thread and each reply back, two
 thread wake-ups per request in every worker process.  Measured (32
 processes of ``SELECT 1``, cap 4, six rounds alternated on one broker,
 medians): libzmq 134 us of client CPU a request, this 84, and 35% more
-requests a second (README, Performance).  The broker's ROUTER is libzmq's
-either way; tcp (and CURVE) keep libzmq on the client too.
+requests a second (README, Performance).  The broker speaks ZMTP itself
+over ipc too (broker/zmtp.py, which shares this module's wire constants);
+tcp (and CURVE) keep libzmq on both ends.
 
 The broker drops a peer that sends nothing for 3 s after one of its
 heartbeat PINGs.  A worker's thread answers PINGs while it waits for a

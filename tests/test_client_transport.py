@@ -1,5 +1,5 @@
 """The client's ipc transport: ZMTP spoken from the worker's own thread
-(client/_zmtp.py), against the broker's libzmq ROUTER."""
+(client/_zmtp.py), against the broker's own (broker/zmtp.py)."""
 
 from __future__ import annotations
 
