@@ -299,3 +299,45 @@ def test_a_finalizers_request_on_the_keep_alive_thread_never_hangs_it(broker, mo
         time.sleep(HEARTBEAT_TIMEOUT + 1.5)
         assert tx.execute("SELECT 2").rows == [(2,)]
     assert len(answers) >= 3 and all(rows == [(5,)] for rows in answers)
+
+
+def test_the_client_speaks_to_a_libzmq_router_too():
+    """A broker of an older release serves ipc with libzmq's ROUTER (and
+    so would one with CURVE): the client's own ZMTP handshake and framing
+    work against it as against the broker's."""
+    import zmq
+
+    from client import protocol
+    from conftest import short_tempdir
+
+    endpoint = f"ipc://{short_tempdir()}/router.sock"
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    answered = []
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            if not router.poll(50):
+                continue
+            routing_id, message = router.recv_multipart()
+            request_id = protocol.unpack_first(message, 4096)[0][0]
+            router.send_multipart([routing_id, protocol.pack([request_id, protocol.STATUS_OK,
+                                                              None])])
+            answered.append(request_id)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        c = client.Client(endpoint, timeout=5)
+        c.ping()
+        c.ping()
+        assert type(c._local.owned).__name__ == "_DirectSocket" and len(answered) == 2
+        c.close()
+    finally:
+        done.set()
+        server.join()
+        router.close(linger=0)
+        ctx.term()
