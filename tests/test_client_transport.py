@@ -324,9 +324,9 @@ def test_the_client_speaks_to_a_libzmq_router_too():
                 continue
             routing_id, message = router.recv_multipart()
             request_id = protocol.unpack_first(message, 4096)[0][0]
+            answered.append(request_id)
             router.send_multipart([routing_id, protocol.pack([request_id, protocol.STATUS_OK,
                                                               None])])
-            answered.append(request_id)
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
