@@ -57,6 +57,9 @@ READS_PER_TURN = 16
 """Reads of one connection per turn: a large request does not hold the others."""
 LARGE_READ_BYTES = 16 * 1024 * 1024
 """One read of a large frame's rest at most."""
+COMMAND_BYTES = 8 * 1024
+"""A command frame (READY's metadata, a PING's context) longer than this
+drops the connection: ZMTP's are tens of bytes."""
 FRAMES_KEPT = 3
 """Frames of one message kept: a request has one or two, and decode_request
 refuses more (the rest of such a message is read and dropped)."""
@@ -64,6 +67,7 @@ COPY_BYTES = 64 * 1024
 """Replies below this size go with their frame header in one buffer."""
 ACCEPT_ERRORS_PER_SECOND = 1.0
 ACCEPT_WAIT_MS = 50
+_EPOLLRDHUP = select.EPOLLRDHUP
 """Before the loop serves: how often the accepting thread looks whether it may stop."""
 
 _UCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
@@ -77,7 +81,8 @@ _FLAGS = MORE | LONG | COMMAND
 
 class _Peer:
     __slots__ = ("sock", "fd", "routing_id", "pid", "uid", "same_clock", "inbox", "frames",
-                 "outbox", "heard_at", "greeted", "ready")
+                 "message_bytes", "outbox", "replies_queued", "alive_at", "pinged_at",
+                 "greeted", "ready")
 
     def __init__(self, sock: socket.socket, routing_id: bytes, pid: int, uid: int,
                  same_clock: bool, now: float) -> None:
@@ -89,8 +94,12 @@ class _Peer:
         self.same_clock = same_clock
         self.inbox = bytearray()  # bytes read and not yet parsed: a frame's start
         self.frames: list[bytes] = []  # the message being read, frame by frame
-        self.outbox: collections.deque = collections.deque()  # what the socket did not take
-        self.heard_at = now
+        self.message_bytes = 0  # of the message being read, its frames not kept included
+        # What the socket did not take: (bytes, whether they end a reply).
+        self.outbox: collections.deque[tuple[Any, bool]] = collections.deque()
+        self.replies_queued = 0  # replies in the outbox, whole or in part
+        self.alive_at = now  # when it last sent something, or took some of its output
+        self.pinged_at = 0.0  # when a PING left for it whole, since alive_at
         self.greeted = False
         self.ready = False
 
@@ -107,6 +116,7 @@ class Listener:
         self._epoll = select.epoll()
         self._epoll.register(self._listen_fd, _EPOLLIN)
         self._accepting = True
+        self._watch = _EPOLLIN  # what a new connection is polled for: see accepting()
         self._peers: dict[bytes, _Peer] = {}  # by routing id
         self._by_fd: dict[int, _Peer] = {}
         self._ids = itertools.count(1)
@@ -126,19 +136,24 @@ class Listener:
         """Accept (and greet) connections on a thread of their own while the
         loop cannot: before it serves, it may wait seconds for room (a dead
         predecessor's connections) or for the database, and clients must not
-        take the broker for absent meanwhile.  Their requests wait unread."""
+        take the broker for absent meanwhile.  Their requests wait unread;
+        a connection closed meanwhile is closed here too (its client may be
+        one that reconnects each time its heartbeat goes unanswered)."""
         done = threading.Event()
 
         def accept() -> None:
-            ready = select.poll()
-            ready.register(self._listen_fd, select.POLLIN)
             while not done.is_set():
-                if ready.poll(ACCEPT_WAIT_MS):
-                    self._accept(time.monotonic())
-                    if not self._accepting:  # out of descriptors: a pause, as at a tick
-                        done.wait(HEARTBEAT_INTERVAL)
-                        self._resume_accepting()
+                for fd, mask in self._epoll.poll(ACCEPT_WAIT_MS / 1000):
+                    if fd == self._listen_fd:
+                        self._accept(time.monotonic())
+                    elif (peer := self._by_fd.get(fd)) is not None:
+                        self._drop(peer, "closed before the broker served")
+                if not self._accepting:  # out of descriptors: a pause, as at a tick
+                    done.wait(HEARTBEAT_INTERVAL)
+                    self._resume_accepting()
 
+        # Hang-ups only: what the clients send is the loop's to read.
+        self._watch = _EPOLLRDHUP
         thread = threading.Thread(target=accept, name="poolbroker-accept", daemon=True)
         thread.start()
         try:
@@ -146,6 +161,11 @@ class Listener:
         finally:
             done.set()
             thread.join()
+            self._watch = _EPOLLIN
+            now = time.monotonic()
+            for peer in self._peers.values():
+                self._epoll.modify(peer.fd, _EPOLLIN)
+                peer.alive_at = now  # unread, not silent: the loop reads it next
 
     def receive(self, handler: Handler, now: float) -> None:
         """Accept, read and write what is ready; hand each request to ``handler``."""
@@ -194,11 +214,17 @@ class Listener:
                 sock.close()
                 self._gate.peer_left()
                 continue
+            try:
+                self._epoll.register(sock.fileno(), self._watch)
+            except OSError as exc:  # ENOMEM, ENOSPC (max_user_watches)
+                logger.warning("cannot watch a client connection: %s", exc)
+                sock.close()
+                self._gate.peer_left()
+                continue
             peer = _Peer(sock, next(self._ids).to_bytes(8, "big"), pid, uid,
                          self._gate.reads_our_clock(pid), now)
             self._peers[peer.routing_id] = peer
             self._by_fd[peer.fd] = peer
-            self._epoll.register(peer.fd, _EPOLLIN)
 
     def _resume_accepting(self) -> None:
         if not self._accepting:
@@ -235,11 +261,25 @@ class Listener:
         self._next_beat = now + HEARTBEAT_INTERVAL
         self._resume_accepting()
         for peer in list(self._peers.values()):
-            silent = now - peer.heard_at
-            if silent >= HEARTBEAT_TIMEOUT and not _unread(peer.sock):
-                self._drop(peer, f"nothing heard for {silent:.1f} s")
-            elif silent >= HEARTBEAT_INTERVAL and peer.ready:
-                self._write(peer, _PING)
+            self._beat(peer, now)
+
+    def _beat(self, peer: _Peer, now: float) -> None:
+        """A PING to a peer silent for HEARTBEAT_INTERVAL; dropped when silent
+        HEARTBEAT_TIMEOUT after one left whole, or (unready, or not taking
+        its output) silent that long at all.  A loop busy for seconds sent
+        no PING meanwhile, so drops nobody for it."""
+        if now - peer.alive_at < HEARTBEAT_INTERVAL:
+            return
+        if peer.pinged_at > peer.alive_at:
+            quiet = now - peer.pinged_at
+        elif peer.ready and not peer.outbox:
+            if self._write(peer, _PING, False):
+                peer.pinged_at = now
+            return
+        else:
+            quiet = now - peer.alive_at
+        if quiet >= HEARTBEAT_TIMEOUT and not _unread(peer.sock):
+            self._drop(peer, f"no sign of life for {now - peer.alive_at:.1f} s")
 
     # Reading
 
@@ -263,7 +303,7 @@ class Listener:
             if not size:
                 self._drop(peer)
                 return
-            peer.heard_at = now
+            peer.alive_at = now
             if inbox:
                 inbox += chunk
             with memoryview(inbox if inbox else chunk) as data:
@@ -308,10 +348,17 @@ class Listener:
             else:
                 size = data[at + 1]
                 start = at + 2
-            if flags & ~_FLAGS or size > self._max_bytes:
-                self._drop(peer, f"a frame of {size} bytes (max_message_bytes="
-                                 f"{self._max_bytes})" if size > self._max_bytes
-                           else f"invalid frame flags {flags:#x}")
+            if flags & ~_FLAGS:
+                self._drop(peer, f"invalid frame flags {flags:#x}")
+                return -1
+            if flags & COMMAND:
+                if size > COMMAND_BYTES:
+                    self._drop(peer, f"a command of {size} bytes")
+                    return -1
+            elif peer.message_bytes + size > self._max_bytes:
+                # The whole message: its frames are held until the last one.
+                self._drop(peer, f"a message of over {self._max_bytes} bytes "
+                                 "(max_message_bytes)")
                 return -1
             if end - start < size:
                 break
@@ -328,12 +375,17 @@ class Listener:
             if len(frames) < FRAMES_KEPT:
                 frames.append(bytes(body))
             if flags & MORE:
+                peer.message_bytes += size
                 continue
             peer.frames = []
-            if peer.uid in self._gate.uids or self._gate.allows(peer.uid):
-                handler(peer.routing_id, frames, peer.pid, peer.same_clock, now)
-                if peer.sock is None:
-                    return -1  # dropped by a failed reply
+            peer.message_bytes = 0
+            if peer.uid not in self._gate.uids and not self._gate.allows(peer.uid):
+                # A uid dropped by a reload: its place under max_clients too.
+                self._drop(peer, f"uid {peer.uid} is no longer allowed")
+                return -1
+            handler(peer.routing_id, frames, peer.pid, peer.same_clock, now)
+            if peer.sock is None:
+                return -1  # dropped by a failed reply
         return at
 
     def _command(self, peer: _Peer, body: memoryview) -> bool:
@@ -345,12 +397,12 @@ class Listener:
                 self._drop(peer, f"a READY from a {kind!r} socket")
                 return False
             peer.ready = True
-        elif name == b"PING":  # TTL (2 bytes), then a context to echo
-            self._write(peer, command(b"\x04PONG" + bytes(body[7:7 + 16])))
+        elif name == b"PING" and not peer.outbox:  # TTL (2 bytes), then a context to echo
+            # Not queued behind output it does not read: it hears from us anyway.
+            self._write(peer, command(b"\x04PONG" + bytes(body[7:7 + 16])), False)
         elif name == b"ERROR":
             self._drop(peer, "the client sent ERROR")
-            return False
-        return True  # PONG (the heartbeat is anything heard), or unknown
+        return peer.sock is not None  # PONG (a sign of life, as anything), or unknown
 
     # Writing
 
@@ -358,64 +410,83 @@ class Listener:
         """Queue ``message`` for the client; False when it cannot be: it is
         gone, or has ``queue_limit`` replies queued already."""
         peer = self._peers.get(routing_id)
-        if peer is None:
+        if peer is None or peer.replies_queued >= self._queue_limit:
             return False
         size = len(message)
         header = bytes((0, size)) if size < 256 else b"\x02" + size.to_bytes(8, "big")
-        if peer.outbox and len(peer.outbox) >= self._queue_limit:
-            return False
         if size < COPY_BYTES:
-            self._write(peer, header + message)
-        else:
-            self._write(peer, header)
-            self._write(peer, message)
+            self._write(peer, header + message, True)
+        else:  # no copy: the header, then the body (queued after it if need be)
+            self._write(peer, header, False)
+            self._write(peer, message, True)
         return True
 
-    def _write(self, peer: _Peer, data: bytes) -> None:
+    def _write(self, peer: _Peer, data: bytes, ends_reply: bool) -> bool:
+        """Write ``data`` or queue what the socket does not take; whether it
+        left whole (False too when the peer is gone)."""
         if peer.outbox:
-            peer.outbox.append(data)
-            return
+            peer.outbox.append((data, ends_reply))
+            peer.replies_queued += ends_reply
+            return False
         if peer.sock is None:  # dropped by the write before
-            return
+            return False
         try:
             sent = peer.sock.send(data, _NOSIGNAL)
         except BlockingIOError:
             sent = 0
         except OSError as exc:  # EPIPE, ECONNRESET: gone
             self._drop(peer, str(exc))
-            return
-        if sent < len(data):
-            peer.outbox.append(memoryview(data)[sent:])
-            self._epoll.modify(peer.fd, _EPOLLIN | _EPOLLOUT)
+            return False
+        if sent == len(data):
+            return True
+        peer.outbox.append((memoryview(data)[sent:], ends_reply))
+        peer.replies_queued += ends_reply
+        self._epoll.modify(peer.fd, _EPOLLIN | _EPOLLOUT)
+        return False
 
     def _flush(self, peer: _Peer) -> None:
         outbox = peer.outbox
+        progress = False
         while outbox:
-            data = outbox[0]
+            data, ends_reply = outbox[0]
             try:
                 sent = peer.sock.send(data, _NOSIGNAL)
             except BlockingIOError:
-                return
+                break
             except OSError as exc:
                 self._drop(peer, str(exc))
                 return
+            progress = True
             if sent < len(data):
-                outbox[0] = memoryview(data)[sent:]
-                return
+                outbox[0] = (memoryview(data)[sent:], ends_reply)
+                break
             outbox.popleft()
-        self._epoll.modify(peer.fd, _EPOLLIN)
+            peer.replies_queued -= ends_reply
+        if progress:
+            peer.alive_at = time.monotonic()  # it reads: slowly, maybe, but alive
+        if not outbox:
+            self._epoll.modify(peer.fd, _EPOLLIN)
 
     def close(self, linger_ms: int) -> None:
         """Give queued replies ``linger_ms`` to leave, then close every connection."""
         deadline = time.monotonic() + linger_ms / 1000
-        while any(peer.outbox for peer in self._peers.values()):
+        if self._accepting:
+            self._epoll.unregister(self._listen_fd)
+            self._accepting = False
+        for peer in list(self._peers.values()):
+            if peer.outbox:
+                self._epoll.modify(peer.fd, _EPOLLOUT)  # nothing more is read
+            else:
+                self._drop(peer)
+        while self._peers:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            for fd, mask in self._epoll.poll(remaining):
-                peer = self._by_fd.get(fd)
-                if peer is not None and mask & _EPOLLOUT:
+            for fd, _ in self._epoll.poll(remaining):
+                if (peer := self._by_fd.get(fd)) is not None:
                     self._flush(peer)
+                    if not peer.outbox:
+                        self._drop(peer)
         for peer in list(self._peers.values()):
             self._drop(peer)
         self._epoll.close()

@@ -4,6 +4,8 @@ Hostile peers here speak to the unix socket by hand."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 
@@ -13,7 +15,7 @@ import zmq
 import client
 from client import _zmtp, protocol
 from client.protocol import OP_EXECUTE, OP_PING
-from conftest import raw_socket, wait_until
+from conftest import memory_kb, raw_socket, wait_until
 
 HEARTBEAT_TIMEOUT = 3.0
 
@@ -67,15 +69,19 @@ def _reply(sock: socket.socket) -> list:
 
 
 def _closed_by_broker(sock: socket.socket, within: float) -> bool:
-    sock.settimeout(within)
+    """Whether the broker closes ``sock`` within ``within`` seconds (what
+    comes meanwhile, PINGs, is read and dropped)."""
+    deadline = time.monotonic() + within
     try:
-        while sock.recv(65536):
-            pass
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                return True
     except (TimeoutError, socket.timeout):
         return False
     except ConnectionResetError:
-        pass
-    return True
+        return True
+    return False
 
 
 def test_ipc_is_served_by_the_loop_itself(broker):
@@ -135,11 +141,17 @@ def test_a_peer_that_does_not_speak_zmtp_3_null_is_dropped(broker, garbage):
     b"\x02" + (1 << 40).to_bytes(8, "big"),  # a frame over max_message_bytes, announced
     b"\x40\x01x",  # reserved flag bits
     _zmtp.command(b"\x05READY" + _zmtp.socket_type(b"PUB")),  # a second READY, of a PUB
+    # A command of 60 KB (7,500 tiny properties): refused at its header, never parsed.
+    b"\x06" + (60_000).to_bytes(8, "big") + b"\x05READY" + b"\x00\x00\x00\x00\x00" * 12_000,
 ])
 def test_a_peer_breaking_the_framing_is_dropped(broker, frame):
     sock = _connect(broker.endpoint)
-    sock.sendall(frame)
-    assert _closed_by_broker(sock, 2)
+    try:
+        sock.sendall(frame)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # dropped at the frame's header
+    else:
+        assert _closed_by_broker(sock, 2)
     assert client.Client(broker.endpoint, timeout=5).execute("SELECT 1").rows == [(1,)]
 
 
@@ -176,10 +188,12 @@ def test_a_client_that_never_reads_loses_its_replies_not_the_broker(broker):
     served meanwhile."""
     sock = _connect(broker.endpoint)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    big = _request(0, OP_EXECUTE, ["SELECT repeat('z', 200000)", None])
-    for n in range(200):
-        sock.sendall(_message(big))
-    assert wait_until(lambda: broker.stats()["replies_undeliverable"] > 0, 10)
+    big = _message(_request(0, OP_EXECUTE, ["SELECT repeat('z', 200000)", None]))
+    before = broker.stats()["replies_undeliverable"]
+    for _ in range(2):  # each time max_client_requests: the first are queued by the next
+        sock.sendall(big * 100)
+        time.sleep(1)
+    assert wait_until(lambda: broker.stats()["replies_undeliverable"] > before, 10)
     assert client.Client(broker.endpoint, timeout=5).execute("SELECT 1").rows == [(1,)]
     sock.close()
 
@@ -215,3 +229,63 @@ def test_a_libzmq_client_with_heartbeats_of_its_own_is_answered(broker):
         monitor.close(linger=0)
         dealer.close(linger=0)
         ctx.term()
+
+
+def test_pings_from_a_peer_that_never_reads_queue_no_pongs(broker):
+    """A PONG is not queued behind output the peer does not take: a flood
+    of PINGs cannot grow the broker's memory."""
+    sock = _connect(broker.endpoint)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    before = memory_kb(broker.proc.pid)["VmRSS"]
+    ping = _zmtp.command(b"\x04PING\x00\x00" + b"c" * 16) * 4096
+    for _ in range(500):  # 45 MB of PINGs: each PONG would be 22 bytes
+        sock.sendall(ping)
+    assert client.Client(broker.endpoint, timeout=5).execute("SELECT 1").rows == [(1,)]
+    assert memory_kb(broker.proc.pid)["VmRSS"] - before < 16 * 1024
+    sock.close()
+
+
+def test_pipelined_requests_under_max_client_requests_all_get_their_replies(broker):
+    """Replies are counted whole in a client's queue, however the socket
+    took them in parts: 90 large ones, read late, all arrive."""
+    sock = _connect(broker.endpoint)
+    for n in range(90):
+        sock.sendall(_message(_request(n, OP_EXECUTE, ["SELECT repeat('r', 70000)", None])))
+    time.sleep(1.5)
+    assert sorted(_reply(sock)[0] for _ in range(90)) == list(range(90))
+    assert broker.stats()["replies_undeliverable"] == 0
+
+
+def test_a_multipart_message_over_max_message_bytes_in_all_drops_the_connection(start_broker):
+    """Frames are held until the message's last: their sum is bounded."""
+    broker = start_broker(max_connections=2, max_message_bytes=1_000_000)
+    sock = _connect(broker.endpoint)
+    part = b"m" * 600_000  # each frame under the limit, the message over it
+    try:
+        sock.sendall(_message(part, _zmtp.MORE) + _message(part, _zmtp.MORE))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # dropped while the rest was on its way
+    else:
+        assert _closed_by_broker(sock, 2)
+    assert client.Client(broker.endpoint, timeout=5).execute("SELECT 1").rows == [(1,)]
+
+
+def test_idle_transactions_outlive_a_loop_stalled_for_seconds(broker):
+    """No PING left while the loop was stalled, so none went unanswered:
+    an idle libzmq DEALER (no heartbeat of its own) keeps its transaction."""
+    with raw_socket(broker.endpoint) as dealer:
+        dealer.send(_request(1, protocol.OP_BEGIN, []))
+        assert dealer.poll(5000)
+        _, status, token = protocol.unpack(dealer.recv())
+        assert status == protocol.STATUS_OK
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(HEARTBEAT_TIMEOUT + 1)
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        time.sleep(2)
+        dealer.send(protocol.pack([2, OP_EXECUTE, 5000, token])
+                    + protocol.pack(["SELECT 5", None]))
+        assert dealer.poll(5000)
+        request_id, status, payload = protocol.unpack(dealer.recv())
+        assert (request_id, status, payload[1]) == (2, protocol.STATUS_OK, [[5]])
