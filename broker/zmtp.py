@@ -30,6 +30,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import mmap
 import os
 import select
 import socket
@@ -56,7 +57,8 @@ READ_BYTES = 64 * 1024  # below malloc's mmap threshold
 READS_PER_TURN = 16
 """Reads of one connection per turn: a large request does not hold the others."""
 LARGE_READ_BYTES = 16 * 1024 * 1024
-"""One read of a large frame's rest at most."""
+"""One read of a large frame's rest at most (a frame over READ_BYTES is
+read into a buffer of its own)."""
 COMMAND_BYTES = 8 * 1024
 """A command frame (READY's metadata, a PING's context) longer than this
 drops the connection: ZMTP's are tens of bytes."""
@@ -80,8 +82,8 @@ _FLAGS = MORE | LONG | COMMAND
 
 
 class _Peer:
-    __slots__ = ("sock", "fd", "routing_id", "pid", "uid", "same_clock", "inbox", "frames",
-                 "message_bytes", "outbox", "replies_queued", "alive_at", "pinged_at",
+    __slots__ = ("sock", "fd", "routing_id", "pid", "uid", "same_clock", "inbox", "large",
+                 "large_filled", "large_flags", "frames", "message_bytes", "outbox", "replies_queued", "alive_at", "pinged_at",
                  "greeted", "ready")
 
     def __init__(self, sock: socket.socket, routing_id: bytes, pid: int, uid: int,
@@ -93,6 +95,9 @@ class _Peer:
         self.uid = uid
         self.same_clock = same_clock
         self.inbox = bytearray()  # bytes read and not yet parsed: a frame's start
+        self.large: mmap.mmap | None = None  # a large frame being read, in its own buffer
+        self.large_filled = 0
+        self.large_flags = 0
         self.frames: list[bytes] = []  # the message being read, frame by frame
         self.message_bytes = 0  # of the message being read, its frames not kept included
         # What the socket did not take: (bytes, whether they end a reply).
@@ -242,6 +247,8 @@ class Listener:
         del self._by_fd[peer.fd]
         del self._peers[peer.routing_id]
         peer.outbox.clear()
+        peer.large = None
+        peer.frames = []
         self._gate.peer_left()
 
     def connected(self, routing_id: bytes) -> bool:
@@ -286,15 +293,14 @@ class Listener:
     def _read(self, peer: _Peer, handler: Handler, now: float) -> None:
         sock, scratch = peer.sock, self._scratch
         for _ in range(READS_PER_TURN):
-            inbox = peer.inbox
-            want = self._rest_of_frame(inbox) if inbox else 0
+            large = peer.large
             try:
-                if want > READ_BYTES:  # a large frame: its rest goes straight after its start
-                    chunk: bytes | memoryview = sock.recv(min(want, LARGE_READ_BYTES))
-                    size = len(chunk)
+                if large is not None:  # straight into its place
+                    wanted = min(len(large) - peer.large_filled, LARGE_READ_BYTES)
+                    with memoryview(large) as rest:
+                        size = sock.recv_into(rest[peer.large_filled:], wanted)
                 else:
                     size = sock.recv_into(scratch)
-                    chunk = memoryview(scratch)[:size]
             except BlockingIOError:
                 return
             except OSError as exc:  # ECONNRESET
@@ -304,9 +310,20 @@ class Listener:
                 self._drop(peer)
                 return
             peer.alive_at = now
+            if large is not None:
+                peer.large_filled += size
+                if peer.large_filled < len(large):
+                    if size < wanted:
+                        return  # the socket is empty: the next poll says
+                    continue
+                peer.large = None
+                if not self._message(peer, peer.large_flags, large, handler, now):
+                    return
+                continue
+            inbox = peer.inbox
             if inbox:
-                inbox += chunk
-            with memoryview(inbox if inbox else chunk) as data:
+                inbox += memoryview(scratch)[:size]
+            with memoryview(inbox if inbox else scratch)[:len(inbox) or size] as data:
                 used = self._parse(peer, data, handler, now)
                 if used < 0:
                     return  # dropped
@@ -317,15 +334,9 @@ class Listener:
             if size < READ_BYTES:
                 return  # the socket is empty, or nearly: the next poll says
 
-    def _rest_of_frame(self, inbox: bytearray) -> int:
-        """Bytes still to come of the frame whose start is in ``inbox``."""
-        if len(inbox) < 9 or not inbox[0] & LONG:
-            return 0
-        return 9 + int.from_bytes(inbox[1:9], "big") - len(inbox)
-
     def _parse(self, peer: _Peer, data: memoryview, handler: Handler, now: float) -> int:
-        """Handle the whole frames at the start of ``data``: the bytes used,
-        or -1 when the connection was dropped."""
+        """Handle the whole frames at the start of ``data``, and take a large
+        one's start: the bytes used, or -1 when the connection was dropped."""
         at, end = 0, len(data)
         if not peer.greeted:
             if end and data[0] != 0xFF:
@@ -355,38 +366,50 @@ class Listener:
                 if size > COMMAND_BYTES:
                     self._drop(peer, f"a command of {size} bytes")
                     return -1
+            elif not peer.ready:
+                self._drop(peer, "a message before the handshake")
+                return -1
             elif peer.message_bytes + size > self._max_bytes:
                 # The whole message: its frames are held until the last one.
                 self._drop(peer, f"a message of over {self._max_bytes} bytes "
                                  "(max_message_bytes)")
                 return -1
             if end - start < size:
+                if size > READ_BYTES:  # a message frame (commands are smaller)
+                    # Its own buffer, read into in place: pages are committed
+                    # as data comes, not when a size is announced.
+                    large = peer.large = mmap.mmap(-1, size)
+                    large[:end - start] = data[start:end]
+                    peer.large_filled, peer.large_flags = end - start, flags
+                    return end
                 break
             at = start + size
             body = data[start:at]
             if flags & COMMAND:
                 if not self._command(peer, body):
                     return -1
-                continue
-            if not peer.ready:
-                self._drop(peer, "a message before the handshake")
+            elif not self._message(peer, flags, body, handler, now):
                 return -1
-            frames = peer.frames
-            if len(frames) < FRAMES_KEPT:
-                frames.append(bytes(body))
-            if flags & MORE:
-                peer.message_bytes += size
-                continue
-            peer.frames = []
-            peer.message_bytes = 0
-            if peer.uid not in self._gate.uids and not self._gate.allows(peer.uid):
-                # A uid dropped by a reload: its place under max_clients too.
-                self._drop(peer, f"uid {peer.uid} is no longer allowed")
-                return -1
-            handler(peer.routing_id, frames, peer.pid, peer.same_clock, now)
-            if peer.sock is None:
-                return -1  # dropped by a failed reply
         return at
+
+    def _message(self, peer: _Peer, flags: int, body: memoryview | mmap.mmap,
+                 handler: Handler, now: float) -> bool:
+        """A message frame read whole; whether the connection stays."""
+        frames = peer.frames
+        if flags & MORE:
+            peer.message_bytes += len(body)
+            if len(frames) < FRAMES_KEPT:
+                frames.append(body if type(body) is mmap.mmap else bytes(body))
+            return True
+        frames.append(body if type(body) is mmap.mmap else bytes(body))
+        peer.frames = []
+        peer.message_bytes = 0
+        if peer.uid not in self._gate.uids and not self._gate.allows(peer.uid):
+            # A uid dropped by a reload: its place under max_clients too.
+            self._drop(peer, f"uid {peer.uid} is no longer allowed")
+            return False
+        handler(peer.routing_id, frames, peer.pid, peer.same_clock, now)
+        return peer.sock is not None  # else dropped by a failed reply
 
     def _command(self, peer: _Peer, body: memoryview) -> bool:
         """Whether the connection stays."""
