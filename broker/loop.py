@@ -314,8 +314,7 @@ class Broker:
         self._describe_query_timeout()
         self._transport.set_queue_limit(settings.max_client_requests + REPLY_QUEUE_SLACK)
         logging.getLogger().setLevel(settings.log_level)
-        if self._gate is not None:
-            self._gate.allow_uids(settings.allowed_uids)
+        self._transport.allow_uids(settings.allowed_uids)
         if lifetime_changed:
             for conn in self._pools.conns():
                 if conn.state != State.OPENING:
@@ -384,9 +383,11 @@ class Broker:
                 for pool in pools:
                     pool.open_first(lambda: self._stopping)
             while True:
-                events = poller.poll(timeout_ms)
+                # Requests read but left for this turn (a client's share of
+                # the last one was spent) must not wait for the timeout.
+                ready = transport.backlogged
+                events = poller.poll(0 if ready else timeout_ms)
                 now = time.monotonic()
-                ready = False
                 for what, _ in events:
                     if what == requests:
                         ready = True

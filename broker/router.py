@@ -62,6 +62,7 @@ class RouterTransport:
             raise
         self.requests: Any = router
         self.events: Any = gate.monitor
+        self.backlogged = False  # what a turn leaves unread stays in libzmq's queues
         # The backend's methods, bound once: pyzmq's Socket and Frame classes
         # route every attribute through a Python-level __getattr__ hook, and
         # its Socket.send adds Python code (draft-socket options) to each frame.
@@ -134,6 +135,10 @@ class RouterTransport:
 
     def tick(self, now: float) -> None:
         """libzmq keeps its own time."""
+
+    def allow_uids(self, allowed_uids: tuple[int, ...]) -> None:
+        """A reload's: checked from each connection's next message on."""
+        self._gate.allow_uids(allowed_uids)
 
     def close(self, linger_ms: int) -> None:
         """Give queued replies ``linger_ms`` to leave, then stop."""

@@ -27,6 +27,7 @@ A transport gives the loop what ``router.RouterTransport`` gives.
 from __future__ import annotations
 
 import collections
+import errno
 import contextlib
 import itertools
 import logging
@@ -56,6 +57,16 @@ ACCEPT_BATCH = 64
 READ_BYTES = 64 * 1024  # below malloc's mmap threshold
 READS_PER_TURN = 16
 """Reads of one connection per turn: a large request does not hold the others."""
+FRAMES_PER_TURN = 64
+"""Frames of one connection handled per turn (libzmq's ROUTER gave the loop
+256 messages a turn, fair-queued): a client that pipelines thousands of
+requests, or floods frames, holds the loop no longer than that; the rest
+waits in its buffer for the next turn, which comes at once."""
+FRAME_COST = 1024
+"""Bytes each frame of a message counts at least against max_message_bytes."""
+HANDSHAKE_TIMEOUT = 30.0
+"""Seconds a connection has to complete its handshake (libzmq's default)."""
+_OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 LARGE_READ_BYTES = 16 * 1024 * 1024
 """One read of a large frame's rest at most (a frame over READ_BYTES is
 read into a buffer of its own)."""
@@ -83,7 +94,8 @@ _FLAGS = MORE | LONG | COMMAND
 
 class _Peer:
     __slots__ = ("sock", "fd", "routing_id", "pid", "uid", "same_clock", "inbox", "large",
-                 "large_filled", "large_flags", "frames", "message_bytes", "outbox", "replies_queued", "alive_at", "pinged_at",
+                 "large_filled", "large_flags", "frames", "message_bytes", "budget",
+                 "backlogged", "paused", "mask", "accepted_at", "outbox", "replies_queued", "alive_at", "pinged_at",
                  "greeted", "ready")
 
     def __init__(self, sock: socket.socket, routing_id: bytes, pid: int, uid: int,
@@ -100,6 +112,11 @@ class _Peer:
         self.large_flags = 0
         self.frames: list[bytes] = []  # the message being read, frame by frame
         self.message_bytes = 0  # of the message being read, its frames not kept included
+        self.budget = 0  # frames it may still have handled this turn
+        self.backlogged = False  # in Listener._backlog: bytes read and not yet handled
+        self.paused = False  # nothing more read from it: the broker is closing
+        self.mask = 0  # what epoll watches it for
+        self.accepted_at = now
         # What the socket did not take: (bytes, whether they end a reply).
         self.outbox: collections.deque[tuple[Any, bool]] = collections.deque()
         self.replies_queued = 0  # replies in the outbox, whole or in part
@@ -124,6 +141,7 @@ class Listener:
         self._watch = _EPOLLIN  # what a new connection is polled for: see accepting()
         self._peers: dict[bytes, _Peer] = {}  # by routing id
         self._by_fd: dict[int, _Peer] = {}
+        self._backlog: list[_Peer] = []  # peers whose budget ran out, in their order
         self._ids = itertools.count(1)
         self._scratch = bytearray(READ_BYTES)
         self._next_beat = 0.0
@@ -148,11 +166,15 @@ class Listener:
 
         def accept() -> None:
             while not done.is_set():
-                for fd, mask in self._epoll.poll(ACCEPT_WAIT_MS / 1000):
-                    if fd == self._listen_fd:
-                        self._accept(time.monotonic())
-                    elif (peer := self._by_fd.get(fd)) is not None:
-                        self._drop(peer, "closed before the broker served")
+                try:
+                    for fd, mask in self._epoll.poll(ACCEPT_WAIT_MS / 1000):
+                        if fd == self._listen_fd:
+                            self._accept(time.monotonic())
+                        elif (peer := self._by_fd.get(fd)) is not None:
+                            self._drop(peer, "closed before the broker served")
+                except Exception:  # the loop takes over at the end of the wait anyway
+                    logger.exception("accepting client connections failed")
+                    done.wait(HEARTBEAT_INTERVAL)
                 if not self._accepting:  # out of descriptors: a pause, as at a tick
                     done.wait(HEARTBEAT_INTERVAL)
                     self._resume_accepting()
@@ -169,11 +191,24 @@ class Listener:
             self._watch = _EPOLLIN
             now = time.monotonic()
             for peer in self._peers.values():
-                self._epoll.modify(peer.fd, _EPOLLIN)
+                self._rewatch(peer)
                 peer.alive_at = now  # unread, not silent: the loop reads it next
+
+    @property
+    def backlogged(self) -> bool:
+        """Requests are read and wait for the next turn: it must not wait."""
+        return bool(self._backlog)
 
     def receive(self, handler: Handler, now: float) -> None:
         """Accept, read and write what is ready; hand each request to ``handler``."""
+        served = ()
+        if self._backlog:
+            served, self._backlog = self._backlog, []
+            for peer in served:
+                peer.backlogged = False
+                if peer.sock is not None and not peer.paused:
+                    peer.budget = FRAMES_PER_TURN
+                    self._handle_inbox(peer, handler, now)
         by_fd = self._by_fd
         for fd, mask in self._epoll.poll(0):
             if fd == self._listen_fd:
@@ -184,8 +219,18 @@ class Listener:
                 continue
             if mask & _EPOLLOUT:
                 self._flush(peer)
-            if mask & ~_EPOLLOUT and peer.sock is not None:
+            if mask & ~_EPOLLOUT and peer.sock is not None and not peer.backlogged \
+                    and not peer.paused and peer not in served:
+                peer.budget = FRAMES_PER_TURN
                 self._read(peer, handler, now)
+
+    def _handle_inbox(self, peer: _Peer, handler: Handler, now: float) -> None:
+        """Go on with the frames a budget left read and unhandled."""
+        inbox = peer.inbox
+        with memoryview(inbox) as data:
+            used = self._parse(peer, data, handler, now)
+        if used > 0:
+            del inbox[:used]
 
     # Connections
 
@@ -195,10 +240,12 @@ class Listener:
                 sock, _ = self._listener.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: retried on the next tick
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_DESCRIPTORS:
+                    continue  # that one connection (ECONNABORTED, EPERM)
                 if (more := self._accept_log.allow()) is not None:
                     logger.warning("cannot accept client connections: %s%s", exc, more)
-                self._epoll.unregister(self._listen_fd)
+                self._epoll.unregister(self._listen_fd)  # retried on the next tick
                 self._accepting = False
                 return
             try:
@@ -228,6 +275,7 @@ class Listener:
                 continue
             peer = _Peer(sock, next(self._ids).to_bytes(8, "big"), pid, uid,
                          self._gate.reads_our_clock(pid), now)
+            peer.mask = self._watch
             self._peers[peer.routing_id] = peer
             self._by_fd[peer.fd] = peer
 
@@ -261,6 +309,13 @@ class Listener:
         peer = self._peers.get(routing_id)
         return peer is not None and peer.uid == os.getuid()
 
+    def allow_uids(self, allowed_uids: tuple[int, ...]) -> None:
+        """A reload's: the connections of a uid no longer allowed are closed."""
+        self._gate.allow_uids(allowed_uids)
+        for peer in list(self._peers.values()):
+            if peer.uid not in self._gate.uids:
+                self._drop(peer, f"uid {peer.uid} is no longer allowed")
+
     def tick(self, now: float) -> None:
         """Heartbeats, each HEARTBEAT_INTERVAL; accepting again after a failure."""
         if now < self._next_beat:
@@ -275,6 +330,9 @@ class Listener:
         HEARTBEAT_TIMEOUT after one left whole, or (unready, or not taking
         its output) silent that long at all.  A loop busy for seconds sent
         no PING meanwhile, so drops nobody for it."""
+        if not peer.ready and now - peer.accepted_at >= HANDSHAKE_TIMEOUT:
+            self._drop(peer, f"no handshake within {HANDSHAKE_TIMEOUT:g} s")
+            return
         if now - peer.alive_at < HEARTBEAT_INTERVAL:
             return
         if peer.pinged_at > peer.alive_at:
@@ -331,7 +389,7 @@ class Listener:
                     peer.inbox = bytearray(data[used:])
             if inbox and used:
                 del inbox[:used]
-            if size < READ_BYTES:
+            if size < READ_BYTES or peer.backlogged or peer.paused:
                 return  # the socket is empty, or nearly: the next poll says
 
     def _parse(self, peer: _Peer, data: memoryview, handler: Handler, now: float) -> int:
@@ -350,6 +408,9 @@ class Listener:
             peer.greeted = True
             at = GREETING_BYTES
         while end - at >= 2:
+            if not peer.budget:  # the rest on the next turn, after the others'
+                self._backlog_add(peer)
+                break
             flags = data[at]
             if flags & LONG:
                 if end - at < 9:
@@ -384,6 +445,7 @@ class Listener:
                     return end
                 break
             at = start + size
+            peer.budget -= 1
             body = data[start:at]
             if flags & COMMAND:
                 if not self._command(peer, body):
@@ -397,7 +459,8 @@ class Listener:
         """A message frame read whole; whether the connection stays."""
         frames = peer.frames
         if flags & MORE:
-            peer.message_bytes += len(body)
+            # At least FRAME_COST each: a stream of empty frames ends too.
+            peer.message_bytes += max(len(body), FRAME_COST)
             if len(frames) < FRAMES_KEPT:
                 frames.append(body if type(body) is mmap.mmap else bytes(body))
             return True
@@ -442,7 +505,7 @@ class Listener:
         else:  # no copy: the header, then the body (queued after it if need be)
             self._write(peer, header, False)
             self._write(peer, message, True)
-        return True
+        return peer.sock is not None  # else dropped: EPIPE, ECONNRESET
 
     def _write(self, peer: _Peer, data: bytes, ends_reply: bool) -> bool:
         """Write ``data`` or queue what the socket does not take; whether it
@@ -451,7 +514,7 @@ class Listener:
             peer.outbox.append((data, ends_reply))
             peer.replies_queued += ends_reply
             return False
-        if peer.sock is None:  # dropped by the write before
+        if peer.sock is None:  # dropped by the write before (its header's)
             return False
         try:
             sent = peer.sock.send(data, _NOSIGNAL)
@@ -464,7 +527,7 @@ class Listener:
             return True
         peer.outbox.append((memoryview(data)[sent:], ends_reply))
         peer.replies_queued += ends_reply
-        self._epoll.modify(peer.fd, _EPOLLIN | _EPOLLOUT)
+        self._rewatch(peer)
         return False
 
     def _flush(self, peer: _Peer) -> None:
@@ -487,8 +550,18 @@ class Listener:
             peer.replies_queued -= ends_reply
         if progress:
             peer.alive_at = time.monotonic()  # it reads: slowly, maybe, but alive
-        if not outbox:
-            self._epoll.modify(peer.fd, _EPOLLIN)
+        self._rewatch(peer)
+
+    def _rewatch(self, peer: _Peer) -> None:
+        mask = (0 if peer.paused else _EPOLLIN) | (_EPOLLOUT if peer.outbox else 0)
+        if mask != peer.mask:
+            self._epoll.modify(peer.fd, mask)
+            peer.mask = mask
+
+    def _backlog_add(self, peer: _Peer) -> None:
+        if not peer.backlogged:
+            peer.backlogged = True
+            self._backlog.append(peer)
 
     def close(self, linger_ms: int) -> None:
         """Give queued replies ``linger_ms`` to leave, then close every connection."""
@@ -498,7 +571,8 @@ class Listener:
             self._accepting = False
         for peer in list(self._peers.values()):
             if peer.outbox:
-                self._epoll.modify(peer.fd, _EPOLLOUT)  # nothing more is read
+                peer.paused = True  # nothing more is read
+                self._rewatch(peer)
             else:
                 self._drop(peer)
         while self._peers:
