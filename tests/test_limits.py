@@ -216,7 +216,10 @@ def test_abandoned_request_is_never_executed(one_connection_held, admin):
     broker, release, holder = one_connection_held()
     with pytest.raises(client.PoolTimeout) as excinfo:
         broker.client.execute("INSERT INTO side_effect VALUES (1)", timeout=0.3)
-    assert "deadline passed" in str(excinfo.value)
+    # Refused unrun either way: at the deadline, or just before it when the
+    # housekeeping tick finds too little left to run the statement in.
+    assert "deadline passed" in str(excinfo.value) or "too little time was left" in str(
+        excinfo.value)
     release.set()
     holder.join()
     broker.client.execute("SELECT 1")  # the connection is free and used again
