@@ -95,8 +95,8 @@ _FLAGS = MORE | LONG | COMMAND
 class _Peer:
     __slots__ = ("sock", "fd", "routing_id", "pid", "uid", "same_clock", "inbox", "large",
                  "large_filled", "large_flags", "frames", "message_bytes", "budget",
-                 "backlogged", "paused", "mask", "accepted_at", "outbox", "replies_queued", "alive_at", "pinged_at",
-                 "greeted", "ready")
+                 "backlogged", "closing", "mask", "accepted_at", "outbox", "replies_queued",
+                 "alive_at", "pinged_at", "greeted", "ready")
 
     def __init__(self, sock: socket.socket, routing_id: bytes, pid: int, uid: int,
                  same_clock: bool, now: float) -> None:
@@ -114,7 +114,7 @@ class _Peer:
         self.message_bytes = 0  # of the message being read, its frames not kept included
         self.budget = 0  # frames it may still have handled this turn
         self.backlogged = False  # in Listener._backlog: bytes read and not yet handled
-        self.paused = False  # nothing more read from it: the broker is closing
+        self.closing = False  # nothing more is read from it: the broker is closing
         self.mask = 0  # what epoll watches it for
         self.accepted_at = now
         # What the socket did not take: (bytes, whether they end a reply).
@@ -206,7 +206,7 @@ class Listener:
             served, self._backlog = self._backlog, []
             for peer in served:
                 peer.backlogged = False
-                if peer.sock is not None and not peer.paused:
+                if peer.sock is not None:
                     peer.budget = FRAMES_PER_TURN
                     self._handle_inbox(peer, handler, now)
         by_fd = self._by_fd
@@ -220,7 +220,7 @@ class Listener:
             if mask & _EPOLLOUT:
                 self._flush(peer)
             if mask & ~_EPOLLOUT and peer.sock is not None and not peer.backlogged \
-                    and not peer.paused and peer not in served:
+                    and peer not in served:
                 peer.budget = FRAMES_PER_TURN
                 self._read(peer, handler, now)
 
@@ -389,7 +389,7 @@ class Listener:
                     peer.inbox = bytearray(data[used:])
             if inbox and used:
                 del inbox[:used]
-            if size < READ_BYTES or peer.backlogged or peer.paused:
+            if size < READ_BYTES or peer.backlogged:
                 return  # the socket is empty, or nearly: the next poll says
 
     def _parse(self, peer: _Peer, data: memoryview, handler: Handler, now: float) -> int:
@@ -553,7 +553,7 @@ class Listener:
         self._rewatch(peer)
 
     def _rewatch(self, peer: _Peer) -> None:
-        mask = (0 if peer.paused else _EPOLLIN) | (_EPOLLOUT if peer.outbox else 0)
+        mask = (0 if peer.closing else _EPOLLIN) | (_EPOLLOUT if peer.outbox else 0)
         if mask != peer.mask:
             self._epoll.modify(peer.fd, mask)
             peer.mask = mask
@@ -571,7 +571,7 @@ class Listener:
             self._accepting = False
         for peer in list(self._peers.values()):
             if peer.outbox:
-                peer.paused = True  # nothing more is read
+                peer.closing = True  # nothing more is read
                 self._rewatch(peer)
             else:
                 self._drop(peer)
@@ -595,9 +595,7 @@ def _unread(sock: socket.socket) -> bool:
     """Whether bytes wait in ``sock`` (a loop busy for seconds has not read them)."""
     try:
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except BlockingIOError:
-        return False
-    except OSError:
+    except OSError:  # nothing there (EAGAIN), or gone
         return False
 
 
