@@ -742,7 +742,12 @@ class Broker:
             outcomes = conn.fail_all(exc)
         if conn.state == IDLE:
             conn.pool.move(conn, SHARED if job.shareable else BUSY)
-        self._unflushed.add(conn)
+        if not job.shareable:
+            # Nothing else joins it this turn: the server starts on it now,
+            # on the other core, not after the rest of the turn's work (a
+            # transaction's statements are one round trip each).
+            conn.flush()
+        self._unflushed.add(conn)  # the flush's bookkeeping at the turn's end
         if conn.in_flight > 1:
             self.stats[S.REQUESTS_PIPELINED] += 1
             conn.pool.grow(now, 1)  # every connection is busy: more would help
