@@ -42,6 +42,7 @@ GREETING = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\0"
              + b"\x00" + bytes(31))
 _RECV_BYTES = 64 * 1024  # below malloc's mmap threshold: a recv() of more costs a mmap
 _RECV_MAX = 16 * 1024 * 1024  # one recv() of a large frame at most
+_POLL_MAX_MS = 2**31 - 1  # poll() takes no longer wait (a timeout of weeks waits in steps)
 _NOSIGNAL = socket.MSG_NOSIGNAL
 _DONTWAIT = socket.MSG_DONTWAIT
 
@@ -298,8 +299,11 @@ class Dealer:
     def _wait(self, deadline: float) -> bool:
         """Whether something came to read by ``deadline`` (what is there
         already counts, even past it: a reply that came in time is read)."""
-        remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
-        return bool(self._poll.poll(max(0, remaining_ms)))  # interrupted here: nothing read
+        while True:  # interrupted here: nothing read
+            remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            ready = self._poll.poll(min(max(0, remaining_ms), _POLL_MAX_MS))
+            if ready or remaining_ms <= _POLL_MAX_MS:
+                return bool(ready)
 
     def _pong(self, wait: bool = True) -> None:
         """Answer (``wait``: for a frame on its way to be sent whole first)."""

@@ -27,6 +27,15 @@ def test_ipc_requests_go_without_libzmq(broker):
     assert type(c._local.owned).__name__ == "_DirectSocket"
 
 
+def test_a_timeout_of_weeks_waits_like_any_other(broker):
+    # poll() takes at most 2**31 - 1 ms (24.8 days): a longer wait goes in steps.
+    c = client.Client(broker.endpoint, timeout=30 * 86400, connect_timeout=30 * 86400)
+    assert c.execute("SELECT pg_sleep(0.1), 1").rows == [("", 1)]
+    with c.transaction() as tx:
+        assert tx.execute("SELECT 2").rows == [(2,)]
+    assert c.execute("SELECT 3").rows == [(3,)]
+
+
 def test_idle_clients_and_transactions_outlive_the_transport_heartbeat(broker):
     """Nothing of the worker's thread runs while it does other work: the
     keep-alive thread answers the broker's heartbeats, so an idle client
