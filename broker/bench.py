@@ -659,7 +659,11 @@ def _running_broker(dsn: str, cap: int, workdir: str, name: str,
          "-m", "broker.cli", "serve", "--config", config, "--dsn", dsn, "--endpoint", endpoint,
          "--max-connections", str(cap), "--log-level", "WARNING",
          "--max-waiting", "100000"],
-        cwd=tree)
+        # In a session of its own, as supervisord or systemd runs a service,
+        # not in the clients': with the kernel's autogroup scheduling, the
+        # CPU is shared between sessions first, so among the 32 clients'
+        # processes it would get a 33rd of a contended core, not half.
+        cwd=tree, start_new_session=True)
     try:
         import client
 
@@ -725,7 +729,8 @@ pidfile = {directory}/pgbouncer.pid
             os.chown(path, entry.pw_uid, entry.pw_gid)
         os.chmod(workdir, 0o755)
         argv[1:1] = ["-u", SERVER_USER]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # as the broker (see _running_broker)
     try:
         socket_file = directory / f".s.PGSQL.{port}"
         deadline = time.monotonic() + 30
