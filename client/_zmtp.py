@@ -185,8 +185,10 @@ class Dealer:
                 greeting += chunk
             if not null_greeting(greeting):
                 raise Closed("the peer does not speak ZMTP 3 without security")
-            # Blocking, with kernel timeouts: a reply is one recv() away, and
-            # a broker that stops reading cannot hold a send past its deadline.
+            # Blocking, with kernel timeouts: a broker that stops reading
+            # cannot hold a send past its deadline, nor one that stops writing
+            # the rest of a large frame a recv() (the wait for a reply's
+            # start is in poll(): see _read_start).
             sock.settimeout(None)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._fast_wait)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._fast_wait)
