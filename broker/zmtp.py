@@ -18,8 +18,9 @@ client's own ZMTP over ipc, or a libzmq DEALER):
 - at most ``queue_limit`` replies queued for a client that does not read:
   past it a reply is undeliverable (SNDHWM with ROUTER_MANDATORY);
 - the gate's ``max_clients`` and uid checks at accept, from the kernel's
-  credentials (which also name the client's pid), and the uid again on
-  every message (``allowed_uids`` may change by a reload).
+  credentials (which also name the client's pid); a reload that drops a
+  uid from ``allowed_uids`` closes its connections (``allow_uids``), so a
+  message needs no check of its own.
 
 A transport gives the loop what ``router.RouterTransport`` gives.
 """
@@ -458,19 +459,15 @@ class Listener:
                  handler: Handler, now: float) -> bool:
         """A message frame read whole; whether the connection stays."""
         frames = peer.frames
-        if flags & MORE:
+        more = flags & MORE
+        if not more or len(frames) < FRAMES_KEPT:
+            frames.append(body if type(body) is mmap.mmap else bytes(body))
+        if more:
             # At least FRAME_COST each: a stream of empty frames ends too.
             peer.message_bytes += max(len(body), FRAME_COST)
-            if len(frames) < FRAMES_KEPT:
-                frames.append(body if type(body) is mmap.mmap else bytes(body))
             return True
-        frames.append(body if type(body) is mmap.mmap else bytes(body))
         peer.frames = []
         peer.message_bytes = 0
-        if peer.uid not in self._gate.uids and not self._gate.allows(peer.uid):
-            # A uid dropped by a reload: its place under max_clients too.
-            self._drop(peer, f"uid {peer.uid} is no longer allowed")
-            return False
         handler(peer.routing_id, frames, peer.pid, peer.same_clock, now)
         return peer.sock is not None  # else dropped by a failed reply
 

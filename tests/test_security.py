@@ -232,6 +232,46 @@ def test_a_client_refused_at_the_handshake_gets_in_once_its_uid_is_allowed(start
     assert outcome == [b"BrokerUnavailable [(1,)]"]
 
 
+def test_a_uid_dropped_by_a_reload_loses_its_open_connection(start_broker):
+    # Admitted at the handshake, then revoked: the reload closes what it has
+    # open (over ipc no message is checked on its own), and it gets no
+    # connection again.
+    import signal
+    import uuid
+
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root (CI runs as root)")
+    broker = start_broker(max_connections=1, allowed_uids=[NOBODY],
+                          endpoint=f"ipc://@pbtest-{uuid.uuid4().hex[:12]}")
+    served_r, served_w = os.pipe()
+    revoked_r, revoked_w = os.pipe()
+
+    def served_then_revoked() -> bytes:
+        c = client.Client(broker.endpoint, timeout=2)
+        outcomes = [str(c.execute("SELECT 1").rows)]
+        os.write(served_w, b"1")
+        os.read(revoked_r, 1)
+        try:
+            outcomes.append(str(c.execute("SELECT 2").rows))
+        except client.Error as exc:
+            outcomes.append(type(exc).__name__)
+        return " ".join(outcomes).encode()
+
+    outcome: list[bytes] = []
+    child = threading.Thread(target=lambda: outcome.append(run_as(NOBODY, served_then_revoked)))
+    child.start()
+    assert os.read(served_r, 1) == b"1"
+    config = broker.config.read_text()
+    assert f"allowed_uids = [{NOBODY}]" in config
+    broker.config.write_text(config.replace(f"allowed_uids = [{NOBODY}]", "allowed_uids = []"))
+    broker.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "applied allowed_uids" in broker.log(), 5), broker.log()[-500:]
+    os.write(revoked_w, b"1")
+    child.join()
+    assert outcome == [b"[(1,)] BrokerUnavailable"]
+    assert client.Client(broker.endpoint, timeout=2).execute("SELECT 3").rows == [(3,)]
+
+
 def test_silent_connections_from_another_user_do_not_use_up_max_clients(start_broker):
     # Counted once accepted, connections that never greet would hold their
     # places for the whole handshake timeout; another user's are shut at once.
