@@ -275,8 +275,9 @@ class Settings:
         help="over ipc, uids besides the broker's own whose processes may send requests",
         doc="A TOML list; comma-separated in the environment and on the command line. "
             "A connection from any other uid is refused at the handshake, before a frame "
-            "is read (`clients_denied`); after a reload that drops a uid, the messages of "
-            "its connections still open are dropped unanswered (`messages_rejected`). "
+            "is read (`clients_denied`). A reload that drops a uid closes its connections "
+            "still open; with CURVE (libzmq's ROUTER), their messages are dropped "
+            "unanswered instead (`messages_rejected`). "
             "This also protects abstract endpoints (`ipc://@name`), which have no "
             "directory.")
 
